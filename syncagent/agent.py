@@ -1,0 +1,688 @@
+"""The remote agent: one stdlib-only file, shipped to the remote content-addressed.
+
+It runs as ``python3 agent-<hash>.py`` on an SSH exec channel and speaks a framed protocol on
+stdin/stdout. The dev side imports the same module, so both sides scan trees, match rules and
+hash files with the same code, and tests call :func:`apply_batch` directly.
+
+Wire format: every frame is a 4-byte big-endian length and a payload. Requests and responses are
+JSON objects; each response has ``"error"`` (``null`` or ``{"type", "message"}``). An ``apply``
+request is followed, for each upload in order, by data frames ending with an empty frame.
+
+Must run on Python 3.8+ with nothing but the standard library.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import struct
+import sys
+import time
+
+__all__ = [
+    "PROTOCOL",
+    "STATE_DIR",
+    "Entry",
+    "compile_rules",
+    "is_excluded",
+    "scan",
+    "hash_file",
+    "check_relpath",
+    "check_link",
+    "apply_batch",
+    "read_frame",
+    "write_frame",
+    "serve",
+]
+
+PROTOCOL = 1
+MAGIC = "syncagent-agent"
+STATE_DIR = ".syncagent"
+REVISION_FILE = STATE_DIR + "/revision"
+DIGEST_CACHE = STATE_DIR + "/digests.json"
+TEMP_PREFIX = ".~sa."
+CHUNK = 1 << 20
+RACY_NS = 2 * 10**9  # entries modified this recently are re-hashed next time
+MAX_FRAME = 64 << 20
+
+
+class AgentFailure(Exception):
+    """An error that crosses the wire as ``{"type", "message"}``."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+
+# ---------------------------------------------------------------- manifest entries
+
+
+class Entry(tuple):
+    """One tree entry: kind ('f' file, 'd' dir, 'l' symlink), size, mtime_ns, mode, digest, link.
+
+    A plain tuple so manifests are cheap to hold (100k entries) and to send as JSON lists.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, kind, size=0, mtime_ns=0, mode=0, digest=None, link=None):
+        return tuple.__new__(cls, (kind, size, mtime_ns, mode, digest, link))
+
+    kind = property(lambda self: self[0])
+    size = property(lambda self: self[1])
+    mtime_ns = property(lambda self: self[2])
+    mode = property(lambda self: self[3])
+    digest = property(lambda self: self[4])
+    link = property(lambda self: self[5])
+
+    def __repr__(self):
+        return "Entry(%r, size=%r, mode=%o, digest=%r, link=%r)" % (
+            self.kind, self.size, self.mode, self.digest, self.link)
+
+
+# ---------------------------------------------------------------- rules
+
+
+def compile_rules(wire_rules):
+    """[[regex, include], ...] (gitignore order, last match wins) -> compiled list."""
+    return [(re.compile(rx), bool(inc)) for rx, inc in wire_rules]
+
+
+def is_excluded(rules, path, is_dir):
+    """True if ``path`` (posix, relative) is excluded; directories are matched as ``path/``."""
+    name = path + "/" if is_dir else path
+    excluded = False
+    for rx, include in rules:
+        if rx.match(name):
+            excluded = include
+    return excluded
+
+
+# ---------------------------------------------------------------- hashing and scanning
+
+
+def hash_file(path_or_fd):
+    """blake2b-160 hex digest of a file's content, read in chunks."""
+    h = hashlib.blake2b(digest_size=20)
+    own = not isinstance(path_or_fd, int)
+    fd = os.open(path_or_fd, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)) if own else path_or_fd
+    try:
+        while True:
+            block = os.read(fd, CHUNK)
+            if not block:
+                break
+            h.update(block)
+    finally:
+        if own:
+            os.close(fd)
+    return h.hexdigest()
+
+
+def load_digest_cache(root):
+    try:
+        with open(os.path.join(root, DIGEST_CACHE), "r") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_digest_cache(root, cache):
+    """Write the cache atomically, leaving out entries too recent to trust."""
+    now = time.time_ns()
+    keep = {p: v for p, v in cache.items() if now - max(v[1], v[2]) > RACY_NS}
+    state = os.path.join(root, STATE_DIR)
+    try:
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        _write_atomic(os.path.join(root, DIGEST_CACHE), json.dumps(keep, separators=(",", ":")))
+    except OSError:
+        pass  # the cache only saves time
+
+
+def _write_atomic(path, text):
+    tmp = "%s.%s.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def scan(root, rules, cache=None, problems=None):
+    """Walk ``root`` and return ``{relpath: Entry}`` for everything not excluded.
+
+    Symlinks are recorded, never followed. Excluded directories are not descended into.
+    ``cache`` maps relpath -> [size, mtime_ns, ctime_ns, ino, digest]; it is read to avoid
+    re-hashing unchanged files and updated in place. Files that vanish are left out; files that
+    cannot be read are left out and reported in ``problems`` as (path, message).
+    """
+    out = {}
+    cache = {} if cache is None else cache
+    problems = [] if problems is None else problems
+    seen = set()
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        full_dir = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            entries = list(os.scandir(full_dir))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            problems.append((rel_dir or ".", "cannot list directory: %s" % e.strerror))
+            continue
+        for de in entries:
+            name = de.name
+            rel = rel_dir + "/" + name if rel_dir else name
+            if name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                problems.append((rel, e.strerror))
+                continue
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode):
+                if is_excluded(rules, rel, True):
+                    continue
+                out[rel] = Entry("d", 0, 0, mode)
+                stack.append(rel)
+            elif stat.S_ISLNK(st.st_mode):
+                if is_excluded(rules, rel, False):
+                    continue
+                try:
+                    out[rel] = Entry("l", 0, 0, 0, None, os.readlink(de.path))
+                except OSError:
+                    continue
+            elif stat.S_ISREG(st.st_mode):
+                if is_excluded(rules, rel, False):
+                    continue
+                digest = _cached_digest(cache, rel, st)
+                if digest is None:
+                    try:
+                        digest = hash_file(de.path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        problems.append((rel, e.strerror or str(e)))
+                        continue
+                    cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+                seen.add(rel)
+                out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
+            # sockets, fifos and devices are not code: skipped silently
+    for gone in set(cache) - seen:
+        del cache[gone]
+    return out
+
+
+def _cached_digest(cache, rel, st):
+    c = cache.get(rel)
+    if c and c[0] == st.st_size and c[1] == st.st_mtime_ns and c[2] == st.st_ctime_ns \
+            and c[3] == st.st_ino:
+        return c[4]
+    return None
+
+
+def scan_root(root, wire_rules):
+    """The agent's manifest request: scan with the persistent digest cache."""
+    cache = load_digest_cache(root)
+    problems = []
+    entries = scan(root, compile_rules(wire_rules), cache, problems)
+    save_digest_cache(root, cache)
+    _sweep_temp_files(root, entries)
+    return entries, problems
+
+
+def _sweep_temp_files(root, entries):
+    """Remove temp files left by a batch that was killed (never visible in a manifest)."""
+    for rel in [""] + [p for p, e in entries.items() if e.kind == "d"]:
+        d = os.path.join(root, rel) if rel else root
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                try:
+                    os.unlink(os.path.join(d, name))
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------- path safety
+
+
+def check_relpath(path):
+    """Validate a relative posix path sent by the dev side; return its components."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise AgentFailure("PathEscape", "invalid path %r" % (path,))
+    if path.startswith("/") or len(path.encode("utf-8", "surrogateescape")) > 4096:
+        raise AgentFailure("PathEscape", "path escapes the root: %r" % (path,))
+    parts = path.split("/")
+    for p in parts:
+        if p in ("", ".", "..") or len(p.encode("utf-8", "surrogateescape")) > 255:
+            raise AgentFailure("PathEscape", "path escapes the root: %r" % (path,))
+    if parts[0] == STATE_DIR:
+        raise AgentFailure("PathEscape", "path inside the state dir: %r" % (path,))
+    return parts
+
+
+def check_link(path, target):
+    """A symlink may only point inside the root (relative, not climbing above it)."""
+    if not isinstance(target, str) or not target or "\0" in target or target.startswith("/"):
+        raise AgentFailure("PathEscape", "symlink %s -> %s points outside the root" % (path, target))
+    depth = path.count("/")
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise AgentFailure(
+                    "PathEscape", "symlink %s -> %s points outside the root" % (path, target))
+        elif part not in ("", "."):
+            depth += 1
+
+
+class _Dirs:
+    """Directory fds under one root, opened component by component without following links."""
+
+    def __init__(self, root):
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.fds = {(): self.root_fd}
+        self.created = []
+
+    def open(self, parts, create):
+        key = tuple(parts)
+        if key in self.fds:
+            return self.fds[key]
+        parent = self.open(parts[:-1], create)
+        name = parts[-1]
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.mkdir(name, 0o755, dir_fd=parent)
+            self.created.append(key)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                st = os.lstat(name, dir_fd=parent)
+                if stat.S_ISLNK(st.st_mode):
+                    raise AgentFailure("PathEscape", "refusing to write through symlink %s"
+                                       % "/".join(parts))
+            raise
+        self.fds[key] = fd
+        return fd
+
+    def close(self):
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = {}
+
+
+# ---------------------------------------------------------------- applying a batch
+
+
+def apply_batch(root, batch, chunks_for):
+    """Apply one batch atomically: stage every upload, then rename all, delete, mark revision.
+
+    Args:
+        root: the remote project root (created with parents if missing).
+        batch: {"uploads": [{path, mode, mtime_ns}], "links": [{path, target}],
+                "dirs": [{path, mode}], "chmods": [{path, mode}], "deletes": [{path, kind}],
+                "revision": str, "files": int}.
+        chunks_for: called with each upload in order; returns an iterable of bytes chunks.
+            It is called for every upload even after a failure, so a stream stays in step.
+
+    Returns:
+        {"written", "bytes", "deleted", "kept"}: counts, and directories kept because they hold
+        protected (excluded) files.
+
+    Raises:
+        AgentFailure: nothing of the batch is visible (staged files are removed).
+    """
+    uploads = batch.get("uploads", [])
+    staged = []
+    failure = None
+    dirs = None
+    received = 0
+    try:
+        _validate(batch)
+        try:
+            os.makedirs(root, exist_ok=True)
+            dirs = _Dirs(root)
+        except OSError as e:
+            raise AgentFailure("RootNotWritable", "cannot create remote root %s: %s"
+                               % (root, e.strerror))
+        doomed = {d["path"] for d in batch.get("deletes", []) if d["kind"] != "d"}
+        for d in sorted(batch.get("dirs", []), key=lambda d: d["path"]):
+            _open_new_dir(dirs, d["path"].split("/"), doomed)
+    except AgentFailure as e:
+        failure = e
+    except OSError as e:
+        failure = _os_failure(e)
+    cache_updates = {}
+    for n, up in enumerate(uploads):
+        chunks = chunks_for(up)
+        if failure is not None:
+            for _ in chunks:
+                pass
+            continue
+        try:
+            parts = up["path"].split("/")
+            dfd = dirs.open(parts[:-1], create=True)
+            tmp = "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=dfd)
+            staged.append((dfd, tmp, parts[-1], up))
+            h = hashlib.blake2b(digest_size=20)
+            size = 0
+            try:
+                for block in chunks:
+                    os.write(fd, block) if len(block) < 65536 else _write_all(fd, block)
+                    h.update(block)
+                    size += len(block)
+                os.fchmod(fd, int(up["mode"]) & 0o7777)
+                os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
+            finally:
+                os.close(fd)
+            received += size
+            cache_updates[up["path"]] = h.hexdigest()
+        except AgentFailure as e:
+            failure = e
+        except OSError as e:
+            failure = _os_failure(e)
+    if failure is None:
+        try:
+            marker = _stage_marker(dirs, batch)
+        except OSError as e:
+            failure = _os_failure(e)
+    if failure is not None:
+        if dirs is not None:
+            for dfd, tmp, _, _ in staged:
+                _unlink_quiet(tmp, dfd)
+            for key in reversed(dirs.created):
+                try:
+                    os.rmdir("/".join(key), dir_fd=dirs.root_fd)
+                except OSError:
+                    pass
+            dirs.close()
+        raise failure
+    try:
+        return _commit(root, dirs, batch, staged, marker, cache_updates, received)
+    finally:
+        dirs.close()
+
+
+def _open_new_dir(dirs, parts, doomed):
+    """Open (creating) a directory of the batch. A file or link standing where the directory
+    goes, and deleted by the same batch, is removed first: the one step of a kind change
+    that cannot wait for the commit, since files are staged inside the directory."""
+    if "/".join(parts) in doomed:
+        parent = dirs.open(parts[:-1], create=True)
+        try:
+            if not stat.S_ISDIR(os.lstat(parts[-1], dir_fd=parent).st_mode):
+                os.unlink(parts[-1], dir_fd=parent)
+        except FileNotFoundError:
+            pass
+    return dirs.open(parts, create=True)
+
+
+def _write_all(fd, block):
+    view = memoryview(block)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _validate(batch):
+    for key in ("uploads", "links", "dirs", "chmods", "deletes"):
+        for item in batch.get(key, []):
+            check_relpath(item["path"])
+    for link in batch.get("links", []):
+        check_link(link["path"], link["target"])
+
+
+def _os_failure(e):
+    if e.errno == errno.ENOSPC:
+        return AgentFailure("DiskFull", "remote disk full; batch aborted, remote unchanged")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AgentFailure("NotWritable", "remote not writable: %s" % e.strerror)
+    return AgentFailure("RemoteOSError", "%s (errno %s)" % (e.strerror or e, e.errno))
+
+
+def _unlink_quiet(name, dfd):
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def _stage_marker(dirs, batch):
+    sfd = dirs.open([STATE_DIR], create=True)
+    os.fchmod(sfd, 0o700)
+    tmp = "revision.%d.tmp" % os.getpid()
+    body = json.dumps({"revision": batch.get("revision"), "time": time.time(),
+                       "files": batch.get("files", 0)})
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=sfd)
+    try:
+        _write_all(fd, body.encode())
+    finally:
+        os.close(fd)
+    return sfd, tmp
+
+
+def _commit(root, dirs, batch, staged, marker, cache_updates, received):
+    deletes = batch.get("deletes", [])
+    # A path that changes kind (file <-> dir <-> link) is removed before its new entry lands.
+    replacing = {u["path"] for u in batch.get("uploads", [])} | {
+        l["path"] for l in batch.get("links", [])}
+    kept = []
+    early = [d for d in deletes if _under_any(d["path"], replacing)]
+    deleted = _apply_deletes(dirs, early, kept)
+    for dfd, tmp, name, _ in staged:
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    for link in batch.get("links", []):
+        parts = link["path"].split("/")
+        dfd = dirs.open(parts[:-1], create=True)
+        tmp = "%slink.%x" % (TEMP_PREFIX, os.getpid())
+        _unlink_quiet(tmp, dfd)
+        os.symlink(link["target"], tmp, dir_fd=dfd)
+        os.replace(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+    for ch in batch.get("chmods", []):
+        parts = ch["path"].split("/")
+        dfd = dirs.open(parts[:-1], create=False)
+        if not stat.S_ISLNK(os.lstat(parts[-1], dir_fd=dfd).st_mode):
+            os.chmod(parts[-1], int(ch["mode"]) & 0o7777, dir_fd=dfd)
+    deleted += _apply_deletes(dirs, [d for d in deletes if not _under_any(d["path"], replacing)],
+                              kept)
+    for d in batch.get("dirs", []):
+        fd = dirs.open(d["path"].split("/"), create=True)
+        os.fchmod(fd, int(d["mode"]) & 0o7777)
+    sfd, tmp = marker
+    os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
+    _update_cache(root, batch, cache_updates)
+    return {"written": len(staged), "bytes": received, "deleted": deleted, "kept": kept}
+
+
+def _under_any(path, roots):
+    """True if ``path`` or one of its parents is in ``roots``."""
+    while True:
+        if path in roots:
+            return True
+        if "/" not in path:
+            return False
+        path = path.rsplit("/", 1)[0]
+
+
+def _apply_deletes(dirs, deletes, kept):
+    """Files and links first, then directories deepest first; a non-empty dir is kept."""
+    n = 0
+    ordered = sorted(deletes, key=lambda d: (d["kind"] == "d", -d["path"].count("/")))
+    for d in ordered:
+        parts = d["path"].split("/")
+        try:
+            dfd = dirs.open(parts[:-1], create=False)
+            st = os.lstat(parts[-1], dir_fd=dfd)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(parts[-1], dir_fd=dfd)
+                dirs.fds.pop(tuple(parts), None)
+            else:
+                os.unlink(parts[-1], dir_fd=dfd)
+            n += 1
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                kept.append(d["path"])
+                continue
+            raise
+    return n
+
+
+def _update_cache(root, batch, digests):
+    """Record what was just written so the next manifest needs no re-hash."""
+    cache = load_digest_cache(root)
+    for d in batch.get("deletes", []):
+        cache.pop(d["path"], None)
+    for path, digest in digests.items():
+        try:
+            st = os.lstat(os.path.join(root, path))
+        except OSError:
+            continue
+        cache[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+    save_digest_cache(root, cache)
+
+
+def read_revision(root):
+    try:
+        with open(os.path.join(root, REVISION_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- framing
+
+
+def read_exactly(stream, n):
+    """Read exactly n bytes or raise EOFError."""
+    buf = bytearray()
+    while len(buf) < n:
+        block = stream.read(n - len(buf))
+        if not block:
+            raise EOFError("stream closed after %d of %d bytes" % (len(buf), n))
+        buf += block
+    return bytes(buf)
+
+
+def read_frame(stream):
+    (n,) = struct.unpack(">I", read_exactly(stream, 4))
+    if n > MAX_FRAME:
+        raise AgentFailure("Protocol", "frame of %d bytes exceeds the limit" % n)
+    return read_exactly(stream, n) if n else b""
+
+
+def write_frame(stream, payload):
+    stream.write(struct.pack(">I", len(payload)))
+    stream.write(payload)
+
+
+def _send(out, obj):
+    write_frame(out, json.dumps(obj).encode())
+    out.flush()
+
+
+def _request(inp):
+    raw = read_frame(inp)
+    try:
+        req = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise AgentFailure("Protocol", "request is not JSON")
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise AgentFailure("Protocol", "request must be an object with an 'op'")
+    return req
+
+
+def _data_chunks(inp):
+    def chunks(_upload):
+        while True:
+            block = read_frame(inp)
+            if not block:
+                return
+            yield block
+    return chunks
+
+
+def _root(req):
+    root = req.get("root")
+    if not isinstance(root, str) or not root or "\0" in root:
+        raise AgentFailure("Config", "request needs a 'root' path")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def handle(req, inp):
+    """Serve one request; returns the response body (without "error")."""
+    op = req["op"]
+    if op == "ping":
+        return {"pong": True}
+    if op == "manifest":
+        root = _root(req)
+        if not os.path.isdir(root):
+            return {"root": root, "exists": False, "entries": {}, "problems": [],
+                    "revision": None}
+        entries, problems = scan_root(root, req.get("rules", []))
+        return {"root": root, "exists": True, "entries": entries, "problems": problems,
+                "revision": read_revision(root)}
+    if op == "apply":
+        root = _root(req)
+        batch = req.get("batch")
+        if not isinstance(batch, dict):
+            raise AgentFailure("Protocol", "apply needs a 'batch' object")
+        return apply_batch(root, batch, _data_chunks(inp))
+    raise AgentFailure("Protocol", "unknown op %r" % op)
+
+
+def serve(inp, out):
+    """Banner, then one response per request until EOF or a 'bye'."""
+    _send(out, {"agent": MAGIC, "protocol": PROTOCOL, "pid": os.getpid(),
+                "python": "%d.%d.%d" % sys.version_info[:3], "error": None})
+    while True:
+        try:
+            req = _request(inp)
+        except EOFError:
+            return 0
+        except AgentFailure as e:
+            _send(out, {"error": {"type": e.kind, "message": e.message}})
+            return 1  # the stream can no longer be trusted
+        if req["op"] == "bye":
+            _send(out, {"bye": True, "error": None})
+            return 0
+        try:
+            body = handle(req, inp)
+            body["error"] = None
+        except EOFError:
+            return 0
+        except AgentFailure as e:
+            body = {"error": {"type": e.kind, "message": e.message}}
+        except OSError as e:
+            f = _os_failure(e)
+            body = {"error": {"type": f.kind, "message": f.message}}
+        except Exception as e:  # never a traceback over the wire
+            body = {"error": {"type": "Internal", "message": type(e).__name__}}
+        _send(out, body)
+
+
+def main():
+    os.umask(0o022)
+    return serve(sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

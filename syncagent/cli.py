@@ -1,0 +1,250 @@
+"""The ``syncagent`` command: parse, call one library function, render.
+
+Typed errors become exit codes here and only here: 0 ok, 1 operational, 2 usage or config,
+3 refused for safety.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+from . import sandbox as sandbox_mod
+from .config import (CONFIG_NAME, INIT_TEMPLATE, Project, Target, find_root, load_project,
+                     resolve_target)
+from .errors import ConfigError, SyncAgentError
+from .push import PushOptions, PushResult, push
+from .transport import connect
+
+__all__ = ["cli", "main"]
+
+err = Console(stderr=True, highlight=False)
+
+
+def _project(path: str | None) -> Project:
+    return load_project(find_root(explicit=path))
+
+
+def _targets(project: Project, specs: tuple[str, ...], all_: bool, remote_path: str | None,
+             identity: str | None) -> list[Target]:
+    if all_:
+        if not project.targets:
+            raise ConfigError("--all: no targets configured")
+        specs = tuple(project.targets)
+    names = specs or (None,)
+    if remote_path and len(names) > 1:
+        raise ConfigError("--remote-path applies to a single TARGET")
+    return [resolve_target(s, project, remote_path=remote_path, identity=identity) for s in names]
+
+
+def common_target_options(f):
+    """Options shared by commands that act on targets (the interface contract)."""
+    for option in reversed([
+        click.option("--path", "path", type=click.Path(file_okay=False), default=None,
+                     help="Local project root (default: nearest dir with syncagent.toml, or .)."),
+        click.option("--remote-path", default=None, help="Remote project root for the target."),
+        click.option("--identity", type=click.Path(dir_okay=False), default=None,
+                     help="SSH private key to use."),
+        click.option("--all", "all_", is_flag=True, help="Every configured target."),
+        click.option("--trust-new-host", is_flag=True,
+                     help="Record an unknown host key in known_hosts (never a changed one)."),
+    ]):
+        f = option(f)
+    return f
+
+
+class _LazyProgress:
+    """A rich progress bar that appears only once a transfer has run for a second."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.t0 = time.monotonic()
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __call__(self, sent: int, total: int, files: int, nfiles: int) -> None:
+        if not self.enabled or (self.bar is None and time.monotonic() - self.t0 < 1.0):
+            return
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                                transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=sent,
+                        description=f"{self.label} {files}/{nfiles} files")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _summary(r: PushResult) -> str:
+    if r.dry_run:
+        return (f"{r.target}: dry run: {len(r.plan.uploads)} to send "
+                f"({r.plan.bytes:,} B), {len(r.plan.deletes)} to delete, "
+                f"{len(r.plan.chmods)} mode changes -> {r.remote_root}")
+    ms = r.durations.get("total", 0) * 1000
+    if not r.changed:
+        return f"{r.target}: up to date, revision {r.revision[:7]} ({ms:.0f} ms)"
+    parts = [f"{r.files_sent} files ({r.bytes_sent:,} B) sent"]
+    if r.deleted:
+        parts.append(f"{r.deleted} deleted")
+    if r.chmods:
+        parts.append(f"{r.chmods} mode changes")
+    if r.links:
+        parts.append(f"{r.links} links")
+    return (f"{r.target}: {', '.join(parts)} -> {r.remote_root}, revision {r.revision[:7]} "
+            f"({ms:.0f} ms)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="syncagent")
+def cli() -> None:
+    """Push code to a remote Celery GPU worker over one SSH connection."""
+
+
+@cli.command("push")
+@click.argument("targets", nargs=-1)
+@common_target_options
+@click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
+@click.option("--no-restart", is_flag=True, help="Sync only; leave the worker running.")
+@click.option("--allow-mass-delete", is_flag=True,
+              help="Allow deleting more than half of the remote files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run, no_restart,
+             allow_mass_delete, as_json):
+    """Make the remote tree equal to the local one (one-shot)."""
+    project = _project(path)
+    options = PushOptions(dry_run=dry_run, restart=not no_restart,
+                          allow_mass_delete=allow_mass_delete, trust_new_host=trust_new_host)
+    results = []
+    for target in _targets(project, targets, all_, remote_path, identity):
+        bar = _LazyProgress(f"push {target.name}", enabled=not as_json)
+        try:
+            result = push(project, target, options, progress=bar)
+        finally:
+            bar.close()
+        results.append(result)
+        if not as_json:
+            for w in result.warnings:
+                err.print(f"[yellow]warning:[/] {w}", markup=True)
+            if dry_run:
+                for line in result.plan.lines():
+                    click.echo(f"  {line}")
+            click.echo(_summary(result))
+    if as_json:
+        payload = [r.to_json() for r in results]
+        click.echo(json.dumps(payload[0] if len(payload) == 1 else {"targets": payload}))
+
+
+@cli.command("init")
+@click.option("--path", type=click.Path(file_okay=False), default=".",
+              help="Project root to write syncagent.toml into.")
+@click.option("--force", is_flag=True, help="Overwrite an existing syncagent.toml.")
+def init_cmd(path, force):
+    """Write a commented syncagent.toml."""
+    target = Path(path) / CONFIG_NAME
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists", hint="pass --force to overwrite")
+    target.write_text(INIT_TEMPLATE)
+    click.echo(f"wrote {target}")
+
+
+@cli.command("trust")
+@click.argument("target")
+@click.option("--path", type=click.Path(file_okay=False), default=None)
+def trust_cmd(target, path):
+    """Show TARGET's host key fingerprint and record it in known_hosts."""
+    resolved = resolve_target(target, _project(path))
+    client, ep, recorded = connect(resolved, trust_new=True)
+    client.close()
+    if recorded:
+        click.echo(f"trusted {ep.host_key_name}: {recorded[0]} {recorded[1]} "
+                   f"(recorded in {ep.known_hosts})")
+    else:
+        click.echo(f"{ep.host_key_name} is already trusted ({ep.known_hosts})")
+
+
+@cli.group("sandbox")
+def sandbox_group():
+    """A local stand-in remote (real sshd on 127.0.0.1) for the demo and tests."""
+
+
+def _sandbox_options(f):
+    f = click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+                     help="Where the sandbox keeps its keys, configs and remote tree.")(f)
+    return click.option("--name", default="sandbox", show_default=True,
+                        help="Target name to register.")(f)
+
+
+@sandbox_group.command("up")
+@_sandbox_options
+@click.option("--json", "as_json", is_flag=True)
+def sandbox_up(name, directory, as_json):
+    """Start the sandbox and register target NAME."""
+    box = sandbox_mod.up(name, directory)
+    if as_json:
+        click.echo(json.dumps(box.to_json()))
+        return
+    click.echo(f"sandbox '{box.name}' up: {box.user}@{box.host}:{box.port} (sshd pid "
+               f"{box.sshd_pid})\n  remote root: {box.remote_root}\n"
+               f"  ssh: ssh -F {box.ssh_config} {box.name}\n"
+               f"  try: syncagent push {box.name}")
+
+
+@sandbox_group.command("down")
+@_sandbox_options
+def sandbox_down(name, directory):
+    """Stop exactly the processes `sandbox up` started."""
+    stopped = sandbox_mod.down(name, directory)
+    click.echo(f"sandbox '{name}': stopped pid {', '.join(map(str, stopped))}" if stopped
+               else f"sandbox '{name}': not running")
+
+
+@sandbox_group.command("status")
+@_sandbox_options
+@click.option("--json", "as_json", is_flag=True)
+def sandbox_status(name, directory, as_json):
+    """Say whether the sandbox runs (exit 1 if it does not)."""
+    box = sandbox_mod.status(name, directory)
+    if as_json:
+        click.echo(json.dumps(box.to_json() if box else {"name": name, "running": False}))
+    elif box is None:
+        click.echo(f"sandbox '{name}': none")
+    else:
+        click.echo(f"sandbox '{name}': {'running' if box.running else 'stopped'} on "
+                   f"{box.host}:{box.port} (pid {box.sshd_pid}), remote root {box.remote_root}")
+    if box is None or not box.running:
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: typed errors -> one line on stderr and the documented exit code."""
+    try:
+        cli.main(args=argv, prog_name="syncagent", standalone_mode=False)
+    except SyncAgentError as e:
+        click.echo(f"syncagent: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        click.echo("syncagent: aborted", err=True)
+        return 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Configuration: ``syncagent.toml`` (or ``[tool.syncagent]``), user targets, TARGET specs.
+
+Precedence, resolved once per field: command-line flag, then ssh_config (in transport), then the
+project config, then the environment fallbacks of sync-to-remote.sh, then the default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import ConfigError, TargetError
+
+__all__ = [
+    "CONFIG_NAME", "Target", "Project", "find_root", "load_project", "parse_target_spec",
+    "resolve_target", "user_config_dir", "user_state_dir", "write_user_target",
+    "remove_user_target", "INIT_TEMPLATE",
+]
+
+CONFIG_NAME = "syncagent.toml"
+TOP_KEYS = {"exclude", "restart_on", "default_target", "mass_delete_ratio", "targets"}
+TARGET_KEYS = {"host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
+               "python"}
+SPEC = re.compile(
+    r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
+    r"(?P<host>[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?$"
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One remote: where to connect and which directory is the project root there."""
+
+    name: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+    remote_path: str | None = None
+    identity: str | None = None
+    ssh_config: str | None = None
+    remote_root: str = "~"  # parent of the default remote path (the sandbox's stand-in home)
+    python: str = "python3"
+
+    def label(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+    config_file: Path | None = None
+    exclude: tuple[str, ...] = ()
+    restart_on: tuple[str, ...] | None = None
+    default_target: str | None = None
+    mass_delete_ratio: float = 0.5
+    targets: Mapping[str, Target] = field(default_factory=dict)
+
+
+def user_config_dir() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "syncagent"
+
+
+def user_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "syncagent"
+
+
+def find_root(start: str | os.PathLike | None = None, explicit: str | None = None) -> Path:
+    """The local project root: ``--path``, else the nearest directory holding syncagent.toml,
+    else the current directory."""
+    if explicit is not None:
+        root = Path(explicit).expanduser().resolve()
+        if not root.is_dir():
+            raise ConfigError(f"--path {explicit}: not a directory")
+        return root
+    here = Path(start or os.getcwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    return here
+
+
+def _line_of(text: str, key: str) -> int:
+    pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=", re.M)
+    m = pattern.search(text)
+    return text.count("\n", 0, m.start()) + 1 if m else 0
+
+
+def _read_toml(path: Path) -> tuple[dict, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+
+
+def _where(path: Path, text: str, key: str) -> str:
+    line = _line_of(text, key)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _targets(data: dict, path: Path, text: str) -> dict[str, Target]:
+    raw = data.get("targets", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(path, text, 'targets')}: 'targets' must be a table")
+    out = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{_where(path, text, name)}: [targets.{name}] must be a table")
+        unknown = set(spec) - TARGET_KEYS
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{_where(path, text, key)}: unknown key '{key}' in "
+                              f"[targets.{name}] (known: {', '.join(sorted(TARGET_KEYS))})")
+        if "host" not in spec:
+            raise ConfigError(f"{path}: [targets.{name}] needs a 'host'")
+        port = spec.get("port")
+        if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+            raise ConfigError(f"{_where(path, text, 'port')}: [targets.{name}] port must be "
+                              f"an integer 1-65535")
+        for key in TARGET_KEYS - {"port"}:
+            if key in spec and not isinstance(spec[key], str):
+                raise ConfigError(f"{_where(path, text, key)}: [targets.{name}] {key} must be "
+                                  f"a string")
+        out[name] = Target(name=name, **spec)
+    return out
+
+
+def _str_list(data: dict, key: str, path: Path, text: str) -> tuple[str, ...] | None:
+    if key not in data:
+        return None
+    value = data[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{_where(path, text, key)}: '{key}' must be a list of strings")
+    return tuple(value)
+
+
+def _parse_project(data: dict, path: Path, text: str) -> dict:
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{_where(path, text, key)}: unknown key '{key}' "
+                          f"(known: {', '.join(sorted(TOP_KEYS))})")
+    ratio = data.get("mass_delete_ratio", 0.5)
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ConfigError(f"{_where(path, text, 'mass_delete_ratio')}: mass_delete_ratio must "
+                          f"be a number in (0, 1]")
+    default = data.get("default_target")
+    if default is not None and not isinstance(default, str):
+        raise ConfigError(f"{_where(path, text, 'default_target')}: must be a string")
+    return {
+        "exclude": _str_list(data, "exclude", path, text) or (),
+        "restart_on": _str_list(data, "restart_on", path, text),
+        "default_target": default,
+        "mass_delete_ratio": float(ratio),
+        "targets": _targets(data, path, text),
+    }
+
+
+def load_user_targets() -> dict[str, Target]:
+    """Targets registered for this user (``<config>/syncagent/targets.d/*.toml``), e.g. by
+    ``syncagent sandbox up``."""
+    out: dict[str, Target] = {}
+    directory = user_config_dir() / "targets.d"
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("*.toml")):
+        data, text = _read_toml(path)
+        out.update(_targets(data, path, text))
+    return out
+
+
+def load_project(root: Path) -> Project:
+    """Read ``syncagent.toml`` or ``pyproject.toml [tool.syncagent]`` under ``root``; user
+    targets are included, project targets win on a name clash."""
+    targets = load_user_targets()
+    config = root / CONFIG_NAME
+    pyproject = root / "pyproject.toml"
+    if config.is_file():
+        data, text = _read_toml(config)
+        source = config
+    elif pyproject.is_file():
+        full, text = _read_toml(pyproject)
+        data = full.get("tool", {}).get("syncagent")
+        if data is None:
+            return Project(root=root, targets=targets)
+        source = pyproject
+    else:
+        return Project(root=root, targets=targets)
+    fields = _parse_project(data, source, text)
+    targets.update(fields.pop("targets"))
+    return Project(root=root, config_file=source, targets=targets, **fields)
+
+
+def parse_target_spec(spec: str) -> tuple[str | None, str, int | None]:
+    """``[user@]host[:port]`` -> (user, host, port); raises TargetError on anything else."""
+    m = SPEC.match(spec or "")
+    if not m:
+        raise TargetError(f"bad TARGET '{spec}': expected a configured name or "
+                          f"[user@]host[:port]")
+    port = m.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        raise TargetError(f"bad TARGET '{spec}': port must be 1-65535")
+    return m.group("user"), m.group("host").strip("[]"), int(port) if port else None
+
+
+def resolve_target(
+    spec: str | None,
+    project: Project,
+    *,
+    remote_path: str | None = None,
+    identity: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Target:
+    """Turn a TARGET argument (or its absence) into a Target with its remote path decided.
+
+    Args:
+        spec: a configured target name, ``[user@]host[:port]``, or None.
+        project: the loaded project configuration.
+        remote_path: ``--remote-path``; wins over everything.
+        identity: ``--identity``; wins over the configured key.
+        env: the environment for the REMOTE_HOST/USER/PORT/PATH fallbacks.
+    """
+    env = os.environ if env is None else env
+    if spec is None:
+        spec = project.default_target
+    if spec is None and len(project.targets) == 1 and not env.get("REMOTE_HOST"):
+        spec = next(iter(project.targets))
+    if spec is None:
+        host = env.get("REMOTE_HOST")
+        if not host:
+            raise TargetError("no TARGET given: name one, configure [targets] in "
+                              "syncagent.toml, or set REMOTE_HOST")
+        port = env.get("REMOTE_PORT")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise TargetError(f"REMOTE_PORT={port!r} is not a port number")
+        target = Target(name=host, host=host, user=env.get("REMOTE_USER") or None,
+                        port=int(port) if port else None)
+    elif spec in project.targets:
+        target = project.targets[spec]
+    else:
+        user, host, port = parse_target_spec(spec)
+        target = Target(name=spec, host=host, user=user or env.get("REMOTE_USER") or None,
+                        port=port)
+    chosen = (remote_path or target.remote_path or env.get("REMOTE_PATH")
+              or f"{target.remote_root.rstrip('/')}/{project.root.name}")
+    return replace(target, remote_path=chosen, identity=identity or target.identity)
+
+
+def write_user_target(target: Target) -> Path:
+    """Register a target for this user (used by the sandbox); returns the file written."""
+    directory = user_config_dir() / "targets.d"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{target.name}.toml"
+    lines = [f"# written by syncagent; remove with `syncagent sandbox down --name {target.name}`",
+             f'[targets."{target.name}"]']
+    for key in ("host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
+                "python"):
+        value = getattr(target, key)
+        if value is None:
+            continue
+        lines.append(f"{key} = {value}" if isinstance(value, int)
+                     else f"{key} = {_toml_str(value)}")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def remove_user_target(name: str) -> bool:
+    path = user_config_dir() / "targets.d" / f"{name}.toml"
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+INIT_TEMPLATE = '''\
+# syncagent configuration. Docs: README.md. Paths use gitignore syntax.
+
+# Extra patterns, after the built-in excludes (venv/, .venv/, .git/, __pycache__/, .env,
+# .env.* except *.example, instance/, data/, logs/, tmp/, uploads/, node_modules/, *.log,
+# editor temp files, ...) and the tree's .gitignore files. "!pattern" re-includes.
+# Excluded paths are also protected: never overwritten or deleted on the remote.
+exclude = [
+    # "media/",
+    # "!data/fixtures/",
+]
+
+# Changes matching these restart the worker; anything else only syncs.
+# restart_on = ["*.py", "requirements*.txt", "pyproject.toml", "setup.cfg", "*.ini", "*.cfg",
+#               "*.toml", "*.yaml", "*.yml"]
+
+# A push that would delete more than this share of the remote files (and more than 20)
+# stops unless --allow-mass-delete is given.
+# mass_delete_ratio = 0.5
+
+# default_target = "gpu"
+
+# [targets.gpu]
+# host = "192.168.1.119"        # or an alias from ~/.ssh/config
+# user = "winter"
+# port = 2222
+# remote_path = "~/ClippyFront"
+# identity = "~/.ssh/id_ed25519"
+'''

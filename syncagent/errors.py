@@ -1,0 +1,128 @@
+"""The typed error hierarchy. Each class carries its data and its exit code.
+
+Exit codes (the interface contract): 0 ok, 1 operational failure (remote, network, worker),
+2 usage or configuration error, 3 refused for safety. Only ``cli.py`` turns them into exits.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SyncAgentError",
+    "OperationalError",
+    "ConnectError",
+    "AuthError",
+    "RemoteError",
+    "AgentError",
+    "ConfigError",
+    "TargetError",
+    "SafetyError",
+    "UnknownHostKeyError",
+    "HostKeyChangedError",
+    "MassDeleteError",
+    "PathEscapeError",
+    "error_from_wire",
+]
+
+
+class SyncAgentError(Exception):
+    """Base class: ``str(err)`` is the one-line message shown to the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class OperationalError(SyncAgentError):
+    """Something on the remote, the network or the worker failed (exit 1)."""
+
+    exit_code = 1
+
+
+class ConnectError(OperationalError):
+    """The SSH connection could not be made or was lost."""
+
+
+class AuthError(ConnectError):
+    """The server refused every key we offered."""
+
+
+class RemoteError(OperationalError):
+    """The remote agent reported a failure (disk full, not writable, ...)."""
+
+    def __init__(self, message: str, *, kind: str = "RemoteError", hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+class AgentError(OperationalError):
+    """The agent could not be started or spoke an unexpected protocol."""
+
+
+class ConfigError(SyncAgentError):
+    """Bad configuration or usage (exit 2)."""
+
+    exit_code = 2
+
+
+class TargetError(ConfigError):
+    """A TARGET could not be resolved."""
+
+
+class SafetyError(SyncAgentError):
+    """Refused for safety (exit 3)."""
+
+    exit_code = 3
+
+
+class UnknownHostKeyError(SafetyError):
+    def __init__(self, host: str, key_type: str, fingerprint: str, trust_command: str):
+        super().__init__(
+            f"unknown host key for {host}: {key_type} {fingerprint}",
+            hint=f"check it, then run `{trust_command}` or pass --trust-new-host",
+        )
+        self.host, self.key_type, self.fingerprint = host, key_type, fingerprint
+
+
+class HostKeyChangedError(SafetyError):
+    def __init__(self, host: str, fingerprint: str, expected: str, known_hosts: str):
+        super().__init__(
+            f"HOST KEY CHANGED for {host}: got {fingerprint}, known_hosts has {expected}",
+            hint=f"possible man-in-the-middle; if the change is expected, remove the old "
+            f"line from {known_hosts} yourself",
+        )
+        self.host, self.fingerprint, self.expected = host, fingerprint, expected
+
+
+class MassDeleteError(SafetyError):
+    def __init__(self, deletes: int, remote_files: int):
+        super().__init__(
+            f"refusing to delete {deletes} of {remote_files} remote files",
+            hint="check --remote-path and --path, then pass --allow-mass-delete",
+        )
+        self.deletes, self.remote_files = deletes, remote_files
+
+
+class PathEscapeError(SafetyError):
+    """A path or a symlink would reach outside the project root."""
+
+
+_WIRE_TYPES = {
+    "PathEscape": PathEscapeError,
+    "Config": ConfigError,
+}
+
+
+def error_from_wire(error: dict) -> SyncAgentError:
+    """Turn an agent's ``{"type", "message"}`` error back into a typed error."""
+    kind = str(error.get("type", "RemoteError"))
+    message = str(error.get("message", "remote error"))
+    cls = _WIRE_TYPES.get(kind)
+    if cls is not None:
+        return cls(message)
+    return RemoteError(message, kind=kind)

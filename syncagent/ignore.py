@@ -1,0 +1,98 @@
+"""Exclude and protect rules, in gitignore syntax. No I/O in this module.
+
+A path that is excluded is never pushed, and on the remote it is protected: never overwritten and
+never deleted. Rules are compiled with pathspec to plain regexes, so the stdlib-only agent applies
+exactly the same rules to the remote tree (``syncagent.agent.is_excluded``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import pathspec
+
+from . import agent
+
+__all__ = ["DEFAULT_EXCLUDES", "EDITOR_TEMP", "Rules", "build_rules", "rebase_gitignore"]
+
+# Clippy-Front's sync-to-remote.sh list, in its order ...
+CLIPPYFRONT_EXCLUDES = (
+    "venv/", "__pycache__/", "*.pyc", ".git/", "instance/data/", "instance/logs/",
+    "artifacts/", "tmp/", "logs/", "data/", "uploads/", "node_modules/", ".pytest_cache/",
+    ".mypy_cache/", ".ruff_cache/", "bin/ffmpeg", "bin/ffprobe", "bin/yt-dlp",
+)
+# ... editor temp files (vim, emacs, JetBrains, macOS) ...
+EDITOR_TEMP = (
+    "*.swp", "*.swx", "*.swo", "4913", "*~", ".#*", "#*#", "*___jb_tmp___", "*___jb_old___",
+    ".DS_Store", "*.tmp",
+)
+# ... and what the script forgot: environments and secrets stay where they are.
+DEFAULT_EXCLUDES = CLIPPYFRONT_EXCLUDES + EDITOR_TEMP + (
+    ".venv/", ".env", ".env.*", "!.env.example", "!.env.*.example", "instance/", "*.log",
+    ".syncagent/",
+)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Ordered gitignore patterns compiled to regexes; the last match wins."""
+
+    patterns: tuple[tuple[str, bool], ...]
+
+    def to_wire(self) -> list[list]:
+        return [[rx, inc] for rx, inc in self.patterns]
+
+    def compiled(self):
+        return agent.compile_rules(self.patterns)
+
+    def excluded(self, path: str, is_dir: bool = False) -> bool:
+        """True if ``path`` (posix, relative to the root) is excluded and protected."""
+        return agent.is_excluded(self.compiled(), path, is_dir)
+
+
+def rebase_gitignore(directory: str, lines: Iterable[str]) -> list[str]:
+    """Rewrite the patterns of ``<directory>/.gitignore`` so they apply from the root.
+
+    A pattern with a slash (other than a trailing one) is anchored to its directory; one without
+    matches at any depth below it, as git does.
+    """
+    if not directory:
+        return [ln.rstrip("\n") for ln in lines]
+    out = []
+    for raw in lines:
+        line = raw.rstrip("\n").rstrip(" ")
+        if not line or line.startswith("#"):
+            continue
+        neg = line.startswith("!")
+        body = line[1:] if neg else line
+        if "/" in body.rstrip("/"):
+            new = f"{directory}/{body.lstrip('/')}"
+        else:
+            new = f"{directory}/**/{body}"
+        out.append(("!" if neg else "") + new)
+    return out
+
+
+def build_rules(
+    extra: Sequence[str] = (),
+    gitignores: Mapping[str, Sequence[str]] | None = None,
+    defaults: Sequence[str] = DEFAULT_EXCLUDES,
+) -> Rules:
+    """Defaults, then the tree's ``.gitignore`` files (shallowest first), then the config's own
+    patterns, which may add or negate (``!pattern``) anything before them.
+
+    Args:
+        extra: patterns from ``syncagent.toml`` ``exclude``.
+        gitignores: {directory relative to the root ("" for the root): lines of its .gitignore}.
+        defaults: the built-in list.
+    """
+    lines = list(defaults)
+    for directory in sorted(gitignores or {}, key=lambda d: (d.count("/") if d else -1, d)):
+        lines += rebase_gitignore(directory, gitignores[directory])
+    lines += list(extra)
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    patterns = tuple(
+        (p.regex.pattern, bool(p.include)) for p in spec.patterns if p.include is not None
+    )
+    return Rules(patterns)

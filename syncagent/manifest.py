@@ -1,0 +1,69 @@
+"""Local tree scanning: rules from the tree's .gitignore files, then a manifest.
+
+The scan itself is the agent's (``syncagent.agent.scan``), so both sides see a tree the same way;
+this module adds what only the dev side does: finding .gitignore files and keeping the local
+digest cache under ``<root>/.syncagent/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from . import agent
+from .agent import Entry
+from .ignore import Rules, build_rules
+
+__all__ = ["Entry", "LocalScan", "find_gitignores", "local_rules", "scan_local", "from_wire"]
+
+
+@dataclass
+class LocalScan:
+    entries: dict[str, Entry]
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def unreadable(self) -> list[str]:
+        return [p for p, _ in self.problems]
+
+
+def find_gitignores(root: str, base: Rules) -> dict[str, list[str]]:
+    """{directory relative to root: lines} for every .gitignore outside excluded directories."""
+    compiled = base.compiled()
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        rel = "" if rel == "." else rel.replace(os.sep, "/")
+        dirnames[:] = [
+            d for d in dirnames
+            if not agent.is_excluded(compiled, f"{rel}/{d}" if rel else d, True)
+        ]
+        if ".gitignore" in filenames:
+            try:
+                with open(os.path.join(dirpath, ".gitignore"), encoding="utf-8",
+                          errors="surrogateescape") as f:
+                    found[rel] = f.read().splitlines()
+            except OSError:
+                continue
+    return found
+
+
+def local_rules(root: str, extra: Sequence[str] = ()) -> Rules:
+    """The rules for this tree: defaults, its .gitignore files, then the config's patterns."""
+    base = build_rules(extra)
+    return build_rules(extra, find_gitignores(root, base))
+
+
+def scan_local(root: str, rules: Rules) -> LocalScan:
+    """Scan the dev tree, re-hashing only files the digest cache cannot vouch for."""
+    cache = agent.load_digest_cache(root)
+    problems: list[tuple[str, str]] = []
+    entries = agent.scan(root, rules.compiled(), cache, problems)
+    agent.save_digest_cache(root, cache)
+    return LocalScan(entries, problems)
+
+
+def from_wire(entries: dict) -> dict[str, Entry]:
+    """A manifest as JSON carried it (lists) back to Entry tuples."""
+    return {path: Entry(*value) for path, value in entries.items()}

@@ -1,0 +1,216 @@
+"""Planning: local manifest x remote manifest -> Plan. No I/O in this module.
+
+Manifests map a posix path relative to the root to an :class:`~syncagent.agent.Entry`. Both are
+already filtered by the same rules, so excluded (protected) remote paths never appear here and can
+never be overwritten or deleted. Equality of files is by content digest; the scanners only
+re-hash what their size+mtime quick check cannot vouch for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .agent import AgentFailure, Entry, check_link
+
+__all__ = [
+    "Upload", "Link", "Mkdir", "Chmod", "Delete", "Plan",
+    "plan", "revision", "apply_plan", "escaping_links", "content_view",
+]
+
+Manifest = Mapping[str, Entry]
+
+
+@dataclass(frozen=True)
+class Upload:
+    path: str
+    mode: int
+    mtime_ns: int
+    size: int
+    digest: str
+    old_digest: str | None = None  # None: a create
+
+
+@dataclass(frozen=True)
+class Link:
+    path: str
+    target: str
+    old_target: str | None = None
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class Chmod:
+    path: str
+    mode: int
+    old_mode: int
+
+
+@dataclass(frozen=True)
+class Delete:
+    path: str
+    kind: str  # 'f', 'd' or 'l': what the remote holds
+
+
+@dataclass(frozen=True)
+class Plan:
+    uploads: tuple[Upload, ...] = ()
+    links: tuple[Link, ...] = ()
+    dirs: tuple[Mkdir, ...] = ()
+    chmods: tuple[Chmod, ...] = ()
+    deletes: tuple[Delete, ...] = ()
+    kept: tuple[str, ...] = field(default=())  # remote paths left alone: unreadable locally
+
+    @property
+    def empty(self) -> bool:
+        return not (self.uploads or self.links or self.dirs or self.chmods or self.deletes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(u.size for u in self.uploads)
+
+    @property
+    def file_deletes(self) -> int:
+        return sum(1 for d in self.deletes if d.kind != "d")
+
+    def to_wire(self, revision: str, files: int) -> dict:
+        """The batch as the agent's ``apply_batch`` takes it."""
+        return {
+            "uploads": [{"path": u.path, "mode": u.mode, "mtime_ns": u.mtime_ns}
+                        for u in self.uploads],
+            "links": [{"path": ln.path, "target": ln.target} for ln in self.links],
+            "dirs": [{"path": d.path, "mode": d.mode} for d in self.dirs],
+            "chmods": [{"path": c.path, "mode": c.mode} for c in self.chmods],
+            "deletes": [{"path": d.path, "kind": d.kind} for d in self.deletes],
+            "revision": revision,
+            "files": files,
+        }
+
+    def lines(self) -> Iterable[str]:
+        """Human-readable plan, one line per change (for --dry-run)."""
+        for d in self.dirs:
+            yield f"mkdir   {d.path}/"
+        for u in self.uploads:
+            yield f"{'update' if u.old_digest else 'create'}  {u.path} ({u.size} B)"
+        for ln in self.links:
+            yield f"link    {ln.path} -> {ln.target}"
+        for c in self.chmods:
+            yield f"chmod   {c.path} {c.old_mode:o} -> {c.mode:o}"
+        for d in self.deletes:
+            yield f"delete  {d.path}{'/' if d.kind == 'd' else ''}"
+
+
+def _under(path: str, roots: frozenset[str]) -> bool:
+    while True:
+        if path in roots:
+            return True
+        if "/" not in path:
+            return False
+        path = path.rsplit("/", 1)[0]
+
+
+def plan(local: Manifest, remote: Manifest, keep: Iterable[str] = ()) -> Plan:
+    """Decide what turns ``remote`` into ``local``.
+
+    Args:
+        local: the dev tree (the truth).
+        remote: the remote tree as the agent scanned it.
+        keep: local paths that could not be read: their remote copies (and anything below
+            them) are neither updated nor deleted.
+
+    Returns:
+        A Plan whose application to ``remote`` yields ``local`` (see :func:`apply_plan`).
+    """
+    keep = frozenset(keep)
+    uploads, links, dirs, chmods, deletes = [], [], [], [], []
+    for path in sorted(local):
+        mine = local[path]
+        theirs = remote.get(path)
+        if theirs is not None and theirs.kind != mine.kind:
+            deletes.append(Delete(path, theirs.kind))
+            theirs = None
+        if mine.kind == "d":
+            if theirs is None:
+                dirs.append(Mkdir(path, mine.mode))
+            elif theirs.mode != mine.mode:
+                chmods.append(Chmod(path, mine.mode, theirs.mode))
+        elif mine.kind == "f":
+            if theirs is None or theirs.digest is None or theirs.digest != mine.digest:
+                uploads.append(Upload(path, mine.mode, mine.mtime_ns, mine.size, mine.digest,
+                                      theirs.digest if theirs else None))
+            elif theirs.mode != mine.mode:
+                chmods.append(Chmod(path, mine.mode, theirs.mode))
+        elif mine.kind == "l":
+            if theirs is None or theirs.link != mine.link:
+                links.append(Link(path, mine.link, theirs.link if theirs else None))
+    kept = []
+    for path in sorted(remote):
+        if path in local:
+            continue
+        if _under(path, keep):
+            kept.append(path)
+            continue
+        deletes.append(Delete(path, remote[path].kind))
+    return Plan(tuple(uploads), tuple(links), tuple(dirs), tuple(chmods), tuple(deletes),
+                tuple(kept))
+
+
+def content_view(manifest: Manifest) -> dict[str, tuple]:
+    """What a revision is made of: path, kind, mode and content (no times, no sizes)."""
+    out = {}
+    for path, e in manifest.items():
+        if e.kind == "f":
+            out[path] = ("f", e.mode, e.digest)
+        elif e.kind == "d":
+            out[path] = ("d", e.mode)
+        else:
+            out[path] = ("l", e.link)
+    return out
+
+
+def revision(manifest: Manifest) -> str:
+    """40-hex content hash of a manifest: equal trees have equal revisions, a touch changes
+    nothing, any byte, mode, link or name does."""
+    h = hashlib.blake2b(digest_size=20)
+    for path, view in sorted(content_view(manifest).items()):
+        h.update(repr((path,) + view).encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def apply_plan(remote: Manifest, p: Plan, local: Manifest) -> dict[str, Entry]:
+    """Pure model of the agent's commit: the remote manifest after applying ``p``.
+
+    ``local`` supplies the entries that uploads, links and mkdirs create.
+    """
+    out = dict(remote)
+    for d in p.deletes:
+        out.pop(d.path, None)
+    for d in p.dirs:
+        out[d.path] = local[d.path]
+    for u in p.uploads:
+        out[u.path] = local[u.path]
+    for ln in p.links:
+        out[ln.path] = local[ln.path]
+    for c in p.chmods:
+        e = out[c.path]
+        out[c.path] = Entry(e.kind, e.size, e.mtime_ns, c.mode, e.digest, e.link)
+    return out
+
+
+def escaping_links(manifest: Manifest) -> list[str]:
+    """Symlinks that are absolute or climb above the root: refused for safety."""
+    bad = []
+    for path, e in manifest.items():
+        if e.kind == "l":
+            try:
+                check_link(path, e.link)
+            except AgentFailure:
+                bad.append(f"{path} -> {e.link}")
+    return sorted(bad)

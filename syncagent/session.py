@@ -1,0 +1,271 @@
+"""One connected target: ship the agent, then framed requests over one exec channel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import paramiko
+
+from . import agent
+from .config import Target
+from .errors import AgentError, ConnectError, error_from_wire
+from .manifest import Entry, from_wire
+from .plan import Plan
+from .transport import Endpoint, connect
+
+__all__ = ["Session", "RemoteTree", "agent_source", "agent_hash"]
+
+SEND_BUFFER = 256 * 1024
+NEED_UPLOAD = b"syncagent-need-upload"
+NO_PYTHON = b"syncagent-no-python"
+Progress = Callable[[int, int], None]  # (bytes sent, files sent)
+
+
+def agent_source() -> bytes:
+    return Path(agent.__file__).read_bytes()
+
+
+def agent_hash() -> str:
+    return hashlib.blake2b(agent_source(), digest_size=8).hexdigest()
+
+
+@dataclass
+class RemoteTree:
+    root: str  # absolute, as the agent resolved it
+    exists: bool
+    entries: dict[str, Entry]
+    revision: str | None
+    problems: list = field(default_factory=list)
+
+
+class _Channel:
+    """Exact reads and buffered frame writes over a paramiko channel."""
+
+    def __init__(self, chan: paramiko.Channel, what: str):
+        self.chan = chan
+        self.what = what
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+
+    def read(self, n: int) -> bytes:
+        while len(self.inbuf) < n:
+            try:
+                block = self.chan.recv(max(n - len(self.inbuf), 65536))
+            except socket.timeout as e:
+                raise ConnectError(f"{self.what}: no answer from the agent") from e
+            if not block:
+                raise ConnectError(f"{self.what}: connection to the agent lost{self._stderr()}")
+            self.inbuf += block
+        out = bytes(self.inbuf[:n])
+        del self.inbuf[:n]
+        return out
+
+    def _stderr(self) -> str:
+        err = b""
+        while self.chan.recv_stderr_ready():
+            err += self.chan.recv_stderr(65536)
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
+        return f" ({tail[0]})" if tail else ""
+
+    def frame(self, payload: bytes) -> None:
+        self.outbuf += struct.pack(">I", len(payload))
+        self.outbuf += payload
+        if len(self.outbuf) >= SEND_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.outbuf:
+            try:
+                self.chan.sendall(bytes(self.outbuf))
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                raise ConnectError(f"{self.what}: connection lost while sending") from e
+            self.outbuf.clear()
+
+    def read_frame(self) -> bytes:
+        (n,) = struct.unpack(">I", self.read(4))
+        if n > agent.MAX_FRAME:
+            raise AgentError(f"{self.what}: bad frame from the agent ({n} bytes)")
+        return self.read(n)
+
+
+class Session:
+    """An SSH connection to one target with the agent running on one exec channel."""
+
+    def __init__(self, target: Target, client: paramiko.SSHClient, endpoint: Endpoint):
+        self.target = target
+        self.client = client
+        self.endpoint = endpoint
+        self.channel: _Channel | None = None
+        self.banner: dict = {}
+        self.uploaded_agent = False
+
+    @classmethod
+    def open(cls, target: Target, *, trust_new: bool = False, timeout: float = 10.0) -> "Session":
+        client, endpoint, _ = connect(target, trust_new=trust_new, timeout=timeout)
+        session = cls(target, client, endpoint)
+        try:
+            session.start_agent()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    # ----------------------------------------------------------- agent start
+
+    def _agent_command(self) -> str:
+        remote = f'"$HOME/.cache/syncagent/agent-{agent_hash()}.py"'
+        py = shlex.quote(self.target.python)
+        script = (
+            f"command -v {py} >/dev/null 2>&1 || {{ echo {NO_PYTHON.decode()}; exit 127; }}; "
+            f"[ -f {remote} ] || {{ echo {NEED_UPLOAD.decode()}; exit 0; }}; "
+            f"exec {py} {remote}"
+        )
+        return "sh -c " + shlex.quote(script)
+
+    def _exec_agent(self) -> bytes:
+        transport = self.client.get_transport()
+        chan = transport.open_session(window_size=8 << 20, max_packet_size=32768)
+        chan.settimeout(60)
+        chan.exec_command(self._agent_command())
+        self.channel = _Channel(chan, self.target.name)
+        return self.channel.read(4)
+
+    def start_agent(self) -> None:
+        head = self._exec_agent()
+        if head == NEED_UPLOAD[:4] or head == NO_PYTHON[:4]:
+            line = head + self._read_line()
+            if line.startswith(NO_PYTHON):
+                raise AgentError(f"{self.target.name}: no '{self.target.python}' on the remote",
+                                 hint="install python3 (3.8+) there")
+            self._upload_agent()
+            head = self._exec_agent()
+        (n,) = struct.unpack(">I", head)
+        if n > 4096:
+            raise AgentError(f"{self.target.name}: the agent did not start"
+                             f"{self.channel._stderr()}")
+        banner = json.loads(self.channel.read(n))
+        if banner.get("agent") != agent.MAGIC or banner.get("protocol") != agent.PROTOCOL:
+            raise AgentError(f"{self.target.name}: unexpected agent banner {banner!r}")
+        self.banner = banner
+
+    def _read_line(self) -> bytes:
+        out = b""
+        while not out.endswith(b"\n"):
+            out += self.channel.read(1)
+        self.channel.chan.close()
+        return out
+
+    def _upload_agent(self) -> None:
+        """Content-addressed: ~/.cache/syncagent/agent-<hash>.py, written atomically over an
+        exec channel (the remote needs only sshd, sh and python3; no SFTP)."""
+        final = f'"$HOME/.cache/syncagent/agent-{agent_hash()}.py"'
+        script = (f'umask 022; mkdir -p "$HOME/.cache/syncagent" && '
+                  f'cat > {final[:-1]}.$$" && mv {final[:-1]}.$$" {final}')
+        chan = self.client.get_transport().open_session()
+        chan.settimeout(60)
+        try:
+            chan.exec_command("sh -c " + shlex.quote(script))
+            chan.sendall(agent_source())
+            chan.shutdown_write()
+            status = chan.recv_exit_status()
+            err = chan.recv_stderr(4096).decode(errors="replace").strip()
+        except (OSError, paramiko.SSHException) as e:
+            raise AgentError(f"{self.target.name}: cannot install the agent: {e}") from e
+        finally:
+            chan.close()
+        if status != 0:
+            raise AgentError(f"{self.target.name}: cannot install the agent in "
+                             f"~/.cache/syncagent: {err or f'exit {status}'}")
+        self.uploaded_agent = True
+
+    # ----------------------------------------------------------- requests
+
+    def _send(self, obj: dict) -> None:
+        self.channel.frame(json.dumps(obj).encode())
+
+    def _response(self) -> dict:
+        self.channel.flush()
+        body = json.loads(self.channel.read_frame())
+        if body.get("error"):
+            raise error_from_wire(body["error"])
+        return body
+
+    def request(self, obj: dict) -> dict:
+        self._send(obj)
+        return self._response()
+
+    def manifest(self, root: str, rules_wire: list) -> RemoteTree:
+        body = self.request({"op": "manifest", "root": root, "rules": rules_wire})
+        rev = body.get("revision") or {}
+        return RemoteTree(body["root"], body["exists"], from_wire(body["entries"]),
+                          rev.get("revision"), body.get("problems", []))
+
+    def apply(self, root: str, local_root: str, p: Plan, revision: str, files: int,
+              progress: Progress | None = None) -> dict:
+        """Send one batch and its file data in one stream; one round trip whatever its size.
+
+        Returns the agent's result plus ``changed``: paths whose content changed while being
+        sent (what was sent is what the file held then; the next push sends the rest).
+        """
+        self._send({"op": "apply", "root": root, "batch": p.to_wire(revision, files)})
+        changed = []
+        sent = 0
+        last = time.monotonic()
+        for n, up in enumerate(p.uploads, 1):
+            digest, size = self._stream_file(os.path.join(local_root, up.path))
+            if digest != up.digest:
+                changed.append(up.path)
+            sent += size
+            if progress and time.monotonic() - last > 0.1:
+                progress(sent, n)
+                last = time.monotonic()
+        result = self._response()
+        if progress:
+            progress(sent, len(p.uploads))
+        result["changed"] = changed
+        return result
+
+    def _stream_file(self, path: str) -> tuple[str | None, int]:
+        h = hashlib.blake2b(digest_size=20)
+        size = 0
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            self.channel.frame(b"")  # vanished: an empty file now, fixed by the next push
+            return None, 0
+        try:
+            while True:
+                block = os.read(fd, agent.CHUNK)
+                if not block:
+                    break
+                h.update(block)
+                size += len(block)
+                self.channel.frame(block)
+        finally:
+            os.close(fd)
+        self.channel.frame(b"")
+        return h.hexdigest(), size
+
+    def close(self) -> None:
+        try:
+            if self.channel is not None and not self.channel.chan.closed:
+                self._send({"op": "bye"})
+                self.channel.flush()
+        except Exception:
+            pass
+        self.client.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
