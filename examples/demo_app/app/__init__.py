@@ -1,0 +1,1 @@
+"""Tiny demo project for syncagent: a Celery app laid out like Clippy-Front."""

@@ -1,0 +1,180 @@
+"""Test helpers: polling, free ports, owned subprocesses, redis-server, supervisord RPC.
+
+No sleeps as synchronisation: :func:`wait_until` polls against ``time.monotonic()``.
+Processes start in their own session and are stopped by pid (TERM, wait, KILL).
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TypeVar
+
+__all__ = [
+    "REDIS_SERVER",
+    "RedisServer",
+    "UnixStreamTransport",
+    "free_port",
+    "preserved_environ",
+    "redis_server",
+    "start_process",
+    "stop_process",
+    "supervisor_rpc",
+    "wait_until",
+]
+
+T = TypeVar("T")
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns a truthy value.
+
+    Returns:
+        The truthy value.
+
+    Raises:
+        AssertionError: naming ``what`` when ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+        except Exception as exc:  # predicate may fail while the thing starts
+            value, last_error = None, exc
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = f" (last error: {last_error!r})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """Return a TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_process(args: Sequence[str], log_path: Path, **kwargs: object) -> subprocess.Popen[bytes]:
+    """Start ``args`` in a new session with stdout+stderr to ``log_path``."""
+    log = open(log_path, "wb")  # noqa: SIM115 (closed by the child's exit / GC)
+    try:
+        return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                **kwargs)  # type: ignore[call-overload]
+    finally:
+        log.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
+    """TERM the process (by pid), wait, then KILL it; returns its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
+class RedisServer:
+    """A redis-server owned by a test (see :func:`redis_server`)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, password: str | None,
+                 log_path: Path) -> None:
+        self.proc, self.port, self.password, self.log_path = proc, port, password, log_path
+
+    def url(self, db: int = 0) -> str:
+        """redis:// URL with the password, if any."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def ping(self) -> bool:
+        """True when PING answers."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                             socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, password: str | None = None) -> Iterator[RedisServer]:
+    """Run a private redis-server on a free port; stopped by pid on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]
+    if password:
+        args += ["--requirepass", password]
+    log_path = workdir / "redis.log"
+    server = RedisServer(start_process(args, log_path), port, password, log_path)
+    try:
+        wait_until(server.ping, 10, f"redis-server on port {port}")
+        yield server
+    finally:
+        stop_process(server.proc)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class UnixStreamTransport(xmlrpc.client.Transport):
+    """XML-RPC transport over an AF_UNIX socket (supervisord's unix_http_server)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+
+    def make_connection(self, host: object) -> http.client.HTTPConnection:
+        if self._connection and self._connection[0] == host:
+            return self._connection[1]
+        conn = _UnixHTTPConnection(self._path)
+        self._connection = host, conn  # closed by Transport.close()
+        return conn
+
+
+def supervisor_rpc(socket_path: str) -> xmlrpc.client.ServerProxy:
+    """ServerProxy for supervisord on ``socket_path``; use it as a context manager."""
+    return xmlrpc.client.ServerProxy("http://localhost",
+                                     transport=UnixStreamTransport(socket_path))
+
+
+@contextlib.contextmanager
+def preserved_environ() -> Iterator[None]:
+    """Restore ``os.environ`` exactly on exit (code under test may add variables)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

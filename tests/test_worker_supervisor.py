@@ -1,0 +1,102 @@
+"""worker.supervisor_conf: reference files, and a real supervisord running the demo worker."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import supervisor
+
+from tests.helpers.procs import (
+    RedisServer, redis_server, start_process, stop_process, supervisor_rpc, wait_until,
+)
+from worker import env as envmod
+from worker import ready
+from worker import supervisor_conf as sc
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "examples" / "demo_app"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_reference_files_match_generated() -> None:
+    for name, text in sc.reference_files().items():
+        assert (REPO / "supervisor" / name).read_text() == text, (
+            f"supervisor/{name} is stale: run python -m worker.supervisor_conf .")
+
+
+def test_supervisor_is_the_library() -> None:
+    path = Path(supervisor.__file__ or "").resolve()
+    assert "site-packages" in path.parts, path
+    assert not (REPO / "supervisor" / "__init__.py").exists()
+
+
+def test_rendered_settings() -> None:
+    layout = sc.Layout(root="/srv/p", venv="/srv/p/venv", name="w", stopwaitsecs=1200)
+    daemon = sc.render_supervisord_conf(layout)
+    assert "inet_http_server" not in daemon and "chmod=0700" in daemon
+    assert "file=/srv/p/.syncagent/supervisor.sock" in daemon
+    programs = sc.render_program_conf(layout)
+    assert "[group:w]\nprograms=w-blue,w-green" in programs
+    for line in ("stopwaitsecs=1200", "stopasgroup=false", "killasgroup=true",
+                 "redirect_stderr=true", "command=/srv/p/venv/bin/python -m worker run"):
+        assert programs.count(line) == 2, line
+    assert programs.count("autostart=true") == 1
+    assert sc.supervisorctl_command("/srv/p/.syncagent/supervisord.conf") == (
+        "supervisorctl -c /srv/p/.syncagent/supervisord.conf status")
+    unit = sc.render_systemd_unit(layout)
+    assert "ExecStart=/srv/p/venv/bin/supervisord -n -c /srv/p/.syncagent/supervisord.conf" in unit
+
+
+def _project(root: Path, redis_srv: RedisServer) -> Path:
+    shutil.copytree(DEMO, root)
+    (root / ".env.worker").write_text(
+        f"CELERY_BROKER_URL={redis_srv.url(0)}\nCELERY_RESULT_BACKEND={redis_srv.url(1)}\n"
+        "FLASK_APP_URL=http://127.0.0.1:9\nWORKER_API_KEY=k\nCELERY_CONCURRENCY=1\n")
+    (root / ".env.worker").chmod(0o600)
+    ready.ensure_state_dir(root)
+    ready.revision_path(root).write_text(json.dumps({"revision": REVISION, "time": 1.0,
+                                                     "files": 5}))
+    return root
+
+
+def test_supervisord_runs_blue_worker(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "redis") as redis_srv:
+        root = _project(tmp_path / "p", redis_srv)
+        layout = sc.Layout(root=str(root), venv=sys.prefix, name="worker", stopwaitsecs=30)
+        conf = sc.write_configs(layout, extra_env={"PYTHONPATH": str(REPO)})
+        env = {k: v for k, v in os.environ.items() if k not in envmod.KNOWN_VARIABLES}
+        log = tmp_path / "supervisord.out"
+        proc = start_process([layout.bin("supervisord"), "-n", "-c", str(conf)], log, env=env)
+        rpc = supervisor_rpc(layout.socket_path)
+        try:
+            wait_until(lambda: rpc.supervisor.getState()["statename"] == "RUNNING", 15,
+                       "supervisord RUNNING")
+            mode = stat.S_IMODE(os.stat(layout.socket_path).st_mode)
+            assert mode & 0o077 == 0, oct(mode)
+            wait_until(lambda: rpc.supervisor.getProcessInfo("worker:worker-blue")["statename"]
+                       == "RUNNING", 20, "worker-blue RUNNING")
+            marker = wait_until(lambda: ready.read_marker(root, "blue"), 30, "blue marker")
+            assert marker["node"].startswith("tundra-gpu-blue-0123456@")
+            green = rpc.supervisor.getProcessInfo("worker:worker-green")
+            assert green["statename"] == "STOPPED"
+            status = subprocess.run(shlex.split(sc.supervisorctl_command(str(conf), sys.prefix)),
+                                    capture_output=True, text=True, timeout=20, env=env)
+            assert "worker:worker-blue" in status.stdout and "RUNNING" in status.stdout
+            assert rpc.supervisor.shutdown() is True
+            wait_until(lambda: proc.poll() is not None, 30, "supervisord exit after shutdown")
+            assert ready.read_marker(root, "blue") is None
+        except BaseException:
+            print(log.read_text(errors="replace"))
+            worker_log = Path(layout.state) / "logs" / "worker-blue.log"
+            if worker_log.exists():
+                print(worker_log.read_text(errors="replace"))
+            raise
+        finally:
+            rpc("close")()
+            stop_process(proc)

@@ -1,0 +1,104 @@
+"""Command line of the remote runtime: ``python -m worker run|doctor``.
+
+Exit codes: 0 ok, 1 a check failed / worker failed, 2 invalid environment or usage.
+Only the ``__main__`` guard calls ``sys.exit``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from worker import env as envmod
+
+__all__ = ["main"]
+
+log = logging.getLogger("worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worker",
+                                     description="syncagent remote worker runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="install requirements if changed, run the Celery worker")
+    run.add_argument("--no-install", action="store_true", help="skip the requirements step")
+    run.add_argument("--full-start", action="store_true",
+                     help="keep Celery mingle and gossip on (slower start)")
+    doctor = sub.add_parser("doctor", help="check broker, API, storage, GPU/NVENC, app import")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _load(root: Path) -> envmod.EnvReport:
+    values = envmod.load_values(root)
+    envmod.apply_to_process(values)
+    return envmod.validate(values)
+
+
+def _print_problems(report: envmod.EnvReport) -> None:
+    print("invalid worker environment (.env.worker / process env):", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+def _doctor(root: Path, as_json: bool) -> int:
+    from worker import preflight
+
+    report = _load(root)
+    if report.env is None:
+        if as_json:
+            print(preflight.render_json([], report.problems))
+        else:
+            _print_problems(report)
+        return 2
+    checks = preflight.run_checks(report.env, root)
+    if as_json:
+        print(preflight.render_json(checks))
+    else:
+        preflight.render_table(checks)
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _run(root: Path, install: bool, full_start: bool) -> int:
+    from worker import launch, ready
+
+    report = _load(root)
+    warning = envmod.env_file_mode_warning(root)
+    if warning:
+        log.warning("%s; run: chmod 600 %s", warning, root / envmod.ENV_FILE_NAME)
+    if report.env is None:
+        _print_problems(report)
+        return 2
+    for message in report.warnings:
+        log.warning("%s", message)
+    try:
+        colour = ready.colour_from_env()
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return launch.run_worker(report.env, root, install=install, full_start=full_start,
+                             colour=colour)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run ``run`` or ``doctor`` in the cwd (the project root).
+
+    Returns:
+        The exit code.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on usage errors and --help
+        return 0 if exc.code in (0, None) else 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(asctime)s: %(levelname)s/syncagent-worker] %(message)s")
+    root = Path(os.getcwd())
+    if args.command == "doctor":
+        return _doctor(root, args.json)
+    return _run(root, install=not args.no_install, full_start=args.full_start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Remote state paths and the readiness marker.
+
+The state directory is ``<root>/.syncagent/`` (mode 0700). It holds:
+
+* ``revision``: JSON ``{"revision", "time", "files"}`` written by the push;
+* ``requirements.sha256``: hash of the last successfully installed requirements;
+* ``ready-<colour>.json``: readiness marker ``{"revision", "pid", "node", "time", "colour"}``,
+  written atomically from Celery's ``worker_ready`` signal and removed on ``worker_shutdown``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "COLOURS",
+    "STATE_DIR_NAME",
+    "UNKNOWN_REVISION",
+    "colour_from_env",
+    "connect_signals",
+    "ensure_state_dir",
+    "marker_path",
+    "read_marker",
+    "read_revision",
+    "remove_marker",
+    "requirements_state_path",
+    "revision_path",
+    "short_revision",
+    "state_dir",
+    "write_json_atomic",
+    "write_marker",
+]
+
+STATE_DIR_NAME = ".syncagent"
+COLOURS = ("blue", "green")
+UNKNOWN_REVISION = "unknown"
+_SHORT_UNKNOWN = "0000000"
+
+
+def state_dir(root: str | os.PathLike[str]) -> Path:
+    """Return the state directory ``<root>/.syncagent`` (not created)."""
+    return Path(root) / STATE_DIR_NAME
+
+
+def ensure_state_dir(root: str | os.PathLike[str]) -> Path:
+    """Create the state directory with mode 0700 if needed.
+
+    Returns:
+        The state directory path.
+    """
+    path = state_dir(root)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def revision_path(root: str | os.PathLike[str]) -> Path:
+    """Return ``<root>/.syncagent/revision`` (written by the push)."""
+    return state_dir(root) / "revision"
+
+
+def requirements_state_path(root: str | os.PathLike[str]) -> Path:
+    """Return ``<root>/.syncagent/requirements.sha256``."""
+    return state_dir(root) / "requirements.sha256"
+
+
+def marker_path(root: str | os.PathLike[str], colour: str) -> Path:
+    """Return the readiness marker path ``<root>/.syncagent/ready-<colour>.json``."""
+    return state_dir(root) / f"ready-{colour}.json"
+
+
+def colour_from_env(environ: dict[str, str] | None = None) -> str:
+    """Return ``SYNCAGENT_COLOUR`` (blue|green), defaulting to blue.
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
+    value = (environ if environ is not None else os.environ).get("SYNCAGENT_COLOUR", "blue")
+    value = value.strip().lower() or "blue"
+    if value not in COLOURS:
+        raise ValueError(f"SYNCAGENT_COLOUR must be blue or green, got {value!r}")
+    return value
+
+
+def read_revision(root: str | os.PathLike[str]) -> str:
+    """Read the pushed revision from the revision file.
+
+    Returns:
+        The revision string, or ``"unknown"`` when the file is absent or unreadable.
+    """
+    try:
+        data = json.loads(revision_path(root).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return UNKNOWN_REVISION
+    revision = data.get("revision") if isinstance(data, dict) else None
+    return revision if isinstance(revision, str) and revision else UNKNOWN_REVISION
+
+
+def short_revision(revision: str) -> str:
+    """Return the first 7 characters of a hex revision, ``"0000000"`` when unknown."""
+    text = revision.strip().lower()
+    if len(text) >= 7 and all(c in "0123456789abcdef" for c in text):
+        return text[:7]
+    return _SHORT_UNKNOWN
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temp file beside ``path``, fsync, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_marker(root: str | os.PathLike[str], colour: str, revision: str, node: str,
+                 pid: int | None = None) -> Path:
+    """Write the readiness marker atomically.
+
+    Args:
+        root: project root.
+        colour: blue or green.
+        revision: full revision the worker runs.
+        node: Celery node name.
+        pid: worker main pid (default: this process).
+
+    Returns:
+        The marker path.
+    """
+    ensure_state_dir(root)
+    path = marker_path(root, colour)
+    write_json_atomic(path, {
+        "revision": revision,
+        "pid": pid if pid is not None else os.getpid(),
+        "node": node,
+        "time": time.time(),
+        "colour": colour,
+    })
+    return path
+
+
+def read_marker(root: str | os.PathLike[str], colour: str) -> dict[str, Any] | None:
+    """Return the parsed readiness marker, or None when absent or unreadable."""
+    try:
+        data = json.loads(marker_path(root, colour).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_marker(root: str | os.PathLike[str], colour: str, pid: int | None = None) -> bool:
+    """Remove the marker if it belongs to ``pid`` (default: this process).
+
+    Returns:
+        True when a marker was removed.
+    """
+    owner = pid if pid is not None else os.getpid()
+    data = read_marker(root, colour)
+    if data is not None and data.get("pid") not in (owner, None):
+        return False
+    try:
+        marker_path(root, colour).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
+                    default_node: str | None = None) -> tuple[Callable[..., None], ...]:
+    """Connect ``worker_ready``/``worker_shutdown`` to write/remove the marker.
+
+    Args:
+        root: project root.
+        colour: blue or green.
+        revision: full revision the worker runs.
+        default_node: node name used when the signal sender has none.
+
+    Returns:
+        The two connected receivers (kept alive by strong references).
+    """
+    from celery import signals
+
+    main_pid = os.getpid()
+    fallback = default_node or socket.gethostname()
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        node = getattr(sender, "hostname", None) or fallback
+        write_marker(root, colour, revision, node, pid=main_pid)
+
+    def on_shutdown(sender: Any = None, **_: Any) -> None:
+        if os.getpid() == main_pid:
+            remove_marker(root, colour, pid=main_pid)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+    return on_ready, on_shutdown
