@@ -368,52 +368,30 @@ def apply_batch(root, batch, chunks_for):
     except OSError as e:
         failure = _os_failure(e)
     cache_updates = {}
-    for n, up in enumerate(uploads):
-        chunks = chunks_for(up)
-        if failure is not None:
-            for _ in chunks:
-                pass
-            continue
-        try:
-            parts = up["path"].split("/")
-            dfd = dirs.open(parts[:-1], create=True)
-            tmp = "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                         dir_fd=dfd)
-            staged.append((dfd, tmp, parts[-1], up))
-            h = hashlib.blake2b(digest_size=20)
-            size = 0
-            try:
-                for block in chunks:
-                    os.write(fd, block) if len(block) < 65536 else _write_all(fd, block)
-                    h.update(block)
-                    size += len(block)
-                os.fchmod(fd, int(up["mode"]) & 0o7777)
-                os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
-            finally:
-                os.close(fd)
-            received += size
-            cache_updates[up["path"]] = h.hexdigest()
-        except AgentFailure as e:
-            failure = e
-        except OSError as e:
-            failure = _os_failure(e)
-    if failure is None:
-        try:
-            marker = _stage_marker(dirs, batch)
-        except OSError as e:
-            failure = _os_failure(e)
-    if failure is not None:
-        if dirs is not None:
-            for dfd, tmp, _, _ in staged:
-                _unlink_quiet(tmp, dfd)
-            for key in reversed(dirs.created):
-                try:
-                    os.rmdir("/".join(key), dir_fd=dirs.root_fd)
-                except OSError:
+    try:
+        for n, up in enumerate(uploads):
+            chunks = chunks_for(up)
+            if failure is not None:
+                for _ in chunks:
                     pass
-            dirs.close()
-        raise failure
+                continue
+            try:
+                received += _stage(dirs, n, up, chunks, staged, cache_updates)
+            except (AgentFailure, OSError) as e:
+                failure = e if isinstance(e, AgentFailure) else _os_failure(e)
+                for _ in chunks:  # the rest of this file's frames
+                    pass
+        if failure is None:
+            try:
+                marker = _stage_marker(dirs, batch)
+            except OSError as e:
+                failure = _os_failure(e)
+        if failure is not None:
+            raise failure
+    except BaseException:  # a failure, or the stream ended mid-batch: nothing stays
+        if dirs is not None:
+            _discard(dirs, staged)
+        raise
     try:
         return _commit(root, dirs, batch, staged, marker, cache_updates, received)
     finally:
@@ -432,6 +410,40 @@ def _open_new_dir(dirs, parts, doomed):
         except FileNotFoundError:
             pass
     return dirs.open(parts, create=True)
+
+
+def _stage(dirs, n, up, chunks, staged, digests):
+    """Write one upload to a temp file beside its target; returns the bytes received."""
+    parts = up["path"].split("/")
+    dfd = dirs.open(parts[:-1], create=True)
+    tmp = "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    staged.append((dfd, tmp, parts[-1], up))
+    h = hashlib.blake2b(digest_size=20)
+    size = 0
+    try:
+        for block in chunks:
+            _write_all(fd, block)
+            h.update(block)
+            size += len(block)
+        os.fchmod(fd, int(up["mode"]) & 0o7777)
+        os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
+    finally:
+        os.close(fd)
+    digests[up["path"]] = h.hexdigest()
+    return size
+
+
+def _discard(dirs, staged):
+    """Remove staged temp files and the directories this batch created."""
+    for dfd, tmp, _, _ in staged:
+        _unlink_quiet(tmp, dfd)
+    for key in reversed(dirs.created):
+        try:
+            os.rmdir("/".join(key), dir_fd=dirs.root_fd)
+        except OSError:
+            pass
+    dirs.close()
 
 
 def _write_all(fd, block):

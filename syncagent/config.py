@@ -62,7 +62,8 @@ class Project:
     restart_on: tuple[str, ...] | None = None
     default_target: str | None = None
     mass_delete_ratio: float = 0.5
-    targets: Mapping[str, Target] = field(default_factory=dict)
+    targets: Mapping[str, Target] = field(default_factory=dict)  # the project's and the user's
+    project_targets: tuple[str, ...] = ()  # names defined by the project file itself
 
 
 def user_config_dir() -> Path:
@@ -89,7 +90,7 @@ def find_root(start: str | os.PathLike | None = None, explicit: str | None = Non
 
 
 def _line_of(text: str, key: str) -> int:
-    pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=", re.M)
+    pattern = re.compile(rf"^[ \t]*\"?{re.escape(key)}\"?[ \t]*=", re.M)
     m = pattern.search(text)
     return text.count("\n", 0, m.start()) + 1 if m else 0
 
@@ -199,8 +200,10 @@ def load_project(root: Path) -> Project:
     else:
         return Project(root=root, targets=targets)
     fields = _parse_project(data, source, text)
-    targets.update(fields.pop("targets"))
-    return Project(root=root, config_file=source, targets=targets, **fields)
+    own = fields.pop("targets")
+    targets.update(own)
+    return Project(root=root, config_file=source, targets=targets, project_targets=tuple(own),
+                   **fields)
 
 
 def parse_target_spec(spec: str) -> tuple[str | None, str, int | None]:
@@ -235,8 +238,8 @@ def resolve_target(
     env = os.environ if env is None else env
     if spec is None:
         spec = project.default_target
-    if spec is None and len(project.targets) == 1 and not env.get("REMOTE_HOST"):
-        spec = next(iter(project.targets))
+    if spec is None and len(project.project_targets) == 1 and not env.get("REMOTE_HOST"):
+        spec = project.project_targets[0]
     if spec is None:
         host = env.get("REMOTE_HOST")
         if not host:

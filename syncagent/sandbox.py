@@ -106,6 +106,14 @@ def _banner_ok(port: int) -> bool:
         return False
 
 
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _alive(pid: int, marker: str) -> bool:
     """True if ``pid`` is running and its command line names ``marker`` (not a reused pid)."""
     try:
@@ -192,23 +200,24 @@ def up(name: str = "sandbox", directory: str | os.PathLike | None = None,
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-    log = open(d / "sshd.log", "ab")
-    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=log, start_new_session=True, close_fds=True)
-    log.close()
+    pidfile = d / "sshd.pid"
+    pidfile.unlink(missing_ok=True)
+    # sshd daemonizes itself (it must outlive this command) and logs to sshd.log.
+    started = subprocess.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if started.returncode != 0:
+        reason = (started.stderr.strip().splitlines() or [f"exit {started.returncode}"])[-1]
+        raise OperationalError(f"sshd did not start: {reason}")
+    pid = int(wait_until(lambda: _read_pid(pidfile), 15, "sshd's pidfile"))
     try:
-        wait_until(lambda: proc.poll() is not None or _banner_ok(port), 15,
-                   f"sshd on 127.0.0.1:{port}")
+        wait_until(lambda: _banner_ok(port), 15, f"sshd on 127.0.0.1:{port}")
     except OperationalError:
-        stop_pid(proc.pid, str(d))
+        stop_pid(pid, str(d))
         raise
-    if proc.poll() is not None:
-        tail = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
-        raise OperationalError(f"sshd exited at start: {tail[0] if tail else proc.returncode}")
     box = Sandbox(name=name, dir=str(d), host="127.0.0.1", port=port, user=user,
                   identity=str(user_key), ssh_config=str(d / "ssh_config"),
                   known_hosts=str(d / "known_hosts"), remote_root=str(remote),
-                  sshd_pid=proc.pid)
+                  sshd_pid=pid)
     (d / STATE_FILE).write_text(json.dumps({k: v for k, v in box.to_json().items()
                                             if k != "running"}, indent=2))
     if register:

@@ -1,0 +1,242 @@
+"""The agent's batch apply on a real filesystem, without SSH: atomicity, safety, round trips."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from syncagent import agent
+from syncagent.agent import AgentFailure, apply_batch, scan
+from syncagent.ignore import build_rules
+from syncagent.plan import content_view, plan, revision
+
+RULES = build_rules().compiled()
+
+
+def local_chunks(root):
+    def chunks(up):
+        data = Path(root, up["path"]).read_bytes()
+        for i in range(0, len(data), 7):  # odd chunk size on purpose
+            yield data[i:i + 7]
+    return chunks
+
+
+def sync(local_root, remote_root):
+    local = scan(str(local_root), RULES)
+    remote = scan(str(remote_root), RULES) if os.path.isdir(remote_root) else {}
+    p = plan(local, remote)
+    apply_batch(str(remote_root), p.to_wire(revision(local), len(local)), local_chunks(local_root))
+    return local
+
+
+def tree_view(root):
+    return content_view(scan(str(root), RULES))
+
+
+def no_temp_files(root):
+    return [p for p in Path(root).rglob("*") if p.name.startswith(agent.TEMP_PREFIX)] == []
+
+
+# ---------------------------------------------------------------- property on a real filesystem
+
+entry = st.tuples(
+    st.lists(st.sampled_from(["a", "b", "ü", "s p"]), min_size=1, max_size=3).map("/".join),
+    st.one_of(st.binary(max_size=40).map(lambda b: ("f", b)),
+              st.just(("d", None)),
+              st.sampled_from(["a", "b", "../b"]).map(lambda t: ("l", t))),
+    st.sampled_from([0o644, 0o755, 0o600]),
+)
+
+
+def materialize(root: Path, entries):
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for path, (kind, payload), mode in entries:
+        p = root / path
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if p.exists() or p.is_symlink():
+                continue
+            if kind == "f":
+                p.write_bytes(payload)
+                p.chmod(mode)
+            elif kind == "d":
+                p.mkdir()
+            elif path.count("/") >= 1 or payload != "../b":
+                p.symlink_to(payload)
+        except OSError:  # a parent is a file or a looping link: skip this entry
+            continue
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(entry, max_size=10), st.lists(entry, max_size=10))
+def test_apply_batch_makes_remote_equal_local(tmp_path, local_entries, remote_entries):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    materialize(local, local_entries)
+    materialize(remote, remote_entries)
+    sync(local, remote)
+    assert tree_view(remote) == tree_view(local)
+    assert no_temp_files(remote)
+    assert plan(scan(str(local), RULES), scan(str(remote), RULES)).empty
+
+
+def test_round_trip_keeps_modes_links_empty_dirs_and_odd_names(tmp_path):
+    local = tmp_path / "l"
+    (local / "données" / "sub dir").mkdir(parents=True)
+    (local / "données" / "été.py").write_text("x = 'é'\n")
+    (local / "run.sh").write_text("#!/bin/sh\n")
+    (local / "run.sh").chmod(0o755)
+    (local / "private").write_text("p")
+    (local / "private").chmod(0o600)
+    (local / "link").symlink_to("run.sh")
+    (local / "dlink").symlink_to("données")
+    (local / "empty").mkdir()
+    remote = tmp_path / "r" / "deep" / "root"  # missing parents are created
+    sync(local, remote)
+    assert tree_view(remote) == tree_view(local)
+    assert os.readlink(remote / "link") == "run.sh"
+    assert (remote / "run.sh").stat().st_mode & 0o777 == 0o755
+    marker = json.loads((remote / ".syncagent" / "revision").read_text())
+    assert marker["revision"] == revision(scan(str(local), RULES))
+
+
+def test_protected_paths_survive_and_dirs_holding_them_are_kept(tmp_path):
+    local, remote = tmp_path / "l", tmp_path / "r"
+    (local / "app").mkdir(parents=True)
+    (local / "app" / "x.py").write_text("new")
+    (local / ".env").write_text("DEV_SECRET=1")
+    (remote / "old").mkdir(parents=True)
+    (remote / "old" / ".env.worker").write_text("W=1")
+    (remote / "old" / "a.py").write_text("a")
+    (remote / "venv" / "bin").mkdir(parents=True)
+    (remote / "venv" / "bin" / "python").write_text("py")
+    (remote / ".env").write_text("REMOTE_SECRET=1")
+    sync(local, remote)
+    assert (remote / ".env").read_text() == "REMOTE_SECRET=1"
+    assert (remote / "old" / ".env.worker").read_text() == "W=1"
+    assert not (remote / "old" / "a.py").exists()
+    assert (remote / "venv" / "bin" / "python").read_text() == "py"
+    assert (remote / "app" / "x.py").read_text() == "new"
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/x", "a/../../x", "a/./b", "a//b", "a\0b", "",
+                                 ".syncagent/revision", "x" * 300])
+def test_paths_escaping_the_root_are_refused(tmp_path, bad):
+    root = tmp_path / "root"
+    root.mkdir()
+    batch = {"uploads": [{"path": bad, "mode": 0o644, "mtime_ns": 0}], "revision": "r"}
+    drained = []
+    with pytest.raises(AgentFailure) as e:
+        apply_batch(str(root), batch, lambda up: (drained.append(up) or iter([b"evil"])))
+    assert e.value.kind == "PathEscape"
+    assert drained, "the data stream must still be drained"
+    assert list(root.iterdir()) == []
+    assert not (tmp_path / "x").exists()
+
+
+def test_writes_through_a_symlinked_directory_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "evil").symlink_to(outside)
+    batch = {"uploads": [{"path": "evil/x", "mode": 0o644, "mtime_ns": 0}], "revision": "r"}
+    with pytest.raises(AgentFailure) as e:
+        apply_batch(str(root), batch, lambda up: iter([b"data"]))
+    assert e.value.kind == "PathEscape"
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../x", ""])
+def test_links_pointing_outside_are_refused(tmp_path, target):
+    with pytest.raises(AgentFailure):
+        apply_batch(str(tmp_path), {"links": [{"path": "l", "target": target}]},
+                    lambda up: iter(()))
+    assert not (tmp_path / "l").is_symlink()
+
+
+def test_failure_mid_batch_leaves_remote_unchanged(tmp_path):
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "a").write_text("old")
+    uploads = [{"path": "d/a", "mode": 0o644, "mtime_ns": 0},
+               {"path": "new/b", "mode": 0o644, "mtime_ns": 0},
+               {"path": "c", "mode": 0o644, "mtime_ns": 0}]
+
+    def chunks(up):
+        if up["path"] == "c":
+            raise OSError(28, "No space left on device")
+        yield b"new content"
+
+    with pytest.raises(AgentFailure) as e:
+        apply_batch(str(root), {"uploads": uploads, "revision": "r"}, chunks)
+    assert e.value.kind == "DiskFull"
+    assert (root / "d" / "a").read_text() == "old"
+    assert not (root / "new").exists()
+    assert no_temp_files(root)
+    assert not (root / ".syncagent" / "revision").exists()
+
+
+def test_large_file_is_streamed_in_chunks(tmp_path):
+    """> 2 GiB arrives chunk by chunk; no 32-bit size anywhere (sizes are Python ints)."""
+    size = (2 << 30) + 12345
+    block = bytes(agent.CHUNK)
+
+    def chunks(up):
+        left = size
+        while left:
+            n = min(left, len(block))
+            yield block[:n]
+            left -= n
+
+    result = apply_batch(str(tmp_path), {"uploads": [{"path": "big", "mode": 0o644,
+                                                       "mtime_ns": 0}]}, chunks)
+    assert result["bytes"] == size
+    assert (tmp_path / "big").stat().st_size == size
+    (tmp_path / "big").unlink()
+
+
+def frames(*payloads):
+    out = io.BytesIO()
+    for p in payloads:
+        agent.write_frame(out, p)
+    out.seek(0)
+    return out
+
+
+def responses(raw: bytes):
+    stream, out = io.BytesIO(raw), []
+    while stream.tell() < len(raw):
+        out.append(json.loads(agent.read_frame(stream)))
+    return out
+
+
+def test_serve_speaks_banner_requests_and_errors(tmp_path):
+    req = lambda o: json.dumps(o).encode()
+    inp = frames(req({"op": "ping"}), req({"op": "nope"}),
+                 req({"op": "manifest", "root": str(tmp_path), "rules": []}), b"not json")
+    out = io.BytesIO()
+    assert agent.serve(inp, out) == 1
+    banner, pong, unknown, manifest, bad = responses(out.getvalue())
+    assert banner["agent"] == agent.MAGIC and banner["protocol"] == agent.PROTOCOL
+    assert pong == {"pong": True, "error": None}
+    assert unknown["error"]["type"] == "Protocol"
+    assert manifest["exists"] and manifest["error"] is None
+    assert bad["error"]["type"] == "Protocol"
+
+
+def test_truncated_stream_ends_quietly(tmp_path):
+    raw = frames(json.dumps({"op": "apply", "root": str(tmp_path), "batch": {
+        "uploads": [{"path": "a", "mode": 0o644, "mtime_ns": 0}], "revision": "r"}}).encode(),
+        b"partial").getvalue()
+    out = io.BytesIO()
+    assert agent.serve(io.BytesIO(raw + struct.pack(">I", 100) + b"short"), out) == 0
+    assert [p.name for p in tmp_path.iterdir()] == []
