@@ -28,6 +28,7 @@ __all__ = [
     "compile_rules",
     "is_excluded",
     "scan",
+    "scan_paths",
     "hash_file",
     "check_relpath",
     "check_link",
@@ -149,8 +150,9 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def scan(root, rules, cache=None, problems=None):
-    """Walk ``root`` and return ``{relpath: Entry}`` for everything not excluded.
+def scan(root, rules, cache=None, problems=None, start=""):
+    """Walk ``root`` (or its subdirectory ``start``) and return ``{relpath: Entry}`` for
+    everything not excluded below it.
 
     Symlinks are recorded, never followed. Excluded directories are not descended into.
     ``cache`` maps relpath -> [size, mtime_ns, ctime_ns, ino, digest]; it is read to avoid
@@ -161,7 +163,7 @@ def scan(root, rules, cache=None, problems=None):
     cache = {} if cache is None else cache
     problems = [] if problems is None else problems
     seen = set()
-    stack = [""]
+    stack = [start]
     while stack:
         rel_dir = stack.pop()
         full_dir = os.path.join(root, rel_dir) if rel_dir else root
@@ -213,8 +215,71 @@ def scan(root, rules, cache=None, problems=None):
                 seen.add(rel)
                 out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
             # sockets, fifos and devices are not code: skipped silently
-    for gone in set(cache) - seen:
-        del cache[gone]
+    if not start:
+        for gone in set(cache) - seen:
+            del cache[gone]
+    return out
+
+
+def scan_paths(root, rules, paths, cache, problems=None):
+    """Entries at and below each of ``paths``, plus their ancestor directories.
+
+    The files named in ``paths`` are re-hashed whatever the cache says: an event named them,
+    and a same-size edit within one mtime tick must not be missed. Paths that no longer exist,
+    or lie under an excluded or non-directory ancestor, yield nothing.
+    """
+    out = {}
+    problems = [] if problems is None else problems
+    for rel in sorted(paths):
+        parts = rel.split("/")
+        ok = True
+        for i in range(1, len(parts)):
+            anc = "/".join(parts[:i])
+            if anc in out:
+                continue
+            if is_excluded(rules, anc, True):
+                ok = False
+                break
+            try:
+                st = os.lstat(os.path.join(root, anc))
+            except OSError:
+                ok = False
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                ok = False
+                break
+            out[anc] = Entry("d", 0, 0, stat.S_IMODE(st.st_mode))
+        if not ok:
+            continue
+        full = os.path.join(root, rel)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            problems.append((rel, e.strerror))
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            if not is_excluded(rules, rel, True):
+                out[rel] = Entry("d", 0, 0, mode)
+                out.update(scan(root, rules, cache, problems, start=rel))
+        elif stat.S_ISLNK(st.st_mode):
+            if not is_excluded(rules, rel, False):
+                try:
+                    out[rel] = Entry("l", 0, 0, 0, None, os.readlink(full))
+                except OSError:
+                    pass
+        elif stat.S_ISREG(st.st_mode) and not is_excluded(rules, rel, False):
+            try:
+                digest = hash_file(full)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                problems.append((rel, e.strerror or str(e)))
+                continue
+            cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+            out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
     return out
 
 

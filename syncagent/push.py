@@ -1,24 +1,31 @@
-"""One-shot reconcile of the local tree onto one target: scan, plan, one batch, verify."""
+"""Reconciling the local tree onto one target: the full push, and the partial sync of a batch.
+
+A :class:`Syncer` holds one target's session and what it knows of both trees. ``reconcile()``
+scans everything (the one-shot ``push`` and every "after any doubt" moment of ``watch``);
+``sync_paths()`` re-reads only the paths an event batch named and plans against the remote
+manifest kept in memory.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from . import agent
 from .config import Project, Target
 from .errors import MassDeleteError, PathEscapeError
 from .ignore import Rules
-from .manifest import LocalScan, local_rules, scan_local
-from .plan import Plan, escaping_links, plan, revision
+from .manifest import Entry, LocalScan, local_rules, scan_local
+from .plan import Plan, apply_plan, escaping_links, plan, revision
 from .session import RemoteTree, Session
 
-__all__ = ["PushOptions", "PushResult", "push", "MASS_DELETE_MIN"]
+__all__ = ["PushOptions", "PushResult", "Syncer", "push", "MASS_DELETE_MIN"]
 
 MASS_DELETE_MIN = 20
 MAX_PASSES = 3  # files that change while being sent get another pass
+Progress = Callable[[int, int, int, int], None]  # bytes sent, bytes total, files sent, total
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class PushResult:
     remote_root: str
     revision: str
     changed: bool
-    dry_run: bool
+    dry_run: bool = False
     files_sent: int = 0
     bytes_sent: int = 0
     deleted: int = 0
@@ -43,141 +50,261 @@ class PushResult:
     dirs: int = 0
     chmods: int = 0
     local_files: int = 0
+    paths: list[str] = field(default_factory=list)  # what changed (uploads, links, deletes...)
+    unsettled: int = 0  # files that changed while being sent (another pass follows)
     plan: Plan | None = None
     warnings: list[str] = field(default_factory=list)
     durations: dict[str, float] = field(default_factory=dict)
-    restart: dict | None = None  # filled by the worker restart step (not yet provisioned)
+    restart: dict | None = None  # filled by the worker restart step
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "plan"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("plan", "paths")}
         out["durations"] = {k: round(v, 4) for k, v in self.durations.items()}
         if self.dry_run and self.plan is not None:
             out["plan"] = list(self.plan.lines())
         return out
 
 
-def _check_safety(p: Plan, remote: RemoteTree, local: LocalScan, ratio: float,
-                  allow_mass_delete: bool) -> None:
-    bad = escaping_links(local.entries)
-    if bad:
-        raise PathEscapeError(f"symlink points outside the project root: {bad[0]}"
-                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
-                              hint="make it relative and inside the tree, or exclude it")
-    remote_files = sum(1 for e in remote.entries.values() if e.kind != "d")
-    if (not allow_mass_delete and p.file_deletes > MASS_DELETE_MIN
-            and p.file_deletes > ratio * remote_files):
-        raise MassDeleteError(p.file_deletes, remote_files)
+def _changed_paths(p: Plan) -> list[str]:
+    return sorted({u.path for u in p.uploads} | {ln.path for ln in p.links}
+                  | {d.path for d in p.dirs} | {c.path for c in p.chmods}
+                  | {d.path for d in p.deletes})
 
 
-def _connect_and_list(target: Target, rules: Rules, trust_new: bool, out: dict) -> None:
-    """Runs in a thread while the local tree is scanned: both take about as long."""
-    try:
+class Syncer:
+    """One target: its session, the local and remote manifests as last seen, and the rules."""
+
+    def __init__(self, project: Project, target: Target, options: PushOptions = PushOptions(),
+                 rules: Rules | None = None):
+        self.project = project
+        self.target = target
+        self.options = options
+        self.root = str(project.root)
+        self.rules = rules or local_rules(self.root, project.exclude)
+        self._compiled = self.rules.compiled()
+        self.session: Session | None = None
+        self.remote: dict[str, Entry] = {}
+        self.remote_root = target.remote_path or ""
+        self.local: dict[str, Entry] = {}
+        self.cache = agent.load_digest_cache(self.root)
+        self.revision: str | None = None
+
+    # ---------------------------------------------------------------- connection
+
+    def connect(self) -> RemoteTree:
+        """Open the session and read the remote manifest."""
+        self.close()
+        self.session = Session.open(self.target, trust_new=self.options.trust_new_host)
+        return self._read_remote()
+
+    def _read_remote(self) -> RemoteTree:
+        tree = self.session.manifest(self.target.remote_path, self.rules.to_wire())
+        self.remote = tree.entries
+        self.remote_root = tree.root
+        return tree
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # ---------------------------------------------------------------- full reconcile
+
+    def reconcile(self, progress: Progress | None = None, local: LocalScan | None = None,
+                  remote: RemoteTree | None = None, durations: dict | None = None
+                  ) -> PushResult:
+        """Scan both trees in full and make the remote equal to the local one."""
+        t_start = time.perf_counter()
+        durations = {} if durations is None else durations
+        if local is None:
+            t0 = time.perf_counter()
+            local = self._scan_all()
+            durations["scan"] = time.perf_counter() - t0
+        if remote is None:
+            t0 = time.perf_counter()
+            remote = self._read_remote()
+            durations["manifest"] = time.perf_counter() - t0
+        warnings = [f"skipped {path}: {why}" for path, why in local.problems]
+        result = None
+        for _pass in range(MAX_PASSES):
+            self.local = local.entries
+            t0 = time.perf_counter()
+            p = plan(local.entries, self.remote, keep=local.unreadable)
+            durations.setdefault("plan", time.perf_counter() - t0)
+            if _pass == 0:
+                self._check_safety(p)
+            step = self._apply(p, progress, dry_run=self.options.dry_run,
+                               force_marker=remote.revision != revision(local.entries))
+            result = step if result is None else _merge(result, step)
+            if self.options.dry_run or not step.unsettled:
+                break
+            # Some files changed while being sent: rescan and send what they hold now.
+            local = self._scan_all()
+            remote = self._read_remote()
+        else:
+            result.warnings.append("files kept changing during the push; push again when "
+                                   "they settle")
+        result.warnings[:0] = warnings
+        durations.setdefault("transfer", 0.0)
+        durations["transfer"] += result.durations.get("transfer", 0.0)
+        durations["total"] = time.perf_counter() - t_start
+        result.durations = durations
+        return result
+
+    def _scan_all(self) -> LocalScan:
+        problems: list = []
+        entries = agent.scan(self.root, self._compiled, self.cache, problems)
+        agent.save_digest_cache(self.root, self.cache)
+        return LocalScan(entries, problems)
+
+    # ---------------------------------------------------------------- partial sync
+
+    def sync_paths(self, paths: Iterable[str], _pass: int = 1) -> PushResult:
+        """Send what the filesystem holds now at ``paths`` (and below, for directories).
+
+        Named files are compared by content, never skipped on size and mtime.
+        """
+        t_start = time.perf_counter()
+        paths = set(paths)
+        problems: list = []
+        fresh = agent.scan_paths(self.root, self._compiled, paths, self.cache, problems)
+        subtrees = {p for p in paths
+                    if any(m.get(p) is not None and m[p].kind == "d"
+                           for m in (fresh, self.local, self.remote))}
+
+        def covered(m: dict) -> dict:
+            """The entries of ``m`` this batch speaks for: the paths, what lies below the
+            directories among them, and (from the fresh scan) their ancestors."""
+            out = {p: m[p] for p in paths if p in m}
+            out.update((p, m[p]) for p in fresh if p in m)
+            if subtrees:
+                out.update((p, e) for p, e in m.items() if _under(p, subtrees))
+            return out
+
+        unreadable = [p for p, _ in problems]
+        p = plan(fresh, covered(self.remote), keep=unreadable)
+        for path in covered(self.local):
+            if path not in unreadable:
+                self.local.pop(path, None)
+        self.local.update(fresh)
+        result = self._apply(p, None, dry_run=False, force_marker=False)
+        result.warnings[:0] = [f"skipped {path}: {why}" for path, why in problems]
+        result.durations["total"] = time.perf_counter() - t_start
+        if result.unsettled and _pass < MAX_PASSES:
+            result = _merge(result, self.sync_paths(paths, _pass + 1))
+        agent.save_digest_cache(self.root, self.cache)
+        return result
+
+    # ---------------------------------------------------------------- applying
+
+    def _check_safety(self, p: Plan) -> None:
+        bad = escaping_links(self.local)
+        if bad:
+            raise PathEscapeError(
+                f"symlink points outside the project root: {bad[0]}"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                hint="make it relative and inside the tree, or exclude it")
+        remote_files = sum(1 for e in self.remote.values() if e.kind != "d")
+        if (not self.options.allow_mass_delete and p.file_deletes > MASS_DELETE_MIN
+                and p.file_deletes > self.project.mass_delete_ratio * remote_files):
+            raise MassDeleteError(p.file_deletes, remote_files)
+
+    def _apply(self, p: Plan, progress: Progress | None, dry_run: bool,
+               force_marker: bool) -> PushResult:
+        rev = revision(self.local)
+        result = PushResult(target=self.target.name, remote_root=self.remote_root, revision=rev,
+                            changed=not p.empty, dry_run=dry_run, local_files=len(self.local),
+                            plan=p, paths=_changed_paths(p))
+        if dry_run or (p.empty and not force_marker):
+            self.revision = rev
+            return result
+        bad = escaping_links({ln.path: self.local[ln.path] for ln in p.links})
+        if bad:
+            raise PathEscapeError(f"symlink points outside the project root: {bad[0]}")
+        total = p.bytes
+
+        def report(sent: int, files: int) -> None:
+            if progress:
+                progress(sent, total, files, len(p.uploads))
+
         t0 = time.perf_counter()
-        session = Session.open(target, trust_new=trust_new)
-        out["session"] = session
-        out["connect"] = time.perf_counter() - t0
-        out["remote"] = session.manifest(target.remote_path, rules.to_wire())
-        out["manifest"] = time.perf_counter() - t0 - out["connect"]
-    except BaseException as e:  # re-raised in the caller's thread
-        out["error"] = e
+        out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
+                                 report)
+        result.durations["transfer"] = time.perf_counter() - t0
+        self.remote = apply_plan(self.remote, p, self.local)
+        self.revision = rev
+        result.files_sent, result.bytes_sent, result.deleted = (
+            out["written"], out["bytes"], out["deleted"])
+        result.links, result.dirs, result.chmods = len(p.links), len(p.dirs), len(p.chmods)
+        result.warnings += [f"kept remote directory {k}/: it holds protected files"
+                            for k in out.get("kept", [])]
+        result.unsettled = len(out["changed"])
+        if out["changed"]:
+            for path in out["changed"]:  # what the remote holds is unknown: re-check next time
+                e = self.remote.get(path)
+                if e is not None:
+                    self.remote[path] = Entry(e.kind, e.size, e.mtime_ns, e.mode, None, e.link)
+        return result
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    while True:
+        if path in roots:
+            return True
+        if "/" not in path:
+            return False
+        path = path.rsplit("/", 1)[0]
+
+
+def _merge(a: PushResult, b: PushResult) -> PushResult:
+    for name in ("files_sent", "bytes_sent", "deleted", "links", "dirs", "chmods"):
+        setattr(a, name, getattr(a, name) + getattr(b, name))
+    a.changed = a.changed or b.changed
+    a.revision, a.local_files = b.revision, b.local_files
+    a.paths = sorted(set(a.paths) | set(b.paths))
+    a.warnings += b.warnings
+    a.unsettled = b.unsettled
+    a.durations["transfer"] = a.durations.get("transfer", 0) + b.durations.get("transfer", 0)
+    return a
 
 
 def push(project: Project, target: Target, options: PushOptions = PushOptions(),
-         progress: Callable[[int, int, int, int], None] | None = None) -> PushResult:
-    """Make the remote tree under ``target.remote_path`` equal to the local tree.
+         progress: Progress | None = None) -> PushResult:
+    """Make the remote tree under ``target.remote_path`` equal to the local tree (one-shot).
 
-    Args:
-        project: the local root and its configuration.
-        target: a resolved target (``remote_path`` set).
-        options: dry run, restart, safety overrides.
-        progress: called with (bytes sent, bytes total, files sent, files total).
-
-    Returns:
-        What was done (or, with ``dry_run``, what would be), with per-stage durations.
+    The connection (key exchange, agent start, remote manifest) runs in a thread while the
+    local tree is scanned: both take about as long.
 
     Raises:
         SyncAgentError subclasses: connection, agent, safety (mass delete, path escape).
     """
     t_start = time.perf_counter()
-    root = str(project.root)
-    rules = local_rules(root, project.exclude)
+    syncer = Syncer(project, target, options)
     remote_out: dict = {}
-    worker = threading.Thread(target=_connect_and_list,
-                              args=(target, rules, options.trust_new_host, remote_out),
-                              daemon=True)
-    worker.start()
+
+    def connect() -> None:
+        try:
+            t0 = time.perf_counter()
+            remote_out["tree"] = syncer.connect()
+            remote_out["connect"] = time.perf_counter() - t0
+        except BaseException as e:  # re-raised in the caller's thread
+            remote_out["error"] = e
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
     t0 = time.perf_counter()
-    local = scan_local(root, rules)
-    t_scan = time.perf_counter() - t0
-    worker.join()
-    if "error" in remote_out:
-        if "session" in remote_out:
-            remote_out["session"].close()
-        raise remote_out["error"]
-    session: Session = remote_out["session"]
+    local = syncer._scan_all()
+    durations = {"scan": time.perf_counter() - t0}
+    thread.join()
     try:
-        return _push_with(session, project, target, options, rules, local,
-                          remote_out["remote"], progress,
-                          {"scan": t_scan, "connect": remote_out["connect"],
-                           "manifest": remote_out["manifest"]}, t_start)
+        if "error" in remote_out:
+            raise remote_out["error"]
+        durations["connect"] = remote_out["connect"]
+        result = syncer.reconcile(progress, local=local, remote=remote_out["tree"],
+                                  durations=durations)
+        # The worker restart (when options.restart and result.changed) plugs in here, while
+        # the session is open: only after a whole batch has been committed.
+        result.durations["total"] = time.perf_counter() - t_start
+        return result
     finally:
-        session.close()
-
-
-def _push_with(session: Session, project: Project, target: Target, options: PushOptions,
-               rules: Rules, local: LocalScan, remote: RemoteTree, progress, durations: dict,
-               t_start: float) -> PushResult:
-    root = str(project.root)
-    warnings = [f"skipped {path}: {why}" for path, why in local.problems]
-    totals = {"files_sent": 0, "bytes_sent": 0, "deleted": 0, "links": 0, "dirs": 0,
-              "chmods": 0}
-    first_plan = None
-    changed_any = False
-    rev = revision(local.entries)
-    t_transfer = 0.0
-    for _pass in range(MAX_PASSES):
-        t0 = time.perf_counter()
-        p = plan(local.entries, remote.entries, keep=local.unreadable)
-        durations.setdefault("plan", time.perf_counter() - t0)
-        first_plan = first_plan or p
-        if _pass == 0:
-            _check_safety(p, remote, local, project.mass_delete_ratio, options.allow_mass_delete)
-        if options.dry_run:
-            break
-        if p.empty and remote.revision == rev:
-            break
-        t0 = time.perf_counter()
-        total_bytes = p.bytes
-
-        def report(sent: int, files: int, _total=total_bytes, _n=len(p.uploads)) -> None:
-            if progress:
-                progress(sent, _total, files, _n)
-
-        result = session.apply(target.remote_path, root, p, rev, len(local.entries), report)
-        t_transfer += time.perf_counter() - t0
-        changed_any = changed_any or not p.empty
-        totals["files_sent"] += result["written"]
-        totals["bytes_sent"] += result["bytes"]
-        totals["deleted"] += result["deleted"]
-        totals["links"] += len(p.links)
-        totals["dirs"] += len(p.dirs)
-        totals["chmods"] += len(p.chmods)
-        warnings += [f"kept remote directory {k}/: it holds protected files"
-                     for k in result.get("kept", [])]
-        if not result["changed"]:
-            break
-        # Some files changed while being sent: rescan and send what they hold now.
-        local = scan_local(root, rules)
-        rev = revision(local.entries)
-        remote = session.manifest(target.remote_path, rules.to_wire())
-    else:
-        warnings.append("files kept changing during the push; run it again when they settle")
-    durations["transfer"] = t_transfer
-    # The worker restart (when options.restart and changed_any) plugs in here, while `session`
-    # is still open: only after a whole batch has been committed.
-    durations["total"] = time.perf_counter() - t_start
-    return PushResult(
-        target=target.name, remote_root=remote.root, revision=rev, changed=changed_any,
-        dry_run=options.dry_run, local_files=len(local.entries), plan=first_plan,
-        warnings=warnings, durations=durations, **totals,
-    )
+        syncer.close()
