@@ -7,7 +7,9 @@ Typed errors become exit codes here and only here: 0 ok, 1 operational, 2 usage 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from .config import (CONFIG_NAME, INIT_TEMPLATE, Project, Target, find_root, loa
 from .errors import ConfigError, SyncAgentError
 from .push import PushOptions, PushResult, push
 from .transport import connect
+from .watch import WatchOptions, watch
 
 __all__ = ["cli", "main"]
 
@@ -143,6 +146,66 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
     if as_json:
         payload = [r.to_json() for r in results]
         click.echo(json.dumps(payload[0] if len(payload) == 1 else {"targets": payload}))
+
+
+def _render_event(event: dict) -> str:
+    """One human line per watch event."""
+    name, kind = event.get("target", "?"), event["event"]
+    stamp = time.strftime("%H:%M:%S")
+    if kind == "synced":
+        if not event["changed"]:
+            return f"{stamp} {name}: up to date, revision {event['revision'][:7]}"
+        what = ", ".join(event["paths"][:3]) + (" ..." if len(event["paths"]) > 3 else "")
+        parts = [f"{event['files_sent']} sent"]
+        if event["deleted"]:
+            parts.append(f"{event['deleted']} deleted")
+        latency = event.get("latency")
+        took = f" in {latency * 1000:.0f} ms" if latency is not None else ""
+        return (f"{stamp} {name}: {', '.join(parts)} ({what}){took}, revision "
+                f"{event['revision'][:7]}")
+    if kind == "connected":
+        return f"{stamp} {name}: connected, watching -> {event['remote_root']}"
+    if kind == "disconnected":
+        return (f"{stamp} {name}: connection lost ({event['error']}); retrying in "
+                f"{event['retry_in']:g} s, edits are collected meanwhile")
+    if kind == "stopped":
+        return f"{stamp} {name}: stopped watching (remote left running)"
+    return f"{stamp} {name}: {kind}: {event.get('message') or event.get('error') or ''}"
+
+
+@cli.command("watch")
+@click.argument("target", required=False)
+@common_target_options
+@click.option("--no-restart", is_flag=True, help="Sync only; leave the worker running.")
+@click.option("--allow-mass-delete", is_flag=True,
+              help="Allow the initial reconcile to delete more than half of the remote files.")
+@click.option("--quiet-ms", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="Cut a batch after this long without events.")
+@click.option("--max-wait-ms", type=click.IntRange(1, 60_000), default=1000, show_default=True,
+              help="... or this long after its first event.")
+@click.option("--polling", is_flag=True, help="Poll instead of inotify (network filesystems).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+def watch_cmd(target, path, remote_path, identity, all_, trust_new_host, no_restart,
+              allow_mass_delete, quiet_ms, max_wait_ms, polling, as_json):
+    """Initial reconcile, then push every change as it happens."""
+    project = _project(path)
+    (resolved,) = _targets(project, (target,) if target else (), False, remote_path, identity)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def emit(event: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(event))
+        else:
+            click.echo(_render_event(event))
+        sys.stdout.flush()
+
+    watch(project, resolved,
+          emit, stop,
+          PushOptions(restart=not no_restart, allow_mass_delete=allow_mass_delete,
+                      trust_new_host=trust_new_host),
+          WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000, polling=polling))
 
 
 @cli.command("init")

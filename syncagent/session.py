@@ -203,6 +203,19 @@ class Session:
         self._send(obj)
         return self._response()
 
+    def ping(self, timeout: float = 3.0) -> float:
+        """One round trip to the agent; raises ConnectError if none within ``timeout``.
+        Returns the round-trip time in seconds (the liveness check of an idle watch)."""
+        t0 = time.monotonic()
+        chan = self.channel.chan
+        chan.settimeout(timeout)
+        try:
+            self.request({"op": "ping"})
+        finally:
+            if not chan.closed:
+                chan.settimeout(60)
+        return time.monotonic() - t0
+
     def manifest(self, root: str, rules_wire: list) -> RemoteTree:
         body = self.request({"op": "manifest", "root": root, "rules": rules_wire})
         rev = body.get("revision") or {}
@@ -254,6 +267,57 @@ class Session:
             os.close(fd)
         self.channel.frame(b"")
         return h.hexdigest(), size
+
+    # ----------------------------------------------------------- commands
+
+    def run(self, command: str, stdin: bytes | None = None,
+            timeout: float = 120.0) -> tuple[int, str, str]:
+        """Run one shell command on a new exec channel of this connection.
+
+        ``stdin`` is sent and then closed (this is how secrets travel: never in ``command``).
+
+        Returns:
+            (exit status, stdout, stderr), both decoded with replacement.
+
+        Raises:
+            ConnectError: the connection failed or the command ran past ``timeout``.
+        """
+        try:
+            chan = self.client.get_transport().open_session()
+        except (OSError, EOFError, AttributeError, paramiko.SSHException) as e:
+            raise ConnectError(f"{self.target.name}: cannot open a channel: {e}") from e
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            chan.exec_command(command)
+            if stdin:
+                chan.settimeout(timeout)
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            chan.settimeout(0.05)  # short reads: stderr is drained between them
+            while True:
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if time.monotonic() > deadline:
+                    raise ConnectError(f"{self.target.name}: remote command ran past "
+                                       f"{timeout:g} s")
+                try:
+                    block = chan.recv(65536)
+                except socket.timeout:
+                    continue
+                if not block:  # EOF covers both streams
+                    break
+                out += block
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+                raise ConnectError(f"{self.target.name}: remote command ran past {timeout:g} s")
+            status = chan.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise ConnectError(f"{self.target.name}: remote command failed: {e}") from e
+        finally:
+            chan.close()
+        return status, out.decode(errors="replace"), err.decode(errors="replace")
 
     def close(self) -> None:
         try:

@@ -31,7 +31,9 @@ WATCH_LIMIT_HINT = (
     "sudo sysctl fs.inotify.max_user_watches=524288 (persist it in /etc/sysctl.d/)"
 )
 IGNORED_EVENTS = {"opened", "closed_no_write"}
+SETTLING_EVENTS = {"closed", "moved", "deleted"}
 GIT_LOCK = os.path.join(".git", "index.lock")
+SETTLED_QUIET = 0.005  # when every pending file has been closed, renamed or deleted
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class _Recorder(FileSystemEventHandler):
         paths = [event.src_path]
         if getattr(event, "dest_path", ""):
             paths.append(event.dest_path)
-        self.watcher._record(paths)
+        # A file still being written may get more writes; one closed, moved or deleted is done.
+        settled = event.event_type in SETTLING_EVENTS or event.is_directory
+        self.watcher._record(paths, settled)
 
 
 class _OverflowAlarm(logging.Handler):
@@ -75,7 +79,9 @@ class Watcher:
     Args:
         root: the local project root.
         rules: exclude rules; excluded paths (and editor temp files) produce no batch.
-        quiet: a batch is cut after this long without a new event (seconds).
+        quiet: a batch is cut after this long without a new event (seconds); when every
+            pending file has already been closed after writing (or renamed, or deleted), a
+            much shorter quiet (SETTLED_QUIET) is enough.
         max_wait: ... or this long after its first event, whatever comes first,
         git_hold: ... except that while ``.git/index.lock`` exists (a checkout, rebase or
             merge in progress) the batch is held, up to this long, so a branch switch is one
@@ -92,6 +98,7 @@ class Watcher:
         self.warnings: list[str] = []
         self._cond = threading.Condition()
         self._pending: set[str] = set()
+        self._writing: set[str] = set()  # pending paths not yet closed after a write
         self._full_reason: str | None = None
         self._first = 0.0
         self._last = 0.0
@@ -115,7 +122,7 @@ class Watcher:
             return None
         return rel
 
-    def _record(self, paths: list) -> None:
+    def _record(self, paths: list, settled: bool = False) -> None:
         rels = [r for r in map(self._relative, paths) if r is not None]
         if not rels:
             return
@@ -125,6 +132,10 @@ class Watcher:
                 self._first = now
             self._last = now
             self._pending.update(rels)
+            if settled:
+                self._writing.difference_update(rels)
+            else:
+                self._writing.update(rels)
             self._cond.notify_all()
 
     def request_full(self, reason: str) -> None:
@@ -212,7 +223,8 @@ class Watcher:
                     held = True
                     self._cond.wait(0.05)
                     continue
-                quiet_left = self.quiet - (now - self._last)
+                quiet = self.quiet if self._writing or self.polling else SETTLED_QUIET
+                quiet_left = quiet - (now - self._last)
                 max_left = self.max_wait - (now - self._first)
                 if quiet_left <= 0 or (max_left <= 0 and not held):
                     break
@@ -221,6 +233,7 @@ class Watcher:
             batch = Batch(frozenset(self._pending), self._full_reason is not None, self._first,
                           held)
             self._pending = set()
+            self._writing = set()
             self._full_reason = None
             return batch
 
