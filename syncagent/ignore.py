@@ -24,7 +24,7 @@ CLIPPYFRONT_EXCLUDES = (
 )
 # ... editor temp files (vim, emacs, JetBrains, macOS) ...
 EDITOR_TEMP = (
-    "*.swp", "*.swx", "*.swo", "4913", "*~", ".#*", "#*#", "*___jb_tmp___", "*___jb_old___",
+    "*.swp", "*.swx", "*.swo", "4913", "*~", ".#*", "\\#*#", "*___jb_tmp___", "*___jb_old___",
     ".DS_Store", "*.tmp",
 )
 # ... and what the script forgot: environments and secrets stay where they are.

@@ -56,6 +56,11 @@ class _Recorder(FileSystemEventHandler):
         paths = [event.src_path]
         if getattr(event, "dest_path", ""):
             paths.append(event.dest_path)
+        lock = self.watcher.git_lock
+        if lock in paths:  # events arrive in order: what comes between these is the checkout
+            self.watcher._git_lock_event(
+                event.event_type == "created" or getattr(event, "dest_path", "") == lock)
+            return
         # A file still being written may get more writes; one closed, moved or deleted is done.
         settled = event.event_type in SETTLING_EVENTS or event.is_directory
         self.watcher._record(paths, settled)
@@ -99,6 +104,8 @@ class Watcher:
         self._cond = threading.Condition()
         self._pending: set[str] = set()
         self._writing: set[str] = set()  # pending paths not yet closed after a write
+        self._git_locked = False  # as the event stream tells it, in order with the file events
+        self.git_lock = os.path.join(self.root, GIT_LOCK)
         self._full_reason: str | None = None
         self._first = 0.0
         self._last = 0.0
@@ -118,9 +125,16 @@ class Watcher:
         for i in range(1, len(parts)):
             if is_excluded(self.rules, "/".join(parts[:i]), True):
                 return None
-        if is_excluded(self.rules, rel, False) and is_excluded(self.rules, rel, True):
+        as_dir = is_excluded(self.rules, rel, True)
+        if as_dir and (is_excluded(self.rules, rel, False) or os.path.isdir(path)):
             return None
         return rel
+
+    def _git_lock_event(self, locked: bool) -> None:
+        with self._cond:
+            self._git_locked = locked
+            self._last = time.monotonic()
+            self._cond.notify_all()
 
     def _record(self, paths: list, settled: bool = False) -> None:
         rels = [r for r in map(self._relative, paths) if r is not None]
@@ -218,12 +232,14 @@ class Watcher:
             held = False
             while True:
                 now = time.monotonic()
-                if os.path.exists(os.path.join(self.root, GIT_LOCK)) \
+                if (self._git_locked or os.path.exists(self.git_lock)) \
                         and now - self._first < self.git_hold:
                     held = True
                     self._cond.wait(0.05)
                     continue
-                quiet = self.quiet if self._writing or self.polling else SETTLED_QUIET
+                # after a git hold, events may still be in flight: the full quiet window
+                quiet = (self.quiet if self._writing or self.polling or held
+                         else SETTLED_QUIET)
                 quiet_left = quiet - (now - self._last)
                 max_left = self.max_wait - (now - self._first)
                 if quiet_left <= 0 or (max_left <= 0 and not held):
