@@ -45,7 +45,7 @@ REVISION_FILE = STATE_DIR + "/revision"
 DIGEST_CACHE = STATE_DIR + "/digests.json"
 TEMP_PREFIX = ".~sa."
 CHUNK = 1 << 20
-RACY_NS = 2 * 10**9  # entries modified this recently are re-hashed next time
+RACY_NS = 2 * 10**9  # a digest taken this soon after a change is not trusted next time
 MAX_FRAME = 64 << 20
 
 
@@ -87,16 +87,31 @@ class Entry(tuple):
 # ---------------------------------------------------------------- rules
 
 
+class CompiledRules(object):
+    """Ordered (regex, include) pairs, plus one alternation of them all: most paths match no
+    rule, and one failed match of the alternation says so at a fraction of the cost."""
+
+    __slots__ = ("ordered", "any")
+
+    def __init__(self, wire_rules):
+        pairs = [(rx, bool(inc)) for rx, inc in wire_rules]
+        self.ordered = [(re.compile(rx), inc) for rx, inc in pairs]
+        self.any = re.compile("|".join(
+            "(?:%s)" % re.sub(r"\(\?P<[^>]+>", "(?:", rx) for rx, _ in pairs)) if pairs else None
+
+
 def compile_rules(wire_rules):
-    """[[regex, include], ...] (gitignore order, last match wins) -> compiled list."""
-    return [(re.compile(rx), bool(inc)) for rx, inc in wire_rules]
+    """[[regex, include], ...] (gitignore order, last match wins) -> CompiledRules."""
+    return CompiledRules(wire_rules)
 
 
 def is_excluded(rules, path, is_dir):
     """True if ``path`` (posix, relative) is excluded; directories are matched as ``path/``."""
     name = path + "/" if is_dir else path
+    if rules.any is None or not rules.any.match(name):
+        return False
     excluded = False
-    for rx, include in rules:
+    for rx, include in rules.ordered:
         if rx.match(name):
             excluded = include
     return excluded
@@ -132,9 +147,12 @@ def load_digest_cache(root):
 
 
 def save_digest_cache(root, cache):
-    """Write the cache atomically, leaving out entries too recent to trust."""
-    now = time.time_ns()
-    keep = {p: v for p, v in cache.items() if now - max(v[1], v[2]) > RACY_NS}
+    """Write the cache atomically, leaving out racy entries: those hashed so soon after their
+    last change that a write later in the same timestamp tick would go unseen (as git does).
+
+    An entry is [size, mtime_ns, ctime_ns, ino, digest, hashed_ns]."""
+    keep = {p: v for p, v in cache.items()
+            if len(v) == 6 and v[5] - max(v[1], v[2]) >= RACY_NS}
     state = os.path.join(root, STATE_DIR)
     try:
         os.makedirs(state, mode=0o700, exist_ok=True)
@@ -204,6 +222,7 @@ def scan(root, rules, cache=None, problems=None, start=""):
                     continue
                 digest = _cached_digest(cache, rel, st)
                 if digest is None:
+                    hashed_ns = time.time_ns()
                     try:
                         digest = hash_file(de.path)
                     except FileNotFoundError:
@@ -211,7 +230,8 @@ def scan(root, rules, cache=None, problems=None, start=""):
                     except OSError as e:
                         problems.append((rel, e.strerror or str(e)))
                         continue
-                    cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+                    cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                                  hashed_ns]
                 seen.add(rel)
                 out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
             # sockets, fifos and devices are not code: skipped silently
@@ -271,6 +291,7 @@ def scan_paths(root, rules, paths, cache, problems=None):
                 except OSError:
                     pass
         elif stat.S_ISREG(st.st_mode) and not is_excluded(rules, rel, False):
+            hashed_ns = time.time_ns()
             try:
                 digest = hash_file(full)
             except FileNotFoundError:
@@ -278,14 +299,17 @@ def scan_paths(root, rules, paths, cache, problems=None):
             except OSError as e:
                 problems.append((rel, e.strerror or str(e)))
                 continue
-            cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+            cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                          hashed_ns]
             out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
     return out
 
 
 def _cached_digest(cache, rel, st):
+    """The cached digest if the quick check (size, mtime, ctime, inode) vouches for it and it
+    was not taken racily close to the file's last change."""
     c = cache.get(rel)
-    if c and c[0] == st.st_size and c[1] == st.st_mtime_ns and c[2] == st.st_ctime_ns \
+    if c and len(c) == 6 and c[5] - max(c[1], c[2]) >= RACY_NS and c[0] == st.st_size and c[1] == st.st_mtime_ns and c[2] == st.st_ctime_ns \
             and c[3] == st.st_ino:
         return c[4]
     return None
@@ -482,7 +506,9 @@ def _stage(dirs, n, up, chunks, staged, digests):
     parts = up["path"].split("/")
     dfd = dirs.open(parts[:-1], create=True)
     tmp = "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    mode = int(up["mode"]) & 0o7777
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o777,
+                 dir_fd=dfd)
     staged.append((dfd, tmp, parts[-1], up))
     h = hashlib.blake2b(digest_size=20)
     size = 0
@@ -491,12 +517,19 @@ def _stage(dirs, n, up, chunks, staged, digests):
             _write_all(fd, block)
             h.update(block)
             size += len(block)
-        os.fchmod(fd, int(up["mode"]) & 0o7777)
+        if mode & ~0o777 or mode & _umask():
+            os.fchmod(fd, mode)
         os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
     finally:
         os.close(fd)
     digests[up["path"]] = h.hexdigest()
     return size
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _discard(dirs, staged):
@@ -563,8 +596,10 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
     kept = []
     early = [d for d in deletes if _under_any(d["path"], replacing)]
     deleted = _apply_deletes(dirs, early, kept)
-    for dfd, tmp, name, _ in staged:
+    stats = {}
+    for dfd, tmp, name, up in staged:
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        stats[up["path"]] = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     for link in batch.get("links", []):
         parts = link["path"].split("/")
         dfd = dirs.open(parts[:-1], create=True)
@@ -584,7 +619,7 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
         os.fchmod(fd, int(d["mode"]) & 0o7777)
     sfd, tmp = marker
     os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
-    _update_cache(root, batch, cache_updates)
+    _update_cache(root, batch, cache_updates, stats)
     return {"written": len(staged), "bytes": received, "deleted": deleted, "kept": kept}
 
 
@@ -623,18 +658,28 @@ def _apply_deletes(dirs, deletes, kept):
     return n
 
 
-def _update_cache(root, batch, digests):
+def _update_cache(root, batch, digests, stats):
     """Record what was just written so the next manifest needs no re-hash."""
     cache = load_digest_cache(root)
     for d in batch.get("deletes", []):
         cache.pop(d["path"], None)
     for path, digest in digests.items():
-        try:
-            st = os.lstat(os.path.join(root, path))
-        except OSError:
-            continue
-        cache[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+        st = stats[path]
+        # the digest is of the very bytes this process wrote: not racy, whatever the times
+        changed = max(st.st_mtime_ns, st.st_ctime_ns)
+        cache[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                       changed + RACY_NS]
     save_digest_cache(root, cache)
+
+
+def to_wire(entries):
+    """Manifest entries as sent: [kind, mode, digest or link target] (what planning needs)."""
+    return {p: [e[0], e[3], e[5] if e[0] == "l" else e[4]] for p, e in entries.items()}
+
+
+def from_wire(entries):
+    return {p: Entry(k, 0, 0, m, None if k == "l" else v, v if k == "l" else None)
+            for p, (k, m, v) in entries.items()}
 
 
 def read_revision(root):
@@ -715,8 +760,8 @@ def handle(req, inp):
             return {"root": root, "exists": False, "entries": {}, "problems": [],
                     "revision": None}
         entries, problems = scan_root(root, req.get("rules", []))
-        return {"root": root, "exists": True, "entries": entries, "problems": problems,
-                "revision": read_revision(root)}
+        return {"root": root, "exists": True, "entries": to_wire(entries),
+                "problems": problems, "revision": read_revision(root)}
     if op == "apply":
         root = _root(req)
         batch = req.get("batch")

@@ -22,6 +22,7 @@ from . import sandbox as sandbox_mod
 from .config import (CONFIG_NAME, INIT_TEMPLATE, Project, Target, find_root, load_project,
                      resolve_target)
 from .errors import ConfigError, SyncAgentError
+from .provision import ProvisionOptions, ProvisionResult, parse_env_pairs, provision, redact
 from .push import PushOptions, PushResult, push
 from .transport import connect
 from .watch import WatchOptions, watch
@@ -106,6 +107,30 @@ def _summary(r: PushResult) -> str:
         parts.append(f"{r.links} links")
     return (f"{r.target}: {', '.join(parts)} -> {r.remote_root}, revision {r.revision[:7]} "
             f"({ms:.0f} ms)")
+
+
+def _env_pairs(ctx, param, value):
+    """``--env KEY=VALUE`` (repeatable) -> pairs; the message never shows a value."""
+    try:
+        return parse_env_pairs(value or ())
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _env_option(f):
+    return click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+                        callback=_env_pairs,
+                        help="A .env.worker setting (repeatable); used only when the remote "
+                             "has no .env.worker. Sent over SSH stdin, never shown.")(f)
+
+
+def _provision_summary(r: ProvisionResult) -> str:
+    w = r.worker
+    live = (f"worker {w.get('node')} (pid {w.get('pid')}) ready on revision "
+            f"{r.revision[:7]}")
+    if not r.changed:
+        return f"{r.target}: nothing changed; {live}"
+    return "\n".join([f"{r.target}: {c}" for c in r.changes] + [f"{r.target}: {live}"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,6 +233,38 @@ def watch_cmd(target, path, remote_path, identity, all_, trust_new_host, no_rest
           WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000, polling=polling))
 
 
+@cli.command("provision")
+@click.argument("targets", nargs=-1)
+@common_target_options
+@click.option("--venv", default=None, metavar="PATH",
+              help="Reuse this remote virtualenv (default: <remote path>/venv, created).")
+@_env_option
+@click.option("--allow-mass-delete", is_flag=True,
+              help="Allow the initial push to delete more than half of the remote files.")
+@click.option("--timeout", type=click.FloatRange(1), default=90.0, show_default=True,
+              help="Seconds to wait for the worker to be ready.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, venv, env_pairs,
+                  allow_mass_delete, timeout, as_json):
+    """Set up the worker on TARGET (idempotent): venv, runtime, requirements, .env.worker,
+    supervisord; then wait until the worker serves the pushed revision."""
+    project = _project(path)
+    options = ProvisionOptions(venv=venv, env=env_pairs, trust_new_host=trust_new_host,
+                               allow_mass_delete=allow_mass_delete, timeout=timeout)
+    results = []
+    for target in _targets(project, targets, all_, remote_path, identity):
+        result = provision(project, target, options)
+        results.append(result)
+        if not as_json:
+            for w in result.warnings:
+                err.print(f"[yellow]warning:[/] {w}", markup=True)
+            click.echo(_provision_summary(result))
+            click.echo(f"  status: {result.supervisorctl}")
+    if as_json:
+        payload = [r.to_json() for r in results]
+        click.echo(json.dumps(payload[0] if len(payload) == 1 else {"targets": payload}))
+
+
 @cli.command("init")
 @click.option("--path", type=click.Path(file_okay=False), default=".",
               help="Project root to write syncagent.toml into.")
@@ -250,17 +307,37 @@ def _sandbox_options(f):
 
 @sandbox_group.command("up")
 @_sandbox_options
+@click.option("--redis-url", default=None, metavar="URL",
+              help="Use this Redis (else $REDIS_URL, else start redis-server on a free port).")
+@click.option("--no-worker", is_flag=True,
+              help="sshd only: no Redis, no demo app, no supervised worker.")
+@_env_option
+@click.option("--timeout", type=click.FloatRange(1), default=90.0, show_default=True,
+              help="Seconds to wait for the demo worker to be ready.")
 @click.option("--json", "as_json", is_flag=True)
-def sandbox_up(name, directory, as_json):
-    """Start the sandbox and register target NAME."""
-    box = sandbox_mod.up(name, directory)
+def sandbox_up(name, directory, redis_url, no_worker, env_pairs, timeout, as_json):
+    """Start the sandbox, register target NAME and (unless --no-worker) run the demo app's
+    worker under supervisord, with Redis as its broker."""
+    box = sandbox_mod.up(name, directory, provision=not no_worker, redis_url=redis_url,
+                         env=dict(env_pairs), timeout=timeout)
     if as_json:
         click.echo(json.dumps(box.to_json()))
         return
     click.echo(f"sandbox '{box.name}' up: {box.user}@{box.host}:{box.port} (sshd pid "
                f"{box.sshd_pid})\n  remote root: {box.remote_root}\n"
-               f"  ssh: ssh -F {box.ssh_config} {box.name}\n"
-               f"  try: syncagent push {box.name}")
+               f"  ssh: ssh -F {box.ssh_config} {box.name}")
+    if box.last_provision is None:
+        click.echo(f"  try: syncagent push {box.name}")
+        return
+    r = box.last_provision
+    click.echo(f"  redis: {redact(box.redis_url)}"
+               f"{f' (pid {box.redis_pid})' if box.redis_pid else ' (external)'}\n"
+               f"  demo project: {box.project}\n"
+               f"  worker: {r.worker.get('node')} (pid {r.worker.get('pid')}) ready on "
+               f"revision {r.revision[:7]}\n"
+               f"  status: {r.supervisorctl}\n"
+               f"  try: edit {box.project}/app/version.py, then "
+               f"syncagent provision {box.name} --path {box.project}")
 
 
 @sandbox_group.command("down")

@@ -8,6 +8,7 @@ exactly the same rules to the remote tree (``syncagent.agent.is_excluded``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
 import pathspec
@@ -43,12 +44,17 @@ class Rules:
     def to_wire(self) -> list[list]:
         return [[rx, inc] for rx, inc in self.patterns]
 
-    def compiled(self):
-        return agent.compile_rules(self.patterns)
+    def compiled(self) -> agent.CompiledRules:
+        return _compile(self.patterns)
 
     def excluded(self, path: str, is_dir: bool = False) -> bool:
         """True if ``path`` (posix, relative to the root) is excluded and protected."""
         return agent.is_excluded(self.compiled(), path, is_dir)
+
+
+@lru_cache(maxsize=16)
+def _compile(patterns: tuple[tuple[str, bool], ...]) -> agent.CompiledRules:
+    return agent.compile_rules(patterns)
 
 
 def rebase_gitignore(directory: str, lines: Iterable[str]) -> list[str]:

@@ -65,5 +65,5 @@ def scan_local(root: str, rules: Rules) -> LocalScan:
 
 
 def from_wire(entries: dict) -> dict[str, Entry]:
-    """A manifest as JSON carried it (lists) back to Entry tuples."""
-    return {path: Entry(*value) for path, value in entries.items()}
+    """A manifest as the agent sent it back to Entry tuples (sizes and times are not sent)."""
+    return agent.from_wire(entries)

@@ -12,24 +12,31 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .config import Target, remove_user_target, user_state_dir, write_user_target
+from .config import Target, load_project, remove_user_target, user_state_dir, write_user_target
 from .errors import ConfigError, OperationalError
+from .provision import ProvisionOptions, ProvisionResult, provision, redact
 
 __all__ = ["Sandbox", "up", "down", "status", "default_dir", "find_sshd", "free_port",
-           "wait_until", "stop_pid"]
+           "wait_until", "stop_pid", "provision_demo", "DEMO_APP"]
 
 STATE_FILE = "sandbox.json"
+DEMO_APP = Path(__file__).resolve().parents[1] / "examples" / "demo_app"
+PROJECT_DIR = "project"
 
 
 @dataclass
@@ -44,14 +51,34 @@ class Sandbox:
     known_hosts: str
     remote_root: str
     sshd_pid: int
+    redis_url: str | None = None  # may hold a password: shown only through redact()
+    redis_pid: int | None = None  # set only when the sandbox started redis-server itself
+    project: str | None = None  # local demo project copy (provisioned sandboxes)
+    supervisord_pidfile: str | None = None
+    supervisorctl: str | None = None
     running: bool = True
+    last_provision: ProvisionResult | None = field(default=None, repr=False, compare=False)
 
     def target(self) -> Target:
         return Target(name=self.name, host=self.name, ssh_config=self.ssh_config,
                       remote_root=self.remote_root)
 
+    def _fields(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "last_provision"}
+
     def to_json(self) -> dict:
-        return asdict(self)
+        out = self._fields()
+        out["redis_url"] = redact(self.redis_url) if self.redis_url else None
+        return out
+
+    def _save(self) -> None:
+        data = {k: v for k, v in self._fields().items() if k != "running"}
+        path = Path(self.dir) / STATE_FILE
+        tmp = path.with_name(f".{STATE_FILE}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2))
+        os.replace(tmp, path)
 
 
 def default_dir(name: str) -> Path:
@@ -146,6 +173,8 @@ def _load(directory: Path) -> Sandbox | None:
         data = json.loads((directory / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
+    data.pop("running", None)
+    data.pop("last_provision", None)
     box = Sandbox(**data)
     box.running = _alive(box.sshd_pid, box.dir)
     return box
@@ -157,12 +186,137 @@ def status(name: str = "sandbox", directory: str | os.PathLike | None = None) ->
 
 
 def up(name: str = "sandbox", directory: str | os.PathLike | None = None,
-       register: bool = True) -> Sandbox:
+       register: bool = True, *, provision: bool = False, redis_url: str | None = None,
+       env: Mapping[str, str] | None = None, timeout: float = 90.0) -> Sandbox:
     """Start (or find running) the sandbox ``name``; idempotent.
 
+    Args:
+        name: target name to register.
+        directory: where keys, configs, the remote tree (and redis) live.
+        register: record the target in the user's targets.
+        provision: also provide Redis and provision the demo app (see :func:`provision_demo`).
+        redis_url: an existing Redis (else ``REDIS_URL``, else one started on a free port).
+        env: extra ``.env.worker`` settings for the demo worker (e.g. WORKER_API_KEY).
+        timeout: seconds to wait for the worker to be ready.
+
+    Returns:
+        The sandbox; after provisioning, ``last_provision`` holds what was done.
+
     Raises:
-        ConfigError: sshd is not installed. OperationalError: it did not come up.
+        ConfigError: sshd (or redis-server) is not installed. OperationalError: it did not
+        come up, or the worker did not start.
     """
+    box = _up_sshd(name, directory, register)
+    if provision:
+        _ensure_redis(box, redis_url or os.environ.get("REDIS_URL") or None)
+        box.last_provision = provision_demo(box, env, timeout=timeout)
+    return box
+
+
+def _redis_marker(url: str) -> str:
+    return f":{urlsplit(url).port}"
+
+
+def _redis_ping(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _ensure_redis(box: Sandbox, url: str | None) -> None:
+    """Use ``url``, else the redis this sandbox started (if alive), else start one."""
+    if url:
+        if box.redis_pid and box.redis_url != url:
+            stop_pid(box.redis_pid, _redis_marker(box.redis_url))
+        box.redis_url, box.redis_pid = url, None
+        box._save()
+        return
+    if box.redis_url and (box.redis_pid is None or _alive(box.redis_pid,
+                                                          _redis_marker(box.redis_url))):
+        return
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(exe, os.X_OK):
+        raise ConfigError("redis-server not found", hint="sudo apt-get install -y redis-server, "
+                          "or pass --redis-url / set REDIS_URL")
+    rdir = Path(box.dir) / "redis"
+    rdir.mkdir(mode=0o700, exist_ok=True)
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    pidfile = rdir / "redis.pid"
+    pidfile.unlink(missing_ok=True)
+    # Daemonized (its own pidfile): it outlives this CLI and is not our child.
+    proc = subprocess.run([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", str(rdir), "--daemonize", "yes",
+                           "--pidfile", str(pidfile), "--logfile", str(rdir / "redis.log")],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True, timeout=30,
+                          check=False)
+    if proc.returncode != 0:
+        raise OperationalError(f"redis-server did not start: "
+                               f"{proc.stderr.decode(errors='replace').strip()[-200:]}")
+
+    def started() -> int | None:
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    box.redis_url, box.redis_pid = url, wait_until(started, 15, f"redis-server pidfile {pidfile}")
+    box._save()  # recorded before the next wait: `down` stops it even if that fails
+    wait_until(lambda: _redis_ping(url), 15, f"redis-server on 127.0.0.1:{port}")
+
+
+def _with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.startswith("redis") and parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path=f"/{db}"))
+    return url
+
+
+def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
+                   timeout: float = 90.0) -> ProvisionResult:
+    """Copy the demo app to ``<dir>/project`` (once) and provision the sandbox with it.
+
+    The worker runs in the venv syncagent runs in (``sys.prefix``: nothing to download) and
+    its ``.env.worker`` points at the sandbox's Redis. ``env`` adds or overrides settings;
+    like any ``.env.worker`` it is written once and never overwritten.
+    """
+    if not box.redis_url:
+        raise ConfigError(f"sandbox '{box.name}' has no redis", hint="run `sandbox up` again")
+    project_dir = Path(box.dir) / PROJECT_DIR
+    if not project_dir.exists():
+        if not DEMO_APP.is_dir():
+            raise ConfigError(f"demo app not found at {DEMO_APP}",
+                              hint="run from a source checkout of syncagent")
+        shutil.copytree(DEMO_APP, project_dir,
+                        ignore=shutil.ignore_patterns("__pycache__", ".env.worker"))
+    settings = {"CELERY_BROKER_URL": _with_db(box.redis_url, 0),
+                "CELERY_RESULT_BACKEND": _with_db(box.redis_url, 1),
+                "FLASK_APP_URL": "http://127.0.0.1:9",  # the demo needs no Flask API
+                "WORKER_API_KEY": secrets.token_urlsafe(24),
+                "CELERY_QUEUES": "gpu,celery", "CELERY_CONCURRENCY": "1",
+                "WORKER_NAME": "demo", **(env or {})}
+    remote_path = f"{box.remote_root}/{PROJECT_DIR}"
+    target = replace(box.target(), remote_path=remote_path)
+    box.project = str(project_dir)
+    # Recorded before provisioning: `down` stops supervisord even if provisioning fails later.
+    box.supervisord_pidfile = f"{remote_path}/.syncagent/supervisord.pid"
+    box._save()
+    result = provision(load_project(project_dir), target,
+                       ProvisionOptions(venv=sys.prefix, env=tuple(settings.items()),
+                                        timeout=timeout))
+    box.supervisorctl = result.supervisorctl
+    box._save()
+    return result
+
+
+def _up_sshd(name: str, directory: str | os.PathLike | None, register: bool) -> Sandbox:
     d = Path(directory).expanduser().resolve() if directory else default_dir(name)
     current = _load(d)
     if current is not None and current.running and _banner_ok(current.port):
@@ -218,18 +372,36 @@ def up(name: str = "sandbox", directory: str | os.PathLike | None = None,
                   identity=str(user_key), ssh_config=str(d / "ssh_config"),
                   known_hosts=str(d / "known_hosts"), remote_root=str(remote),
                   sshd_pid=pid)
-    (d / STATE_FILE).write_text(json.dumps({k: v for k, v in box.to_json().items()
-                                            if k != "running"}, indent=2))
+    box._save()
     if register:
         write_user_target(box.target())
     return box
 
 
+def _supervisord_pid(box: Sandbox) -> int | None:
+    try:
+        return int(Path(box.supervisord_pidfile).read_text().strip())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def down(name: str = "sandbox", directory: str | os.PathLike | None = None) -> list[int]:
-    """Stop exactly what ``up`` started; returns the pids stopped. Files are kept."""
+    """Stop exactly what ``up`` started; returns the pids stopped. Files are kept.
+
+    Order: supervisord (it warm-stops the worker, which still needs redis), then the
+    redis-server the sandbox started (never an external one), then sshd. Each pid is
+    checked against its command line first, so a reused pid is never signalled.
+    """
     box = status(name, directory)
     stopped = []
-    if box is not None and stop_pid(box.sshd_pid, box.dir):
-        stopped.append(box.sshd_pid)
+    if box is not None:
+        pid = _supervisord_pid(box)
+        if pid and stop_pid(pid, str(Path(box.supervisord_pidfile).with_name(
+                "supervisord.conf")), timeout=60):
+            stopped.append(pid)
+        if box.redis_pid and stop_pid(box.redis_pid, _redis_marker(box.redis_url)):
+            stopped.append(box.redis_pid)
+        if stop_pid(box.sshd_pid, box.dir):
+            stopped.append(box.sshd_pid)
     remove_user_target(name)
     return stopped

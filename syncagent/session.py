@@ -19,7 +19,7 @@ from . import agent
 from .config import Target
 from .errors import AgentError, ConnectError, error_from_wire
 from .manifest import Entry, from_wire
-from .plan import Plan
+from .plan import Plan, Upload
 from .transport import Endpoint, connect
 
 __all__ = ["Session", "RemoteTree", "agent_source", "agent_hash"]
@@ -234,8 +234,8 @@ class Session:
         sent = 0
         last = time.monotonic()
         for n, up in enumerate(p.uploads, 1):
-            digest, size = self._stream_file(os.path.join(local_root, up.path))
-            if digest != up.digest:
+            size, intact = self._stream_file(os.path.join(local_root, up.path), up)
+            if not intact:
                 changed.append(up.path)
             sent += size
             if progress and time.monotonic() - last > 0.1:
@@ -247,26 +247,30 @@ class Session:
         result["changed"] = changed
         return result
 
-    def _stream_file(self, path: str) -> tuple[str | None, int]:
-        h = hashlib.blake2b(digest_size=20)
-        size = 0
+    def _stream_file(self, path: str, up: Upload) -> tuple[int, bool]:
+        """Stream one file as data frames; returns (bytes sent, intact). ``intact`` is False
+        when the file is not what the plan saw (size, mtime) or changed while being read."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            self.channel.frame(b"")  # vanished: an empty file now, fixed by the next push
-            return None, 0
+            self.channel.frame(b"")  # vanished: an empty file for now, fixed by the next pass
+            return 0, False
+        size = 0
         try:
+            before = os.fstat(fd)
             while True:
                 block = os.read(fd, agent.CHUNK)
                 if not block:
                     break
-                h.update(block)
                 size += len(block)
                 self.channel.frame(block)
+            after = os.fstat(fd)
         finally:
             os.close(fd)
         self.channel.frame(b"")
-        return h.hexdigest(), size
+        intact = (size == up.size == after.st_size and after.st_mtime_ns == up.mtime_ns
+                  and after.st_ctime_ns == before.st_ctime_ns)
+        return size, intact
 
     # ----------------------------------------------------------- commands
 

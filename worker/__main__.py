@@ -1,4 +1,4 @@
-"""Command line of the remote runtime: ``python -m worker run|doctor``.
+"""Command line of the remote runtime: ``python -m worker run|doctor|configure``.
 
 Exit codes: 0 ok, 1 a check failed / worker failed, 2 invalid environment or usage.
 Only the ``__main__`` guard calls ``sys.exit``.
@@ -28,7 +28,36 @@ def _parser() -> argparse.ArgumentParser:
                      help="keep Celery mingle and gossip on (slower start)")
     doctor = sub.add_parser("doctor", help="check broker, API, storage, GPU/NVENC, app import")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    conf = sub.add_parser("configure", help="write supervisord configs, start or reload "
+                          "supervisord, wait for the worker (prints one JSON object)")
+    conf.add_argument("--venv", required=True, help="virtualenv with supervisord")
+    conf.add_argument("--name", default="worker", help="program group name")
+    conf.add_argument("--pythonpath", default=None, help="PYTHONPATH of the worker programs")
+    conf.add_argument("--revision", default=None,
+                      help="revision the worker must report (default: the pushed one)")
+    conf.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+    conf.add_argument("--restart", action="store_true",
+                      help="restart a running worker (its runtime or dependencies changed)")
     return parser
+
+
+def _configure(root: Path, args: argparse.Namespace) -> int:
+    import json
+
+    from worker import ready, supervise
+    from worker import supervisor_conf as sc
+
+    layout = sc.Layout(root=str(root.resolve()),
+                       venv=os.path.abspath(os.path.expanduser(args.venv)), name=args.name)
+    extra = {"PYTHONPATH": args.pythonpath} if args.pythonpath else {}
+    revision = args.revision or ready.read_revision(root)
+    try:
+        result = supervise.configure(layout, extra, revision, timeout=args.timeout,
+                                     restart=args.restart)
+    except Exception as exc:  # one JSON object whatever happens; never a secret in it
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result))
+    return 0 if result.get("ok") else 1
 
 
 def _load(root: Path) -> envmod.EnvReport:
@@ -97,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(os.getcwd())
     if args.command == "doctor":
         return _doctor(root, args.json)
+    if args.command == "configure":
+        return _configure(root, args)
     return _run(root, install=not args.no_install, full_start=args.full_start)
 
 

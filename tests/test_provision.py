@@ -1,0 +1,248 @@
+"""syncagent provision and the provisioned sandbox: real sshd, Redis, supervisord and Celery.
+
+One module-scoped sandbox "wbx" is brought up through the CLI (``sandbox up``: sshd, a private
+redis-server, the demo app pushed and provisioned, a supervisord-managed worker). Tasks go
+through the real broker; the last test stops it all and checks every process is gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from click.testing import CliRunner
+from dotenv import dotenv_values
+
+from syncagent import cli as cli_mod
+from syncagent import provision as prov
+from syncagent import sandbox
+from syncagent.errors import ConfigError
+from tests.helpers.procs import wait_until
+from worker import ready
+
+SECRET = "wbx-api-key-5b1f0e7c2d9a"  # WORKER_API_KEY given with --env: must never be shown
+OTHER = "wbx-other-key-93c1d47e"  # a second --env value: must not overwrite .env.worker
+OUTPUTS: list[str] = []  # everything the CLI printed in this module
+
+
+def syncagent(*args: str) -> tuple[int, str]:
+    """Run the console entry point in-process; returns (exit code, stdout + stderr)."""
+    runner = CliRunner()
+    with runner.isolation() as streams:
+        code = cli_mod.main(list(args))
+    text = streams[-1].getvalue().decode(errors="replace")  # click 8.2+: stdout + stderr
+    OUTPUTS.append(text)
+    return code, text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def wbx(hermetic_home, tmp_path_factory):
+    """A provisioned sandbox: the CLI's `sandbox up --json` output, plus its directory."""
+    directory = tmp_path_factory.mktemp("wbx")
+    code, out = syncagent("sandbox", "up", "--name", "wbx", "--dir", str(directory), "--env",
+                          f"WORKER_API_KEY={SECRET}", "--timeout", "60", "--json")
+    try:
+        assert code == 0, out
+        info = json.loads(out.strip().splitlines()[-1])
+        info["directory"] = directory
+        yield info
+    except BaseException:
+        for log in sorted(Path(directory).rglob("*.log")):
+            print(f"==> {log}\n{log.read_text(errors='replace')[-3000:]}")
+        raise
+    finally:
+        sandbox.down("wbx", directory)
+
+
+def _root(info: dict) -> Path:
+    return Path(info["remote_root"]) / "project"
+
+
+def test_up_reports_redis_project_and_status_command(wbx) -> None:
+    assert wbx["redis_url"].startswith("redis://127.0.0.1:") and wbx["redis_pid"]
+    assert Path(wbx["project"], "app", "tasks", "demo.py").is_file()
+    assert wbx["supervisorctl"] == (f"{sys.prefix}/bin/supervisorctl -c "
+                                    f"{_root(wbx)}/.syncagent/supervisord.conf status")
+
+
+def test_task_runs_in_the_supervised_worker_on_the_pushed_revision(wbx) -> None:
+    root = _root(wbx)
+    revision = ready.read_revision(root)
+    assert revision != ready.UNKNOWN_REVISION
+    marker = ready.read_marker(root, "blue")
+    assert marker and marker["revision"] == revision
+    supervisord_pid = int((root / ".syncagent" / "supervisord.pid").read_text())
+    ppid = int(Path(f"/proc/{marker['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert ppid == supervisord_pid  # the worker is supervisord's child, not ours
+    client = Celery("client", broker=f"{wbx['redis_url']}/0", backend=f"{wbx['redis_url']}/1",
+                    set_as_current=False)
+    client.conf.broker_connection_retry_on_startup = True
+    try:
+        assert client.send_task("app.tasks.demo.add", args=(2, 3)).get(timeout=30) == 5
+        assert client.send_task("app.tasks.demo.version").get(timeout=30) == "v1"
+        replies = client.control.ping(timeout=1)
+    finally:
+        client.close()
+    nodes = [node for reply in replies for node in reply]
+    assert nodes == [marker["node"]] and f"-blue-{revision[:7]}@" in marker["node"]
+
+
+def test_supervisorctl_status_command_works(wbx) -> None:
+    proc = subprocess.run(shlex.split(wbx["supervisorctl"]), capture_output=True, text=True,
+                          timeout=30)
+    assert "worker:worker-blue" in proc.stdout and "RUNNING" in proc.stdout, proc.stdout
+    assert stat.S_IMODE(os.stat(_root(wbx) / ".syncagent" / "supervisor.sock").st_mode) \
+        & 0o077 == 0
+
+
+def test_second_provision_changes_nothing_and_never_overwrites_env(wbx) -> None:
+    root = _root(wbx)
+    env_file = root / ".env.worker"
+    before = env_file.read_bytes()
+    pid = ready.read_marker(root, "blue")["pid"]
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--venv", sys.prefix,
+                          "--env", f"WORKER_API_KEY={OTHER}")
+    assert code == 0, out
+    assert "wbx: nothing changed" in out
+    assert "not overwritten" in out
+    assert f"status: {wbx['supervisorctl']}" in out
+    assert env_file.read_bytes() == before
+    assert dotenv_values(env_file)["WORKER_API_KEY"] == SECRET
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert ready.read_marker(root, "blue")["pid"] == pid  # nothing restarted
+
+
+def test_provision_json_after_a_code_change_restarts_on_the_new_revision(wbx) -> None:
+    root = _root(wbx)
+    old = ready.read_marker(root, "blue")
+    version = Path(wbx["project"], "app", "version.py")
+    version.write_text(version.read_text().replace('"v1"', '"v2"'))
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--venv", sys.prefix,
+                          "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["changed"] and result["revision"] != old["revision"]
+    assert any(c.startswith("restarted worker (blue)") for c in result["changes"])
+    marker = ready.read_marker(root, "blue")
+    assert marker["revision"] == result["revision"] and marker["pid"] != old["pid"]
+    assert result["worker"]["pid"] == marker["pid"]
+    client = Celery("client", broker=f"{wbx['redis_url']}/0", backend=f"{wbx['redis_url']}/1",
+                    set_as_current=False)
+    client.conf.broker_connection_retry_on_startup = True
+    try:
+        assert client.send_task("app.tasks.demo.version").get(timeout=30) == "v2"
+    finally:
+        client.close()
+
+
+def test_missing_env_file_and_bad_venv(wbx, tmp_path) -> None:
+    project = tmp_path / "other"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    remote = f"{wbx['remote_root']}/other"
+    code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path", remote,
+                          "--venv", f"{wbx['remote_root']}/no-venv")
+    assert code == 2 and "no-venv/bin/python" in out, out
+    code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path", remote,
+                          "--venv", sys.prefix)
+    assert code == 1, out
+    assert f"no {remote}/.env.worker: the worker cannot start" in out
+    assert f"cp {remote}/.env.worker.example {remote}/.env.worker" in out
+    assert not Path(remote, ".syncagent", "supervisord.conf").exists()
+    code, out = syncagent("provision", "wbx", "--path", str(project), "--env", "NOEQUALS")
+    assert code == 2 and "KEY=VALUE" in out
+
+
+def test_worker_that_cannot_start_shows_its_log_tail(wbx, tmp_path) -> None:
+    project = tmp_path / "broken"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    remote = Path(wbx["remote_root"], "broken")
+    conf = remote / ".syncagent" / "supervisord.conf"
+    try:
+        code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                              str(remote), "--venv", sys.prefix, "--timeout", "4",
+                              "--env", f"WORKER_API_KEY={SECRET}", "--env",
+                              f"CELERY_BROKER_URL={wbx['redis_url']}/0", "--env",
+                              f"CELERY_RESULT_BACKEND={wbx['redis_url']}/1", "--env",
+                              "FLASK_APP_URL=http://127.0.0.1:9", "--env",
+                              "CELERY_APP=no_such_module.celery_app")
+        assert code == 1, out
+        assert f"last lines of {remote}/.syncagent/logs/worker-blue.log" in out
+        assert "no_such_module" in out
+    finally:
+        if conf.exists():
+            subprocess.run([f"{sys.prefix}/bin/supervisorctl", "-c", str(conf), "shutdown"],
+                           capture_output=True, timeout=60)
+
+
+def test_no_secret_in_output_files_or_command_lines(wbx) -> None:
+    assert OUTPUTS and not any(SECRET in text or OTHER in text for text in OUTPUTS)
+    holders = []
+    for path in Path(wbx["directory"]).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            if SECRET.encode() in path.read_bytes() or OTHER.encode() in path.read_bytes():
+                holders.append(path)
+    assert _root(wbx) / ".env.worker" in holders
+    assert {p.name for p in holders} == {".env.worker"}, holders
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            data = cmdline.read_bytes()
+        except OSError:
+            continue
+        assert SECRET.encode() not in data and OTHER.encode() not in data, cmdline
+
+
+def test_down_stops_supervisord_worker_redis_and_sshd(wbx) -> None:
+    root = _root(wbx)
+    pids = {"supervisord": int((root / ".syncagent" / "supervisord.pid").read_text()),
+            "worker": ready.read_marker(root, "blue")["pid"],
+            "redis": wbx["redis_pid"], "sshd": wbx["sshd_pid"]}
+    assert all(_alive(pid) for pid in pids.values()), pids
+    code, out = syncagent("sandbox", "down", "--name", "wbx", "--dir", str(wbx["directory"]))
+    assert code == 0, out
+    for what, pid in pids.items():
+        wait_until(lambda p=pid: not _alive(p), 10, f"{what} (pid {pid}) to be gone")
+    assert ready.read_marker(root, "blue") is None  # warm shutdown removed it
+
+
+# ------------------------------------------------------------------ pure helpers
+
+@pytest.mark.parametrize("value", ["plain", "with space", "quote'd", 'dq"x', "back\\slash",
+                                   "a#b", "=eq=", "$HOME", ""],
+                         ids=["plain", "space", "squote", "dquote", "backslash", "hash", "eq",
+                              "dollar", "empty"])
+def test_env_file_text_reads_back_literally(tmp_path, value) -> None:
+    path = tmp_path / ".env.worker"
+    path.write_text(prov.env_file_text([("K", value)]))
+    assert dotenv_values(path)["K"] == value
+
+
+@pytest.mark.parametrize("pair", ["NOEQUALS", "1BAD=zq7", "K=a\nzq7", "K=${zq7}"],
+                         ids=["no-equals", "bad-key", "newline", "interpolation"])
+def test_parse_env_pairs_refuses_without_showing_the_value(pair) -> None:
+    with pytest.raises(ConfigError) as info:
+        prov.parse_env_pairs([pair])
+    value = pair.partition("=")[2]
+    assert not value or value not in str(info.value)
+
+
+def test_secret_values_and_redact() -> None:
+    pairs = [("WORKER_API_KEY", "k1"), ("CELERY_BROKER_URL", "redis://:pw9@h:1/0"),
+             ("CELERY_CONCURRENCY", "1"), ("S3_SECRET", "s3s")]
+    secrets = prov.secret_values(pairs)
+    assert set(secrets) == {"k1", "pw9", "s3s"}
+    assert prov.redact("redis://:pw9@h:1/0 k1 s3s 1", secrets) == "redis://:***@h:1/0 *** *** 1"
