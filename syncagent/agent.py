@@ -13,13 +13,16 @@ Must run on Python 3.8+ with nothing but the standard library.
 
 import errno
 import hashlib
+import http.client
 import json
 import os
 import re
+import socket
 import stat
 import struct
 import sys
 import time
+import xmlrpc.client
 
 __all__ = [
     "PROTOCOL",
@@ -690,6 +693,288 @@ def read_revision(root):
         return None
 
 
+# ---------------------------------------------------------------- the worker (supervisord)
+
+COLOURS = ("blue", "green")
+LIVE_STATES = ("STARTING", "RUNNING", "BACKOFF")
+DOWN_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
+ALREADY_STARTED, NOT_RUNNING, BAD_NAME = 60, 70, 10
+MODES = ("blue-green", "drain", "requeue")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """supervisord's XML-RPC over its unix socket (after supervisor's UnixStreamHTTPConnection)."""
+
+    def __init__(self, path, timeout):
+        http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path, timeout=10):
+        xmlrpc.client.Transport.__init__(self)
+        self.path, self.timeout = path, timeout
+
+    def make_connection(self, host):
+        return _UnixHTTPConnection(self.path, self.timeout)
+
+
+def supervisor_socket(root):
+    return os.path.join(root, STATE_DIR, "supervisor.sock")
+
+
+def _supervisor(root):
+    return xmlrpc.client.ServerProxy("http://localhost",
+                                     transport=_UnixTransport(supervisor_socket(root)))
+
+
+def _marker(root, colour):
+    try:
+        with open(os.path.join(root, STATE_DIR, "ready-%s.json" % colour)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _secrets(root):
+    """Values in .env.worker that must never be shown: secret-looking keys, URL passwords."""
+    out = set()
+    try:
+        with open(os.path.join(root, ".env.worker")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if not sep or key.startswith("#"):
+            continue
+        value = value.strip().strip("'\"")
+        key = key.replace("export ", "").strip().upper()
+        if value and re.search(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD", key):
+            out.add(value)
+        m = re.search(r"://[^:/@\s]*:([^@\s]+)@", value)
+        if m:
+            out.add(m.group(1))
+    return out
+
+
+def log_tail(root, group, colour, offset=0, lines=30):
+    """The worker log from ``offset`` on, last ``lines`` lines, secrets masked."""
+    path = os.path.join(root, STATE_DIR, "logs", "%s-%s.log" % (group, colour))
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, offset))
+            text = f.read()[-65536:].decode("utf-8", "replace")
+    except OSError:
+        return []
+    for secret in _secrets(root):
+        text = text.replace(secret, "***")
+    return text.splitlines()[-lines:]
+
+
+def _log_size(root, group, colour):
+    try:
+        return os.path.getsize(os.path.join(root, STATE_DIR, "logs",
+                                            "%s-%s.log" % (group, colour)))
+    except OSError:
+        return 0
+
+
+def worker_state(root, group="worker"):
+    """What runs: supervisord, each colour's program state and readiness marker.
+
+    Returns None when no worker is provisioned under ``root``.
+    """
+    if not os.path.exists(supervisor_socket(root)):
+        return None
+    try:
+        infos = _supervisor(root).supervisor.getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error) as e:
+        return {"supervisord": "down", "error": str(e), "programs": {}, "live": None}
+    programs = {}
+    live = None
+    for info in infos:
+        if info.get("group") != group:
+            continue
+        colour = info["name"].rsplit("-", 1)[-1]
+        marker = _marker(root, colour)
+        ready = bool(marker and marker.get("pid") == info["pid"] and info["pid"])
+        programs[colour] = {"state": info["statename"], "pid": info["pid"],
+                            "ready": ready, "marker": marker if ready else None}
+        if ready and info["statename"] in ("STARTING", "RUNNING"):
+            if live is None or marker.get("time", 0) > live.get("time", 0):
+                live = dict(marker, colour=colour)
+    conf = os.path.join(root, STATE_DIR, "supervisord.conf")
+    return {"supervisord": "running", "programs": programs, "live": live, "conf": conf,
+            "supervisorctl": "%s -c %s status" % (_supervisorctl(root, group), conf)}
+
+
+def _supervisorctl(root, group):
+    """supervisorctl beside the python that runs the worker (the provisioned venv)."""
+    try:
+        with open(os.path.join(root, STATE_DIR, "supervisor", group + ".conf")) as f:
+            for line in f:
+                if line.startswith("command="):
+                    python = line.split("=", 1)[1].split()[0]
+                    return os.path.join(os.path.dirname(python), "supervisorctl")
+    except (OSError, IndexError):
+        pass
+    return "supervisorctl"
+
+
+class _Restart(object):
+    """One restart: the supervisord calls, the waits, the timings."""
+
+    def __init__(self, root, group, revision, timeout):
+        self.root, self.group, self.revision = root, group, revision
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.proxy = _supervisor(root)
+        self.timings = {}
+
+    def name(self, colour):
+        return "%s:%s-%s" % (self.group, self.group, colour)
+
+    def state(self, colour):
+        return self.proxy.supervisor.getProcessInfo(self.name(colour))
+
+    def start(self, colour):
+        try:
+            self.proxy.supervisor.startProcess(self.name(colour), False)
+        except xmlrpc.client.Fault as e:
+            if e.faultCode != ALREADY_STARTED:
+                raise
+
+    def stop(self, colour):
+        """Warm stop (TERM): Celery finishes its in-flight tasks; does not wait for it."""
+        try:
+            self.proxy.supervisor.stopProcess(self.name(colour), False)
+        except xmlrpc.client.Fault as e:
+            if e.faultCode != NOT_RUNNING:
+                raise
+
+    def wait_down(self, colour, grace=None):
+        """Wait until ``colour`` has stopped; after ``grace`` seconds, a cold stop (QUIT)."""
+        t0 = time.monotonic()
+        cold = False
+        while self.state(colour)["statename"] not in DOWN_STATES:
+            if grace is not None and not cold and time.monotonic() - t0 > grace:
+                try:
+                    self.proxy.supervisor.signalProcess(self.name(colour), "QUIT")
+                except xmlrpc.client.Fault:
+                    pass
+                cold = True
+            if time.monotonic() > self.deadline:
+                raise AgentFailure("RestartTimeout", "%s did not stop within %gs"
+                                   % (self.name(colour), self.timeout))
+            time.sleep(0.05)
+
+    def wait_ready(self, colour, log_offset):
+        """Until the readiness marker names this process and the pushed revision (or a newer
+        push that landed while it started: the worker reads the revision at its start)."""
+        while True:
+            info = self.state(colour)
+            marker = _marker(self.root, colour)
+            if (info["statename"] in ("STARTING", "RUNNING") and marker and info["pid"]
+                    and marker.get("pid") == info["pid"]
+                    and marker.get("revision") in (self.revision, _pushed(self.root))):
+                return marker
+            if info["statename"] in ("BACKOFF", "EXITED", "FATAL"):
+                self.stop(colour)  # no retry loop on code that cannot start
+                raise _StartFailed(colour, info["statename"],
+                                   log_tail(self.root, self.group, colour, log_offset))
+            if time.monotonic() > self.deadline:
+                raise _StartFailed(colour, "not ready after %gs" % self.timeout,
+                                   log_tail(self.root, self.group, colour, log_offset))
+            time.sleep(0.02)
+
+    def launch(self, colour):
+        offset = _log_size(self.root, self.group, colour)
+        t0 = time.monotonic()
+        self.start(colour)
+        marker = self.wait_ready(colour, offset)
+        self.timings["start"] = time.monotonic() - t0
+        return marker
+
+
+def _pushed(root):
+    return (read_revision(root) or {}).get("revision")
+
+
+class _StartFailed(Exception):
+    def __init__(self, colour, state, tail):
+        Exception.__init__(self, state)
+        self.colour, self.state, self.tail = colour, state, tail
+
+
+def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
+                   group="worker"):
+    """Restart the worker onto ``revision`` and wait until that revision is live.
+
+    Modes: ``blue-green`` starts the idle colour, waits for its readiness marker, then warm-
+    stops the old colour (which finishes its tasks on the old code); ``drain`` warm-stops,
+    waits, starts; ``requeue`` sends TERM, then after ``grace`` a cold stop (QUIT) so in-flight
+    tasks go back to the queue (acks_late), then starts.
+
+    Returns:
+        {"ok", "mode", "colour", "previous", "pid", "node", "revision", "timings"}; when the
+        new code does not start: ok False, "failure", "log_tail" and (blue-green) the
+        colours still serving. ("error" is the protocol's own field.)
+    """
+    if mode not in MODES:
+        raise AgentFailure("Config", "unknown restart mode %r" % (mode,))
+    if not os.path.exists(supervisor_socket(root)):
+        raise AgentFailure("NotProvisioned", "no worker is provisioned under %s" % root)
+    r = _Restart(root, group, revision, timeout)
+    t0 = time.monotonic()
+    try:
+        states = {c: r.state(c)["statename"] for c in COLOURS}
+    except (OSError, xmlrpc.client.Error) as e:
+        raise AgentFailure("SupervisorDown", "supervisord is not answering on %s: %s"
+                           % (supervisor_socket(root), e))
+    live = [c for c in COLOURS if states[c] in LIVE_STATES]
+    out = {"ok": False, "mode": mode, "previous": live, "revision": revision}
+    try:
+        if mode == "blue-green":
+            if len(live) == 2:  # keep the newer one serving, replace the other
+                live.sort(key=lambda c: (_marker(root, c) or {}).get("time", 0), reverse=True)
+            old = live[0] if live else None
+            new = "green" if old == "blue" else "blue"
+            if states[new] == "STOPPING":  # still finishing the tasks of an earlier restart
+                r.wait_down(new)
+            marker = r.launch(new)
+            for colour in live:
+                if colour != new:
+                    r.stop(colour)
+        else:
+            current = live[0] if live else "blue"
+            t1 = time.monotonic()
+            for colour in live:
+                r.stop(colour)
+            for colour in live:
+                r.wait_down(colour, grace=grace if mode == "requeue" else None)
+            r.timings["stop"] = time.monotonic() - t1
+            new = current
+            marker = r.launch(new)
+    except _StartFailed as e:
+        out.update(colour=e.colour, failure="the new code did not start (%s)" % e.state.lower(),
+                   log_tail=e.tail, serving=[c for c in live if mode == "blue-green"])
+        r.timings["total"] = time.monotonic() - t0
+        out["timings"] = r.timings
+        return out
+    except (OSError, xmlrpc.client.Error) as e:
+        raise AgentFailure("SupervisorDown", "supervisord failed during the restart: %s" % e)
+    r.timings["total"] = time.monotonic() - t0
+    out.update(ok=True, colour=new, pid=marker.get("pid"), node=marker.get("node"),
+               revision=marker.get("revision"), timings=r.timings)
+    return out
+
+
 # ---------------------------------------------------------------- framing
 
 
@@ -761,13 +1046,31 @@ def handle(req, inp):
                     "revision": None}
         entries, problems = scan_root(root, req.get("rules", []))
         return {"root": root, "exists": True, "entries": to_wire(entries),
-                "problems": problems, "revision": read_revision(root)}
+                "problems": problems, "revision": read_revision(root),
+                "provisioned": os.path.exists(supervisor_socket(root))}
     if op == "apply":
         root = _root(req)
         batch = req.get("batch")
         if not isinstance(batch, dict):
             raise AgentFailure("Protocol", "apply needs a 'batch' object")
         return apply_batch(root, batch, _data_chunks(inp))
+    if op == "restart":
+        return restart_worker(_root(req), str(req.get("revision") or ""),
+                              str(req.get("mode") or "blue-green"),
+                              float(req.get("timeout") or 120), float(req.get("grace") or 3))
+    if op == "worker":
+        root = _root(req)
+        return {"worker": worker_state(root), "revision": read_revision(root)}
+    if op == "logs":
+        root = _root(req)
+        state = worker_state(root) or {}
+        colour = req.get("colour") or (state.get("live") or {}).get("colour") or "blue"
+        offset = req.get("offset")
+        size = _log_size(root, "worker", colour)
+        if offset is None or offset > size:  # first call, or the log was rotated
+            offset = max(0, size - int(req.get("bytes") or 8192))
+        return {"colour": colour, "offset": size,
+                "lines": log_tail(root, "worker", colour, int(offset), int(req.get("lines") or 200))}
     raise AgentFailure("Protocol", "unknown op %r" % op)
 
 

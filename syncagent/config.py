@@ -22,13 +22,14 @@ from .errors import ConfigError, TargetError
 __all__ = [
     "CONFIG_NAME", "Target", "Project", "find_root", "load_project", "parse_target_spec",
     "resolve_target", "user_config_dir", "user_state_dir", "write_user_target",
-    "remove_user_target", "INIT_TEMPLATE",
+    "remove_user_target", "INIT_TEMPLATE", "RESTART_MODES",
 ]
 
 CONFIG_NAME = "syncagent.toml"
 TOP_KEYS = {"exclude", "restart_on", "default_target", "mass_delete_ratio", "targets"}
 TARGET_KEYS = {"host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
-               "python"}
+               "python", "restart_mode"}
+RESTART_MODES = ("blue-green", "drain", "requeue")
 SPEC = re.compile(
     r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
     r"(?P<host>[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])"
@@ -49,9 +50,7 @@ class Target:
     ssh_config: str | None = None
     remote_root: str = "~"  # parent of the default remote path (the sandbox's stand-in home)
     python: str = "python3"
-
-    def label(self) -> str:
-        return self.name
+    restart_mode: str = "blue-green"
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,9 @@ def _targets(data: dict, path: Path, text: str) -> dict[str, Target]:
             if key in spec and not isinstance(spec[key], str):
                 raise ConfigError(f"{_where(path, text, key)}: [targets.{name}] {key} must be "
                                   f"a string")
+        if spec.get("restart_mode", "blue-green") not in RESTART_MODES:
+            raise ConfigError(f"{_where(path, text, 'restart_mode')}: [targets.{name}] "
+                              f"restart_mode must be one of {', '.join(RESTART_MODES)}")
         out[name] = Target(name=name, **spec)
     return out
 
@@ -269,7 +271,7 @@ def write_user_target(target: Target) -> Path:
     lines = [f"# written by syncagent; remove with `syncagent sandbox down --name {target.name}`",
              f'[targets."{target.name}"]']
     for key in ("host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
-                "python"):
+                "python", "restart_mode"):
         value = getattr(target, key)
         if value is None:
             continue
@@ -322,4 +324,5 @@ exclude = [
 # port = 2222
 # remote_path = "~/ClippyFront"
 # identity = "~/.ssh/id_ed25519"
+# restart_mode = "blue-green"   # or "drain" (one GPU user at a time) or "requeue"
 '''

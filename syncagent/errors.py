@@ -13,6 +13,7 @@ __all__ = [
     "AuthError",
     "RemoteError",
     "AgentError",
+    "WorkerStartError",
     "ConfigError",
     "TargetError",
     "SafetyError",
@@ -62,6 +63,15 @@ class RemoteError(OperationalError):
 
 class AgentError(OperationalError):
     """The agent could not be started or spoke an unexpected protocol."""
+
+
+class WorkerStartError(OperationalError):
+    """The worker did not become ready; carries the redacted tail of its log."""
+
+    def __init__(self, message: str, log_tail: list[str], log_path: str):
+        tail = "".join(f"\n  | {line}" for line in log_tail)
+        super().__init__(f"{message}; last lines of {log_path}:{tail}" if log_tail else message)
+        self.log_tail, self.log_path = log_tail, log_path
 
 
 class ConfigError(SyncAgentError):

@@ -15,7 +15,8 @@ import pathspec
 
 from . import agent
 
-__all__ = ["DEFAULT_EXCLUDES", "EDITOR_TEMP", "Rules", "build_rules", "rebase_gitignore"]
+__all__ = ["DEFAULT_EXCLUDES", "DEFAULT_RESTART_ON", "EDITOR_TEMP", "Rules", "build_rules",
+           "rebase_gitignore", "restart_matcher"]
 
 # Clippy-Front's sync-to-remote.sh list, in its order ...
 CLIPPYFRONT_EXCLUDES = (
@@ -33,6 +34,18 @@ DEFAULT_EXCLUDES = CLIPPYFRONT_EXCLUDES + EDITOR_TEMP + (
     ".venv/", ".env", ".env.*", "!.env.example", "!.env.*.example", "instance/", "*.log",
     ".syncagent/",
 )
+
+
+# Changes to these restart the worker; templates, static files and docs only sync.
+DEFAULT_RESTART_ON = ("*.py", "requirements*.txt", "pyproject.toml", "setup.cfg", "*.ini",
+                      "*.cfg", "*.toml", "*.yaml", "*.yml")
+
+
+def restart_matcher(patterns: Sequence[str] | None = None):
+    """A predicate: does a change to this path (posix, relative) need a worker restart?"""
+    spec = pathspec.GitIgnoreSpec.from_lines(
+        DEFAULT_RESTART_ON if patterns is None else patterns)
+    return spec.match_file
 
 
 @dataclass(frozen=True)

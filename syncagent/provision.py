@@ -24,7 +24,7 @@ from typing import Iterable
 import worker
 
 from .config import Project, Target
-from .errors import ConfigError, OperationalError
+from .errors import ConfigError, OperationalError, WorkerStartError
 from .push import PushOptions, PushResult, push
 from .session import Session
 
@@ -120,15 +120,6 @@ class ProvisionResult:
 
     def to_json(self) -> dict:
         return {**self.__dict__, "changed": self.changed}
-
-
-class WorkerStartError(OperationalError):
-    """The worker did not become ready; carries the redacted tail of its log."""
-
-    def __init__(self, message: str, log_tail: list[str], log_path: str):
-        tail = "".join(f"\n  | {line}" for line in log_tail)
-        super().__init__(f"{message}; last lines of {log_path}:{tail}" if log_tail else message)
-        self.log_tail, self.log_path = log_tail, log_path
 
 
 def parse_env_pairs(pairs: Iterable[str]) -> tuple[tuple[str, str], ...]:

@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 
 from . import agent
 from .config import Project, Target
-from .errors import MassDeleteError, PathEscapeError
-from .ignore import Rules
+from .errors import MassDeleteError, PathEscapeError, WorkerStartError
+from .ignore import Rules, restart_matcher
 from .manifest import Entry, LocalScan, local_rules, scan_local
 from .plan import Plan, apply_plan, escaping_links, plan, revision
 from .session import RemoteTree, Session
@@ -34,6 +34,9 @@ class PushOptions:
     restart: bool = True
     allow_mass_delete: bool = False
     trust_new_host: bool = False
+    mode: str | None = None  # restart mode; None: the target's (default blue-green)
+    restart_timeout: float = 120.0
+    requeue_grace: float = 3.0  # requeue mode: seconds of warm stop before the cold stop
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Syncer:
         self.local: dict[str, Entry] = {}
         self.cache = agent.load_digest_cache(self.root)
         self.revision: str | None = None
+        self.provisioned = False
+        self.needs_restart = restart_matcher(project.restart_on)
 
     # ---------------------------------------------------------------- connection
 
@@ -101,7 +106,34 @@ class Syncer:
         tree = self.session.manifest(self.target.remote_path, self.rules.to_wire())
         self.remote = tree.entries
         self.remote_root = tree.root
+        self.provisioned = tree.provisioned
         return tree
+
+    # ---------------------------------------------------------------- the worker
+
+    def restart_wanted(self, result: PushResult) -> bool:
+        """A committed change that matches ``restart_on``, on a provisioned target."""
+        return (self.options.restart and self.provisioned and result.changed
+                and any(self.needs_restart(p) for p in result.paths))
+
+    def restart(self, revision: str, session: Session | None = None) -> dict:
+        """Restart the worker onto ``revision`` and wait until it is live.
+
+        Raises:
+            WorkerStartError: the new code did not start (the log tail is in the message).
+        """
+        mode = self.options.mode or self.target.restart_mode
+        out = (session or self.session).restart(self.remote_root, revision, mode,
+                                                self.options.restart_timeout,
+                                                self.options.requeue_grace)
+        if not out["ok"]:
+            serving = out.get("serving")
+            note = f" (previous worker still serving: {', '.join(serving)})" if serving else ""
+            raise WorkerStartError(f"{self.target.name}: {out['failure']}{note}",
+                                   out.get("log_tail", []),
+                                   f"{self.remote_root}/.syncagent/logs/worker-"
+                                   f"{out.get('colour')}.log")
+        return out
 
     def close(self) -> None:
         if self.session is not None:
@@ -302,8 +334,13 @@ def push(project: Project, target: Target, options: PushOptions = PushOptions(),
         durations["connect"] = remote_out["connect"]
         result = syncer.reconcile(progress, local=local, remote=remote_out["tree"],
                                   durations=durations)
-        # The worker restart (when options.restart and result.changed) plugs in here, while
-        # the session is open: only after a whole batch has been committed.
+        if syncer.restart_wanted(result):  # only after the whole batch has been committed
+            t0 = time.perf_counter()
+            result.restart = syncer.restart(result.revision)
+            result.durations["restart"] = time.perf_counter() - t0
+        elif options.restart and result.changed and not syncer.provisioned:
+            result.warnings.append(f"no worker provisioned on {target.name}: synced only "
+                                   f"(run `syncagent provision {target.name}`)")
         result.durations["total"] = time.perf_counter() - t_start
         return result
     finally:

@@ -45,6 +45,7 @@ class RemoteTree:
     entries: dict[str, Entry]
     revision: str | None
     problems: list = field(default_factory=list)
+    provisioned: bool = False  # a supervisord-managed worker lives under the root
 
 
 class _Channel:
@@ -107,6 +108,7 @@ class Session:
         self.channel: _Channel | None = None
         self.banner: dict = {}
         self.uploaded_agent = False
+        self.owns_client = True
 
     @classmethod
     def open(cls, target: Target, *, trust_new: bool = False, timeout: float = 10.0) -> "Session":
@@ -220,7 +222,36 @@ class Session:
         body = self.request({"op": "manifest", "root": root, "rules": rules_wire})
         rev = body.get("revision") or {}
         return RemoteTree(body["root"], body["exists"], from_wire(body["entries"]),
-                          rev.get("revision"), body.get("problems", []))
+                          rev.get("revision"), body.get("problems", []),
+                          bool(body.get("provisioned")))
+
+    def restart(self, root: str, revision: str, mode: str = "blue-green",
+                timeout: float = 120.0, grace: float = 3.0) -> dict:
+        """Restart the worker onto ``revision``; returns when it is live (or failed to start)."""
+        chan = self.channel.chan
+        chan.settimeout(timeout + 30)
+        try:
+            return self.request({"op": "restart", "root": root, "revision": revision,
+                                 "mode": mode, "timeout": timeout, "grace": grace})
+        finally:
+            if not chan.closed:
+                chan.settimeout(60)
+
+    def worker(self, root: str) -> dict:
+        """{"worker": programs, markers and the live revision (None: not provisioned),
+        "revision": the pushed revision marker}."""
+        return self.request({"op": "worker", "root": root})
+
+    def logs(self, root: str, offset: int | None = None, lines: int = 200) -> dict:
+        return self.request({"op": "logs", "root": root, "offset": offset, "lines": lines})
+
+    def fork(self) -> "Session":
+        """A second agent on the same SSH connection (a restart can wait there while this one
+        keeps syncing). Closing the fork leaves the connection open."""
+        other = Session(self.target, self.client, self.endpoint)
+        other.owns_client = False
+        other.start_agent()
+        return other
 
     def apply(self, root: str, local_root: str, p: Plan, revision: str, files: int,
               progress: Progress | None = None) -> dict:
@@ -328,9 +359,11 @@ class Session:
             if self.channel is not None and not self.channel.chan.closed:
                 self._send({"op": "bye"})
                 self.channel.flush()
+                self.channel.chan.close()
         except Exception:
             pass
-        self.client.close()
+        if self.owns_client:
+            self.client.close()
 
     def __enter__(self) -> "Session":
         return self

@@ -1,0 +1,90 @@
+"""Looking at and acting on a target's worker: status, restart, logs.
+
+Each call opens the target's session, asks its agent, and returns plain data for the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from .config import Project, Target
+from .errors import OperationalError
+from .manifest import local_rules, scan_local
+from .plan import revision
+from .push import PushOptions, Syncer
+from .session import Session
+
+__all__ = ["status", "restart", "logs"]
+
+
+def status(project: Project, target: Target) -> dict:
+    """Local vs pushed vs live revision, the worker's programs and the remote's paths."""
+    rules = local_rules(str(project.root), project.exclude)
+    local = revision(scan_local(str(project.root), rules).entries)
+    with Session.open(target) as session:
+        body = session.worker(target.remote_path)
+    pushed = (body.get("revision") or {}).get("revision")
+    worker = body.get("worker")
+    live = (worker or {}).get("live") or {}
+    return {
+        "target": target.name,
+        "remote_root": target.remote_path,
+        "local_revision": local,
+        "pushed_revision": pushed,
+        "live_revision": live.get("revision"),
+        "live_node": live.get("node"),
+        "live_colour": live.get("colour"),
+        "in_sync": local == pushed,
+        "live": bool(pushed) and live.get("revision") == pushed,
+        "provisioned": worker is not None,
+        "supervisord": (worker or {}).get("supervisord"),
+        "programs": {c: {"state": p["state"], "pid": p["pid"],
+                         "revision": (p.get("marker") or {}).get("revision")}
+                     for c, p in ((worker or {}).get("programs") or {}).items()},
+        "supervisorctl": (worker or {}).get("supervisorctl"),
+    }
+
+
+def restart(project: Project, target: Target, mode: str | None = None,
+            timeout: float = 120.0) -> dict:
+    """Restart the worker onto the pushed revision and wait until it is live.
+
+    Raises:
+        OperationalError: nothing pushed or no worker provisioned; WorkerStartError.
+    """
+    syncer = Syncer(project, target, PushOptions(mode=mode, restart_timeout=timeout))
+    try:
+        syncer.connect()
+        if not syncer.provisioned:
+            raise OperationalError(f"{target.name}: no worker provisioned",
+                                   hint=f"run `syncagent provision {target.name}`")
+        pushed = (syncer.session.worker(syncer.remote_root).get("revision") or {}).get(
+            "revision")
+        if not pushed:
+            raise OperationalError(f"{target.name}: nothing pushed yet",
+                                   hint=f"run `syncagent push {target.name}`")
+        t0 = time.perf_counter()
+        out = syncer.restart(pushed)
+        out["seconds"] = round(time.perf_counter() - t0, 4)
+        out["target"] = target.name
+        return out
+    finally:
+        syncer.close()
+
+
+def logs(target: Target, emit: Callable[[str], None], follow: bool = False,
+         lines: int = 50, stop: threading.Event | None = None, interval: float = 0.5) -> None:
+    """Print the live worker's log (supervisord's program log); ``follow`` keeps reading."""
+    stop = stop or threading.Event()
+    with Session.open(target) as session:
+        body = session.logs(target.remote_path, None, lines)
+        for line in body["lines"]:
+            emit(line)
+        offset = body["offset"]
+        while follow and not stop.wait(interval):
+            body = session.logs(target.remote_path, offset, 10_000)
+            for line in body["lines"]:
+                emit(line)
+            offset = body["offset"]

@@ -1,0 +1,259 @@
+"""The live loop end to end: real sshd, Redis, supervisord and Celery (the provisioned sandbox).
+
+Save a file, and the supervised worker runs the new code, verified by a task sent through the
+broker; broken code shows its traceback and the old colour keeps serving; a git checkout is one
+restart; tasks survive restarts in every mode; a cut connection is reconnected and reconciled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from syncagent import agent, sandbox
+from syncagent.config import load_project, resolve_target
+from syncagent.ignore import build_rules
+from syncagent.plan import content_view
+from syncagent.push import PushOptions, push
+from syncagent.watch import WatchOptions, watch
+from tests.helpers.procs import wait_until
+
+RULES = build_rules().compiled()
+
+
+@pytest.fixture(scope="module")
+def lbx(hermetic_home, tmp_path_factory):
+    """A provisioned sandbox 'lbx': sshd, its own redis-server, the demo app under supervisord."""
+    directory = tmp_path_factory.mktemp("lbx")
+    box = sandbox.up("lbx", directory, provision=True, timeout=60)
+    try:
+        yield box
+    except BaseException:
+        for log in sorted(Path(directory).rglob("*.log")):
+            print(f"==> {log}\n{log.read_text(errors='replace')[-3000:]}")
+        raise
+    finally:
+        sandbox.down("lbx", directory)
+
+
+@pytest.fixture(scope="module")
+def broker(lbx):
+    client = Celery("client", broker=f"{lbx.redis_url}/0", backend=f"{lbx.redis_url}/1",
+                    set_as_current=False)
+    client.conf.broker_connection_retry_on_startup = True
+    yield client
+    client.close()
+
+
+def project_of(box):
+    root = Path(box.project)
+    return load_project(root), root
+
+
+def target_of(box, project):
+    return resolve_target("lbx", project, remote_path=str(Path(box.remote_root) / "project"))
+
+
+class Watching:
+    """`watch` in a thread, its events in a list."""
+
+    def __init__(self, box, **options):
+        self.project, self.root = project_of(box)
+        self.target = target_of(box, self.project)
+        self.events: list[dict] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(options,), daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self, options):
+        try:
+            watch(self.project, self.target, self.events.append, self.stop, PushOptions(),
+                  WatchOptions(**options))
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def __enter__(self):
+        self.thread.start()
+        wait_until(lambda: any(e["event"] == "synced" for e in self.events), 30,
+                   "the initial reconcile")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()
+        if self.error and exc[0] is None:
+            raise self.error
+
+    def of(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+    def ready_on(self, revision_prefix=None):
+        return [e for e in self.of("ready")
+                if revision_prefix is None or e["revision"].startswith(revision_prefix)]
+
+
+def set_version(root: Path, version: str) -> None:
+    (root / "app" / "version.py").write_text(f'"""The demo\'s code version."""\nVERSION = "{version}"\n')
+
+
+def remote_equals_local(box, root) -> bool:
+    remote = Path(box.remote_root) / "project"
+    return content_view(agent.scan(str(remote), RULES)) == content_view(
+        agent.scan(str(root), RULES))
+
+
+def test_save_restarts_the_worker_onto_the_new_code(lbx, broker):
+    with Watching(lbx) as w:
+        set_version(w.root, "v-live-1")
+        wait_until(lambda: w.of("ready") and broker.send_task(
+            "app.tasks.demo.version").get(timeout=10) == "v-live-1", 30, "the new code live")
+        ready = w.of("ready")[-1]
+        assert ready["latency"] < 10 and ready["node"].startswith("demo-")
+        marker = json.loads((Path(lbx.remote_root) / "project" / ".syncagent" /
+                             f"ready-{ready['colour']}.json").read_text())
+        assert marker["revision"] == ready["revision"] == w.of("synced")[-1]["revision"]
+        # A change that restart_on does not match syncs without a restart.
+        restarts = len(w.of("restart"))
+        (w.root / "README.txt").write_text("docs only\n")
+        wait_until(lambda: (Path(lbx.remote_root) / "project" / "README.txt").exists(), 10,
+                   "README.txt on the remote")
+        assert len(w.of("restart")) == restarts
+
+
+def test_broken_code_shows_its_traceback_and_the_old_worker_keeps_serving(lbx, broker):
+    with Watching(lbx) as w:
+        set_version(w.root, "v-good")
+        wait_until(lambda: broker.send_task("app.tasks.demo.version").get(timeout=10)
+                   == "v-good", 30, "v-good live")
+        demo = w.root / "app" / "tasks" / "demo.py"
+        good = demo.read_text()
+        demo.write_text(good + "\ndef broken(:\n")
+        wait_until(lambda: w.of("error"), 30, "the start failure")
+        error = w.of("error")[-1]["error"]
+        assert "SyntaxError" in error and "did not start" in error
+        # still served, by the previous colour, on the previous code
+        assert broker.send_task("app.tasks.demo.version").get(timeout=10) == "v-good"
+        demo.write_text(good)
+        n = len(w.of("ready"))
+        wait_until(lambda: len(w.of("ready")) > n, 30, "recovery after the fix")
+        assert broker.send_task("app.tasks.demo.add", args=(20, 22)).get(timeout=10) == 42
+
+
+def git(root, *args):
+    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+def test_checkout_of_2000_files_is_one_restart(lbx):
+    _, root = project_of(lbx)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "base")
+    git(root, "checkout", "-q", "-b", "big")
+    gen = root / "generated"
+    for i in range(2000):
+        d = gen / f"pkg{i % 20}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"m{i}.py").write_text(f"V = {i}\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "2000 files")
+    git(root, "checkout", "-q", "main")
+    try:
+        with Watching(lbx) as w:
+            wait_until(lambda: not w.of("restart") or w.of("ready"), 30, "a settled start")
+            before = len(w.of("restart"))
+            git(root, "checkout", "-q", "big")
+            wait_until(lambda: remote_equals_local(lbx, root), 60, "the checkout on the remote")
+            wait_until(lambda: len(w.ready_on()) > 0 and w.of("ready")[-1]["revision"]
+                       == w.of("synced")[-1]["revision"], 60, "the new revision live")
+            assert len(w.of("restart")) - before == 1
+            git(root, "checkout", "-q", "main")
+            wait_until(lambda: remote_equals_local(lbx, root), 60, "back on main")
+    finally:
+        shutil.rmtree(root / ".git", ignore_errors=True)
+        shutil.rmtree(gen, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode,restarts", [("blue-green", 20), ("drain", 5), ("requeue", 5)])
+def test_no_task_is_lost_through_restarts(lbx, broker, mode, restarts):
+    """A producer keeps 3 tasks of 0.2-2 s in flight while the worker restarts again and again.
+    Every task id completes; tasks run twice are counted (requeue may legitimately redo one)."""
+    project, root = project_of(lbx)
+    target = target_of(lbx, project)
+    r = redis.Redis.from_url(f"{lbx.redis_url}/0")
+    r.delete("demo:executions", "demo:started")
+    rng = random.Random(f"{mode}-{restarts}")
+    sent, stop = [], threading.Event()
+
+    def producer():
+        while not stop.is_set():
+            pending = [a for a in sent[-6:] if not a.ready()]
+            if len(pending) < 3:
+                sent.append(broker.send_task("app.tasks.demo.work",
+                                             args=(round(rng.uniform(0.2, 2.0), 2),)))
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        for i in range(restarts):
+            set_version(root, f"{mode}-{i}")
+            # requeue: a grace shorter than the tasks, so the cold stop hits running ones
+            result = push(project, target, PushOptions(mode=mode, restart_timeout=60,
+                                                       requeue_grace=0.3))
+            assert result.restart and result.restart["ok"], result.restart
+    finally:
+        stop.set()
+        thread.join()
+    results = [a.get(timeout=120) for a in sent]  # every id completes
+    executions = [x.decode() for x in r.lrange("demo:executions", 0, -1)]
+    interrupted = r.llen("demo:started") - len(executions)
+    duplicates = len(executions) - len(set(executions))
+    print(f"{mode}: {len(sent)} tasks through {restarts} restarts: all completed, "
+          f"{interrupted} interrupted and redelivered, {duplicates} completed twice")
+    assert {res["id"] for res in results} == {a.id for a in sent}
+    assert set(executions) >= {a.id for a in sent}
+    assert duplicates == 0
+    if mode != "requeue":
+        assert interrupted == 0  # warm stops let running tasks finish
+    r.close()
+
+
+def sshd_children(box) -> list[int]:
+    """The per-connection sshd processes under the sandbox's listener."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == box.sshd_pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_cut_connection_is_reconnected_and_reconciled(lbx):
+    with Watching(lbx, ping_every=0.5, ping_timeout=1.0) as w:
+        wait_until(lambda: sshd_children(lbx), 10, "the SSH connection")
+        for pid in sshd_children(lbx):
+            os.kill(pid, signal.SIGKILL)  # the connection dies, as on a network drop
+        for i in range(5):  # edits continue meanwhile
+            (w.root / f"offline_{i}.txt").write_text(f"edit {i}\n")
+        wait_until(lambda: w.of("disconnected"), 15, "the drop to be noticed")
+        wait_until(lambda: len(w.of("connected")) >= 2, 30, "the reconnect")
+        wait_until(lambda: remote_equals_local(lbx, w.root), 30, "the reconcile")
+    for i in range(5):
+        (w.root / f"offline_{i}.txt").unlink()
