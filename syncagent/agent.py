@@ -889,6 +889,7 @@ class _Restart(object):
                 raise _StartFailed(colour, info["statename"],
                                    log_tail(self.root, self.group, colour, log_offset))
             if time.monotonic() > self.deadline:
+                self.stop(colour)  # reported as failed: it must not come up later unseen
                 raise _StartFailed(colour, "not ready after %gs" % self.timeout,
                                    log_tail(self.root, self.group, colour, log_offset))
             time.sleep(0.02)
@@ -935,7 +936,8 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
     try:
         states = {c: r.state(c)["statename"] for c in COLOURS}
     except (OSError, xmlrpc.client.Error) as e:
-        raise AgentFailure("SupervisorDown", "supervisord is not answering on %s: %s"
+        raise AgentFailure("SupervisorDown", "supervisord is not running (no answer on %s: "
+                           "%s); run `syncagent provision` to start it again"
                            % (supervisor_socket(root), e))
     live = [c for c in COLOURS if states[c] in LIVE_STATES]
     out = {"ok": False, "mode": mode, "previous": live, "revision": revision}
@@ -1060,11 +1062,13 @@ def handle(req, inp):
                               float(req.get("timeout") or 120), float(req.get("grace") or 3))
     if op == "worker":
         root = _root(req)
-        return {"worker": worker_state(root), "revision": read_revision(root)}
+        return {"worker": worker_state(root), "revision": read_revision(root), "root": root}
     if op == "logs":
         root = _root(req)
         state = worker_state(root) or {}
         colour = req.get("colour") or (state.get("live") or {}).get("colour") or "blue"
+        if colour not in COLOURS:  # it names a file: never a path
+            raise AgentFailure("Protocol", "unknown colour %r" % (colour,))
         offset = req.get("offset")
         size = _log_size(root, "worker", colour)
         if offset is None or offset > size:  # first call, or the log was rotated

@@ -357,6 +357,28 @@ def logs_cmd(target, path, remote_path, identity, all_, trust_new_host, follow, 
     control.logs(resolved, click.echo, follow=follow, lines=lines, stop=stop)
 
 
+@cli.command("doctor")
+@click.argument("target", required=False)
+@common_target_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor_cmd(target, path, remote_path, identity, all_, trust_new_host, as_json):
+    """Run the worker's preflight checks on the remote (python -m worker doctor)."""
+    from . import control
+
+    project = _project(path)
+    (resolved,) = _targets(project, (target,) if target else (), False, remote_path, identity)
+    code, report = control.doctor(resolved)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for problem in report.get("problems", []):
+            click.echo(f"  env     {problem}")
+        for c in report.get("checks", []):
+            fix = f" -> {c['fix']}" if c.get("fix") and c["status"] != "ok" else ""
+            click.echo(f"  {c['status']:<5} {c['name']:<22} {c['detail']}{fix}")
+    sys.exit(code)
+
+
 @cli.command("init")
 @click.option("--path", type=click.Path(file_okay=False), default=".",
               help="Project root to write syncagent.toml into.")

@@ -16,7 +16,7 @@ from .plan import revision
 from .push import PushOptions, Syncer
 from .session import Session
 
-__all__ = ["status", "restart", "logs"]
+__all__ = ["status", "restart", "logs", "doctor"]
 
 
 def status(project: Project, target: Target) -> dict:
@@ -88,3 +88,31 @@ def logs(target: Target, emit: Callable[[str], None], follow: bool = False,
             for line in body["lines"]:
                 emit(line)
             offset = body["offset"]
+
+
+def doctor(target: Target) -> tuple[int, dict]:
+    """Run ``python -m worker doctor --json`` on the remote, in the provisioned venv.
+
+    Returns:
+        (its exit code: 0 ok, 1 a check failed, 2 invalid .env.worker; its JSON report).
+    """
+    import json
+    import shlex
+
+    with Session.open(target) as session:
+        body = session.worker(target.remote_path)
+        worker = body.get("worker")
+        if worker is None:
+            raise OperationalError(f"{target.name}: no worker provisioned",
+                                   hint=f"run `syncagent provision {target.name}`")
+        root = body.get("root") or target.remote_path
+        python = worker["supervisorctl"].split()[0].rsplit("/", 1)[0] + "/python"
+        runtime = f"{root}/.syncagent/runtime"
+        code, out, err = session.run(
+            f"cd {shlex.quote(root)} && PYTHONPATH={shlex.quote(runtime)} "
+            f"{shlex.quote(python)} -m worker doctor --json", timeout=120)
+    try:
+        return code, json.loads(out)
+    except ValueError:
+        raise OperationalError(f"{target.name}: doctor did not run: "
+                               f"{(err.strip().splitlines() or [f'exit {code}'])[-1]}") from None

@@ -25,6 +25,7 @@ from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives import serialization
+from dotenv import dotenv_values
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .config import Target, load_project, remove_user_target, user_state_dir, write_user_target
@@ -246,7 +247,7 @@ def _ensure_redis(box: Sandbox, url: str | None) -> None:
                           "or pass --redis-url / set REDIS_URL")
     rdir = Path(box.dir) / "redis"
     rdir.mkdir(mode=0o700, exist_ok=True)
-    port = free_port()
+    port = _reuse_port(box.redis_url) or free_port()  # a re-up keeps the worker's broker URL
     url = f"redis://127.0.0.1:{port}"
     pidfile = rdir / "redis.pid"
     pidfile.unlink(missing_ok=True)
@@ -270,6 +271,19 @@ def _ensure_redis(box: Sandbox, url: str | None) -> None:
     box.redis_url, box.redis_pid = url, wait_until(started, 15, f"redis-server pidfile {pidfile}")
     box._save()  # recorded before the next wait: `down` stops it even if that fails
     wait_until(lambda: _redis_ping(url), 15, f"redis-server on 127.0.0.1:{port}")
+
+
+def _reuse_port(url: str | None) -> int | None:
+    """The port of ``url`` if it is free to bind on 127.0.0.1 again."""
+    port = urlsplit(url).port if url else None
+    if not port:
+        return None
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
 
 
 def _with_db(url: str, db: int) -> str:
@@ -304,6 +318,10 @@ def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
                 "WORKER_NAME": "demo", **(env or {})}
     remote_path = f"{box.remote_root}/{PROJECT_DIR}"
     target = replace(box.target(), remote_path=remote_path)
+    env_file = Path(remote_path) / ".env.worker"
+    if env_file.exists() and dotenv_values(env_file).get("CELERY_BROKER_URL") != \
+            settings["CELERY_BROKER_URL"]:
+        env_file.unlink()  # the sandbox's own file, for a Redis that is gone: write it anew
     box.project = str(project_dir)
     # Recorded before provisioning: `down` stops supervisord even if provisioning fails later.
     box.supervisord_pidfile = f"{remote_path}/.syncagent/supervisord.pid"
