@@ -21,6 +21,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 import xmlrpc.client
 
@@ -165,8 +166,9 @@ def save_digest_cache(root, cache):
 
 
 def _write_atomic(path, text):
-    tmp = "%s.%s.tmp" % (path, os.getpid())
-    with open(tmp, "w") as f:
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())  # threads: fleet pushes
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # whatever the umask
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -583,7 +585,7 @@ def _stage_marker(dirs, batch):
     tmp = "revision.%d.tmp" % os.getpid()
     body = json.dumps({"revision": batch.get("revision"), "time": time.time(),
                        "files": batch.get("files", 0)})
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=sfd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=sfd)
     try:
         _write_all(fd, body.encode())
     finally:
@@ -721,7 +723,10 @@ class _UnixTransport(xmlrpc.client.Transport):
         self.path, self.timeout = path, timeout
 
     def make_connection(self, host):
-        return _UnixHTTPConnection(self.path, self.timeout)
+        # kept, as the base class does, so close() reaches it (no leaked socket per call)
+        if not self._connection or self._connection[0] != host:
+            self._connection = host, _UnixHTTPConnection(self.path, self.timeout)
+        return self._connection[1]
 
 
 def supervisor_socket(root):
@@ -793,7 +798,8 @@ def worker_state(root, group="worker"):
     if not os.path.exists(supervisor_socket(root)):
         return None
     try:
-        infos = _supervisor(root).supervisor.getAllProcessInfo()
+        with _supervisor(root) as proxy:
+            infos = proxy.supervisor.getAllProcessInfo()
     except (OSError, xmlrpc.client.Error) as e:
         return {"supervisord": "down", "error": str(e), "programs": {}, "live": None}
     programs = {}
@@ -810,7 +816,13 @@ def worker_state(root, group="worker"):
             if live is None or marker.get("time", 0) > live.get("time", 0):
                 live = dict(marker, colour=colour)
     conf = os.path.join(root, STATE_DIR, "supervisord.conf")
+    try:
+        with open(os.path.join(root, STATE_DIR, "last-restart.json")) as f:
+            last = json.load(f)
+    except (OSError, ValueError):
+        last = None
     return {"supervisord": "running", "programs": programs, "live": live, "conf": conf,
+            "last_restart": last,
             "supervisorctl": "%s -c %s status" % (_supervisorctl(root, group), conf)}
 
 
@@ -932,6 +944,14 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
     if not os.path.exists(supervisor_socket(root)):
         raise AgentFailure("NotProvisioned", "no worker is provisioned under %s" % root)
     r = _Restart(root, group, revision, timeout)
+    try:
+        return _restart(r, mode, grace)
+    finally:
+        r.proxy("close")()  # the XML-RPC connection: an agent lives for a whole watch
+
+
+def _restart(r, mode, grace):
+    root = r.root
     t0 = time.monotonic()
     try:
         states = {c: r.state(c)["statename"] for c in COLOURS}
@@ -940,7 +960,7 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
                            "%s); run `syncagent provision` to start it again"
                            % (supervisor_socket(root), e))
     live = [c for c in COLOURS if states[c] in LIVE_STATES]
-    out = {"ok": False, "mode": mode, "previous": live, "revision": revision}
+    out = {"ok": False, "mode": mode, "previous": live, "revision": r.revision}
     try:
         if mode == "blue-green":
             if len(live) == 2:  # keep the newer one serving, replace the other
@@ -974,6 +994,12 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
     r.timings["total"] = time.monotonic() - t0
     out.update(ok=True, colour=new, pid=marker.get("pid"), node=marker.get("node"),
                revision=marker.get("revision"), timings=r.timings)
+    try:  # for `syncagent status`: the last restart and how long it took
+        _write_atomic(os.path.join(root, STATE_DIR, "last-restart.json"), json.dumps(
+            {"time": time.time(), "mode": mode, "colour": new, "revision": out["revision"],
+             "timings": r.timings}))
+    except OSError:
+        pass
     return out
 
 

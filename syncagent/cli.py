@@ -14,22 +14,14 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
 
-from . import sandbox as sandbox_mod
-from .config import (CONFIG_NAME, INIT_TEMPLATE, RESTART_MODES, Project, Target, find_root,
-                     load_project, resolve_target)
+from .config import (CONFIG_NAME, INIT_TEMPLATE, RESTART_MODES, RESTART_POLICIES, Project,
+                     Target, expand_specs, find_root, load_project, resolve_target)
 from .errors import ConfigError, SyncAgentError
-from .provision import ProvisionOptions, ProvisionResult, parse_env_pairs, provision, redact
-from .push import PushOptions, PushResult, push
+from .push import PushOptions, PushResult, push_many
 from .transport import connect
-from .watch import WatchOptions, watch
 
 __all__ = ["cli", "main"]
-
-err = Console(stderr=True, highlight=False)
 
 
 def _project(path: str | None) -> Project:
@@ -38,11 +30,7 @@ def _project(path: str | None) -> Project:
 
 def _targets(project: Project, specs: tuple[str, ...], all_: bool, remote_path: str | None,
              identity: str | None) -> list[Target]:
-    if all_:
-        if not project.targets:
-            raise ConfigError("--all: no targets configured")
-        specs = tuple(project.targets)
-    names = specs or (None,)
+    names = expand_specs(project, specs, all_)
     if remote_path and len(names) > 1:
         raise ConfigError("--remote-path applies to a single TARGET")
     return [resolve_target(s, project, remote_path=remote_path, identity=identity) for s in names]
@@ -70,15 +58,20 @@ class _LazyProgress:
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled = label, enabled
         self.t0 = time.monotonic()
-        self.bar: Progress | None = None
+        self.bar = None
         self.task = None
 
     def __call__(self, sent: int, total: int, files: int, nfiles: int) -> None:
         if not self.enabled or (self.bar is None and time.monotonic() - self.t0 < 1.0):
             return
         if self.bar is None:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                                TransferSpeedColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True),
                                 transient=True)
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=total)
@@ -126,6 +119,8 @@ def _live_line(target: str, rev: str, timings: dict, sync: float | None = None) 
 def _env_pairs(ctx, param, value):
     """``--env KEY=VALUE`` (repeatable) -> pairs; the message never shows a value."""
     try:
+        from .provision import parse_env_pairs
+
         return parse_env_pairs(value or ())
     except ConfigError as e:
         raise click.BadParameter(str(e)) from e
@@ -138,7 +133,7 @@ def _env_option(f):
                              "has no .env.worker. Sent over SSH stdin, never shown.")(f)
 
 
-def _provision_summary(r: ProvisionResult) -> str:
+def _provision_summary(r) -> str:
     w = r.worker
     live = (f"worker {w.get('node')} (pid {w.get('pid')}) ready on revision "
             f"{r.revision[:7]}")
@@ -163,31 +158,55 @@ def cli() -> None:
 @click.option("--mode", type=click.Choice(RESTART_MODES), default=None,
               help="Restart mode (default: the target's restart_mode, else blue-green).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--policy", type=click.Choice(RESTART_POLICIES), default=None,
+              help="Across targets: rolling (default, one at a time) or parallel.")
 def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run, no_restart,
-             allow_mass_delete, mode, as_json):
-    """Make the remote tree equal to the local one (one-shot)."""
+             allow_mass_delete, mode, policy, as_json):
+    """Make the remote tree equal to the local one (one-shot), on each TARGET at once."""
     project = _project(path)
     options = PushOptions(dry_run=dry_run, restart=not no_restart,
                           allow_mass_delete=allow_mass_delete, trust_new_host=trust_new_host,
                           mode=mode)
-    results = []
-    for target in _targets(project, targets, all_, remote_path, identity):
-        bar = _LazyProgress(f"push {target.name}", enabled=not as_json)
-        try:
-            result = push(project, target, options, progress=bar)
-        finally:
-            bar.close()
-        results.append(result)
-        if not as_json:
-            for w in result.warnings:
-                err.print(f"[yellow]warning:[/] {w}", markup=True)
-            if dry_run:
-                for line in result.plan.lines():
-                    click.echo(f"  {line}")
-            click.echo(_summary(result))
+    resolved = _targets(project, targets, all_, remote_path, identity)
+    bar = _LazyProgress(f"push {resolved[0].name}", enabled=not as_json and len(resolved) == 1)
+    try:
+        fleet = push_many(project, resolved, options, policy or project.restart_policy, bar)
+    finally:
+        bar.close()
+    if len(resolved) == 1 and fleet.errors:
+        raise next(iter(fleet.errors.values()))
     if as_json:
-        payload = [r.to_json() for r in results]
-        click.echo(json.dumps(payload[0] if len(payload) == 1 else {"targets": payload}))
+        payload = {t.name: (fleet.results[t.name].to_json() if t.name in fleet.results else {})
+                   for t in resolved}
+        for name, e in fleet.errors.items():
+            payload[name].update(target=name, error=str(e), exit_code=e.exit_code)
+        click.echo(json.dumps(payload[resolved[0].name] if len(resolved) == 1
+                              else {"targets": list(payload.values())}))
+    else:
+        for t in resolved:
+            result = fleet.results.get(t.name)
+            if result is not None:
+                for w in result.warnings:
+                    _warn(w)
+                if dry_run:
+                    for line in result.plan.lines():
+                        click.echo(f"  {line}")
+                click.echo(_summary(result))
+            if t.name in fleet.errors:
+                click.echo(f"syncagent: error: {fleet.errors[t.name]}", err=True)
+        if len(resolved) > 1:
+            revisions = {r.revision for r in fleet.results.values()}
+            ok = len(resolved) - len(fleet.errors)
+            click.echo(f"{ok}/{len(resolved)} targets on revision "
+                       f"{next(iter(revisions))[:7] if len(revisions) == 1 else '(mixed)'}")
+    sys.exit(fleet.exit_code)
+
+
+def _warn(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[yellow]warning:[/] {message}", markup=True)
 
 
 def _render_event(event: dict) -> str:
@@ -221,7 +240,7 @@ def _render_event(event: dict) -> str:
 
 
 @cli.command("watch")
-@click.argument("target", required=False)
+@click.argument("targets", nargs=-1)
 @common_target_options
 @click.option("--no-restart", is_flag=True, help="Sync only; leave the worker running.")
 @click.option("--allow-mass-delete", is_flag=True,
@@ -233,12 +252,14 @@ def _render_event(event: dict) -> str:
 @click.option("--polling", is_flag=True, help="Poll instead of inotify (network filesystems).")
 @click.option("--mode", type=click.Choice(RESTART_MODES), default=None,
               help="Restart mode (default: the target's restart_mode, else blue-green).")
+@click.option("--policy", type=click.Choice(RESTART_POLICIES), default=None,
+              help="Across targets: rolling (default, one at a time) or parallel.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
-def watch_cmd(target, path, remote_path, identity, all_, trust_new_host, no_restart,
-              allow_mass_delete, quiet_ms, max_wait_ms, polling, mode, as_json):
+def watch_cmd(targets, path, remote_path, identity, all_, trust_new_host, no_restart,
+              allow_mass_delete, quiet_ms, max_wait_ms, polling, mode, policy, as_json):
     """Initial reconcile, then push every change as it happens."""
     project = _project(path)
-    (resolved,) = _targets(project, (target,) if target else (), False, remote_path, identity)
+    resolved = _targets(project, targets, all_, remote_path, identity)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -250,11 +271,14 @@ def watch_cmd(target, path, remote_path, identity, all_, trust_new_host, no_rest
             click.echo(json.dumps(event) if as_json else _render_event(event))
             sys.stdout.flush()
 
+    from .watch import WatchOptions, watch
+
     watch(project, resolved,
           emit, stop,
           PushOptions(restart=not no_restart, allow_mass_delete=allow_mass_delete,
                       trust_new_host=trust_new_host, mode=mode),
-          WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000, polling=polling))
+          WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000, polling=polling),
+          policy or project.restart_policy)
 
 
 @cli.command("provision")
@@ -273,6 +297,8 @@ def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, ve
     """Set up the worker on TARGET (idempotent): venv, runtime, requirements, .env.worker,
     supervisord; then wait until the worker serves the pushed revision."""
     project = _project(path)
+    from .provision import ProvisionOptions, provision
+
     options = ProvisionOptions(venv=venv, env=env_pairs, trust_new_host=trust_new_host,
                                allow_mass_delete=allow_mass_delete, timeout=timeout)
     results = []
@@ -281,7 +307,7 @@ def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, ve
         results.append(result)
         if not as_json:
             for w in result.warnings:
-                err.print(f"[yellow]warning:[/] {w}", markup=True)
+                _warn(w)
             click.echo(_provision_summary(result))
             click.echo(f"  status: {result.supervisorctl}")
     if as_json:
@@ -298,26 +324,62 @@ def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_js
     from . import control
 
     project = _project(path)
-    results = [control.status(project, t)
-               for t in _targets(project, targets, all_, remote_path, identity)]
+    results = []
+    for t in _targets(project, targets, all_, remote_path, identity):
+        try:
+            results.append(control.status(project, t))
+        except SyncAgentError as e:  # a target that is down does not hide the others
+            results.append({"target": t.name, "remote_root": t.remote_path, "error": str(e),
+                            "exit_code": e.exit_code})
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else {"targets": results}))
+    elif len(results) == 1 and "error" not in results[0]:
+        _status_detail(results[0])
+    else:
+        _status_table(results)
+    sys.exit(max((r.get("exit_code", 0) for r in results), default=0))
+
+
+def _status_detail(r: dict) -> None:
+    sync = "in sync" if r["in_sync"] else "local changes not pushed"
+    click.echo(f"{r['target']}: {r['remote_root']}")
+    click.echo(f"  local   {r['local_revision'][:7]}  ({sync})")
+    click.echo(f"  pushed  {(r['pushed_revision'] or '-')[:7]}")
+    if not r["provisioned"]:
+        click.echo(f"  worker  none (run `syncagent provision {r['target']}`)")
         return
+    click.echo(f"  live    {(r['live_revision'] or '-')[:7]}  {r['live_node'] or ''} "
+               + ("(the pushed revision)" if r["live"] else
+                  "(older than the push: no restart-worthy change since, or not restarted)"))
+    for colour, p in sorted(r["programs"].items()):
+        click.echo(f"  {colour:<6}  {p['state']:<9} pid {p['pid'] or '-'}")
+    last = r.get("last_restart")
+    if last:
+        click.echo(f"  last restart: {last['mode']} onto {last['revision'][:7]}, "
+                   f"{last['timings'].get('total', 0):.1f} s, "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))}")
+    click.echo(f"  on the remote: {r['supervisorctl']}")
+
+
+def _status_table(results: list[dict]) -> None:
+    """One line per target, and whether they all run the same code."""
+    click.echo(f"{'TARGET':<14} {'STATE':<13} {'PUSHED':<8} {'LIVE':<8} {'RESTART':>8}  NODE")
     for r in results:
-        sync = "in sync" if r["in_sync"] else "local changes not pushed"
-        click.echo(f"{r['target']}: {r['remote_root']}")
-        click.echo(f"  local   {r['local_revision'][:7]}  ({sync})")
-        click.echo(f"  pushed  {(r['pushed_revision'] or '-')[:7]}")
-        if not r["provisioned"]:
-            click.echo(f"  worker  none (run `syncagent provision {r['target']}`)")
+        if "error" in r:
+            click.echo(f"{r['target']:<14} {'unreachable':<13} {'-':<8} {'-':<8} {'-':>8}  "
+                       f"{r['error']}")
             continue
-        live = r["live_revision"]
-        click.echo(f"  live    {(live or '-')[:7]}  {r['live_node'] or ''} "
-                   + ("(the pushed revision)" if r["live"] else
-                      "(older than the push: no restart-worthy change since, or not restarted)"))
-        for colour, p in sorted(r["programs"].items()):
-            click.echo(f"  {colour:<6}  {p['state']:<9} pid {p['pid'] or '-'}")
-        click.echo(f"  on the remote: {r['supervisorctl']}")
+        state = ("no worker" if not r["provisioned"] else
+                 "live" if r["live"] else "stale")
+        last = (r.get("last_restart") or {}).get("timings", {}).get("total")
+        click.echo(f"{r['target']:<14} {state:<13} {(r['pushed_revision'] or '-')[:7]:<8} "
+                   f"{(r['live_revision'] or '-')[:7]:<8} "
+                   f"{f'{last:.1f} s' if last is not None else '-':>8}  {r['live_node'] or ''}")
+    live = {r["live_revision"] for r in results if r.get("live_revision")}
+    if len(live) > 1:
+        by = ", ".join(f"{r['target']} {r['live_revision'][:7]}" for r in results
+                       if r.get("live_revision"))
+        click.echo(f"mixed revisions: {by}")
 
 
 @cli.command("restart")
@@ -432,6 +494,8 @@ def _sandbox_options(f):
 def sandbox_up(name, directory, redis_url, no_worker, env_pairs, timeout, as_json):
     """Start the sandbox, register target NAME and (unless --no-worker) run the demo app's
     worker under supervisord, with Redis as its broker."""
+    from . import sandbox as sandbox_mod
+
     box = sandbox_mod.up(name, directory, provision=not no_worker, redis_url=redis_url,
                          env=dict(env_pairs), timeout=timeout)
     if as_json:
@@ -444,20 +508,24 @@ def sandbox_up(name, directory, redis_url, no_worker, env_pairs, timeout, as_jso
         click.echo(f"  try: syncagent push {box.name}")
         return
     r = box.last_provision
+    from .provision import redact
+
     click.echo(f"  redis: {redact(box.redis_url)}"
                f"{f' (pid {box.redis_pid})' if box.redis_pid else ' (external)'}\n"
                f"  demo project: {box.project}\n"
                f"  worker: {r.worker.get('node')} (pid {r.worker.get('pid')}) ready on "
                f"revision {r.revision[:7]}\n"
                f"  status: {r.supervisorctl}\n"
-               f"  try: edit {box.project}/app/version.py, then "
-               f"syncagent provision {box.name} --path {box.project}")
+               f"  try: syncagent watch {box.name} --path {box.project}, then edit "
+               f"{box.project}/app/version.py")
 
 
 @sandbox_group.command("down")
 @_sandbox_options
 def sandbox_down(name, directory):
     """Stop exactly the processes `sandbox up` started."""
+    from . import sandbox as sandbox_mod
+
     stopped = sandbox_mod.down(name, directory)
     click.echo(f"sandbox '{name}': stopped pid {', '.join(map(str, stopped))}" if stopped
                else f"sandbox '{name}': not running")
@@ -468,6 +536,8 @@ def sandbox_down(name, directory):
 @click.option("--json", "as_json", is_flag=True)
 def sandbox_status(name, directory, as_json):
     """Say whether the sandbox runs (exit 1 if it does not)."""
+    from . import sandbox as sandbox_mod
+
     box = sandbox_mod.status(name, directory)
     if as_json:
         click.echo(json.dumps(box.to_json() if box else {"name": name, "running": False}))

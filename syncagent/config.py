@@ -22,11 +22,13 @@ from .errors import ConfigError, TargetError
 __all__ = [
     "CONFIG_NAME", "Target", "Project", "find_root", "load_project", "parse_target_spec",
     "resolve_target", "user_config_dir", "user_state_dir", "write_user_target",
-    "remove_user_target", "INIT_TEMPLATE", "RESTART_MODES",
+    "remove_user_target", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "expand_specs",
 ]
 
 CONFIG_NAME = "syncagent.toml"
-TOP_KEYS = {"exclude", "restart_on", "default_target", "mass_delete_ratio", "targets"}
+TOP_KEYS = {"exclude", "restart_on", "default_target", "mass_delete_ratio", "targets", "groups",
+            "restart_policy"}
+RESTART_POLICIES = ("rolling", "parallel")
 TARGET_KEYS = {"host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
                "python", "restart_mode"}
 RESTART_MODES = ("blue-green", "drain", "requeue")
@@ -63,6 +65,8 @@ class Project:
     mass_delete_ratio: float = 0.5
     targets: Mapping[str, Target] = field(default_factory=dict)  # the project's and the user's
     project_targets: tuple[str, ...] = ()  # names defined by the project file itself
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    restart_policy: str = "rolling"  # across targets: one at a time, or all at once
 
 
 def user_config_dir() -> Path:
@@ -162,7 +166,18 @@ def _parse_project(data: dict, path: Path, text: str) -> dict:
     default = data.get("default_target")
     if default is not None and not isinstance(default, str):
         raise ConfigError(f"{_where(path, text, 'default_target')}: must be a string")
+    groups = data.get("groups", {})
+    if not isinstance(groups, dict):
+        raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
+    for name in groups:
+        _str_list(groups, name, path, text)
+    policy = data.get("restart_policy", "rolling")
+    if policy not in RESTART_POLICIES:
+        raise ConfigError(f"{_where(path, text, 'restart_policy')}: restart_policy must be one "
+                          f"of {', '.join(RESTART_POLICIES)}")
     return {
+        "groups": {k: tuple(v) for k, v in groups.items()},
+        "restart_policy": policy,
         "exclude": _str_list(data, "exclude", path, text) or (),
         "restart_on": _str_list(data, "restart_on", path, text),
         "default_target": default,
@@ -204,6 +219,11 @@ def load_project(root: Path) -> Project:
     fields = _parse_project(data, source, text)
     own = fields.pop("targets")
     targets.update(own)
+    for group, members in fields["groups"].items():
+        unknown = [m for m in members if m not in targets]
+        if unknown:
+            raise ConfigError(f"{_where(source, text, group)}: group '{group}' names unknown "
+                              f"target '{unknown[0]}'")
     return Project(root=root, config_file=source, targets=targets, project_targets=tuple(own),
                    **fields)
 
@@ -263,6 +283,22 @@ def resolve_target(
     return replace(target, remote_path=chosen, identity=identity or target.identity)
 
 
+def expand_specs(project: Project, specs: tuple[str, ...], all_: bool) -> list[str | None]:
+    """TARGET arguments -> target specs: group names expand to their members, ``--all`` to
+    every target of the project (else every known one); no argument -> [None] (the default)."""
+    if all_:
+        names = list(project.project_targets or project.targets)
+        if not names:
+            raise ConfigError("--all: no targets configured")
+        return names
+    out: list[str | None] = []
+    for spec in specs:
+        for name in project.groups.get(spec, (spec,)):
+            if name not in out:
+                out.append(name)
+    return out or [None]
+
+
 def write_user_target(target: Target) -> Path:
     """Register a target for this user (used by the sandbox); returns the file written."""
     directory = user_config_dir() / "targets.d"
@@ -317,6 +353,12 @@ exclude = [
 # mass_delete_ratio = 0.5
 
 # default_target = "gpu"
+
+# Several workers on one broker: name them together, push and watch them all at once.
+# [groups]
+# gpus = ["gpu", "gpu2"]
+# restart_policy = "rolling"   # one target at a time (the fleet never loses all capacity),
+#                              # or "parallel"
 
 # [targets.gpu]
 # host = "192.168.1.119"        # or an alias from ~/.ssh/config

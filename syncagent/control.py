@@ -44,6 +44,7 @@ def status(project: Project, target: Target) -> dict:
                          "revision": (p.get("marker") or {}).get("revision")}
                      for c, p in ((worker or {}).get("programs") or {}).items()},
         "supervisorctl": (worker or {}).get("supervisorctl"),
+        "last_restart": (worker or {}).get("last_restart"),
     }
 
 

@@ -8,20 +8,22 @@ manifest kept in memory.
 
 from __future__ import annotations
 
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import agent
 from .config import Project, Target
-from .errors import MassDeleteError, PathEscapeError, WorkerStartError
+from .errors import (MassDeleteError, OperationalError, PathEscapeError, SyncAgentError,
+                     WorkerStartError)
 from .ignore import Rules, restart_matcher
-from .manifest import Entry, LocalScan, local_rules, scan_local
+from .manifest import Entry, LocalScan, local_rules
 from .plan import Plan, apply_plan, escaping_links, plan, revision
 from .session import RemoteTree, Session
 
-__all__ = ["PushOptions", "PushResult", "Syncer", "push", "MASS_DELETE_MIN"]
+__all__ = ["PushOptions", "PushResult", "FleetResult", "Syncer", "push", "push_many",
+           "MASS_DELETE_MIN"]
 
 MASS_DELETE_MIN = 20
 MAX_PASSES = 3  # files that change while being sent get another pass
@@ -191,15 +193,21 @@ class Syncer:
 
     # ---------------------------------------------------------------- partial sync
 
-    def sync_paths(self, paths: Iterable[str], _pass: int = 1) -> PushResult:
+    def sync_paths(self, paths: Iterable[str], fresh: dict | None = None,
+                   problems: list | None = None, _pass: int = 1) -> PushResult:
         """Send what the filesystem holds now at ``paths`` (and below, for directories).
 
         Named files are compared by content, never skipped on size and mtime.
+
+        Args:
+            fresh, problems: what ``agent.scan_paths`` found at ``paths`` and could not read,
+                when the caller has read them already (a watch reads once for all targets).
         """
         t_start = time.perf_counter()
         paths = set(paths)
-        problems: list = []
-        fresh = agent.scan_paths(self.root, self._compiled, paths, self.cache, problems)
+        problems = [] if problems is None else list(problems)
+        if fresh is None:
+            fresh = agent.scan_paths(self.root, self._compiled, paths, self.cache, problems)
         subtrees = {p for p in paths
                     if any(m.get(p) is not None and m[p].kind == "d"
                            for m in (fresh, self.local, self.remote))}
@@ -223,7 +231,7 @@ class Syncer:
         result.warnings[:0] = [f"skipped {path}: {why}" for path, why in problems]
         result.durations["total"] = time.perf_counter() - t_start
         if result.unsettled and _pass < MAX_PASSES:
-            result = _merge(result, self.sync_paths(paths, _pass + 1))
+            result = _merge(result, self.sync_paths(paths, None, None, _pass + 1))
         agent.save_digest_cache(self.root, self.cache)
         return result
 
@@ -300,48 +308,122 @@ def _merge(a: PushResult, b: PushResult) -> PushResult:
     return a
 
 
-def push(project: Project, target: Target, options: PushOptions = PushOptions(),
-         progress: Progress | None = None) -> PushResult:
-    """Make the remote tree under ``target.remote_path`` equal to the local tree (one-shot).
+@dataclass
+class FleetResult:
+    """A push to several targets: each one's result, or the error that stopped it."""
 
-    The connection (key exchange, agent start, remote manifest) runs in a thread while the
-    local tree is scanned: both take about as long.
+    results: dict[str, PushResult] = field(default_factory=dict)
+    errors: dict[str, SyncAgentError] = field(default_factory=dict)
 
-    Raises:
-        SyncAgentError subclasses: connection, agent, safety (mass delete, path escape).
+    @property
+    def exit_code(self) -> int:
+        return max((e.exit_code for e in self.errors.values()), default=0)
+
+
+def push_many(project: Project, targets: list[Target], options: PushOptions = PushOptions(),
+              policy: str = "rolling", progress: Progress | None = None) -> FleetResult:
+    """Make every target equal to the local tree, then restart the workers that need it.
+
+    The local tree is scanned and hashed once; connections and transfers run concurrently,
+    one connection per target. Restarts follow ``policy``: ``rolling`` restarts one target at
+    a time, the next only once the previous reports the new revision live (and stops at the
+    first that fails to start, so broken code never takes the whole fleet down);
+    ``parallel`` restarts them all at once. A target that fails does not stop the others.
+
+    Args:
+        progress: called as for :func:`push`; only used with a single target.
     """
     t_start = time.perf_counter()
-    syncer = Syncer(project, target, options)
-    remote_out: dict = {}
+    rules = local_rules(str(project.root), project.exclude)
+    syncers = [Syncer(project, t, options, rules) for t in targets]
+    fleet = FleetResult()
+    trees: dict[str, tuple[RemoteTree, float]] = {}
 
-    def connect() -> None:
-        try:
-            t0 = time.perf_counter()
-            remote_out["tree"] = syncer.connect()
-            remote_out["connect"] = time.perf_counter() - t0
-        except BaseException as e:  # re-raised in the caller's thread
-            remote_out["error"] = e
+    def connect(s: Syncer) -> None:
+        t0 = time.perf_counter()
+        trees[s.target.name] = (s.connect(), time.perf_counter() - t0)
 
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    local = syncer._scan_all()
-    durations = {"scan": time.perf_counter() - t0}
-    thread.join()
+    def reconcile(s: Syncer) -> None:
+        tree, t_connect = trees[s.target.name]
+        durations = {"scan": t_scan, "connect": t_connect}
+        fleet.results[s.target.name] = s.reconcile(
+            progress if len(syncers) == 1 else None, local=local, remote=tree,
+            durations=durations)
+
+    def restart(s: Syncer) -> None:
+        result = fleet.results[s.target.name]
+        t0 = time.perf_counter()
+        result.restart = s.restart(result.revision)
+        result.durations["restart"] = time.perf_counter() - t0
+
     try:
-        if "error" in remote_out:
-            raise remote_out["error"]
-        durations["connect"] = remote_out["connect"]
-        result = syncer.reconcile(progress, local=local, remote=remote_out["tree"],
-                                  durations=durations)
-        if syncer.restart_wanted(result):  # only after the whole batch has been committed
+        with ThreadPoolExecutor(max_workers=len(syncers)) as pool:
+            connecting = _each(pool, connect, syncers)
             t0 = time.perf_counter()
-            result.restart = syncer.restart(result.revision)
-            result.durations["restart"] = time.perf_counter() - t0
-        elif options.restart and result.changed and not syncer.provisioned:
-            result.warnings.append(f"no worker provisioned on {target.name}: synced only "
-                                   f"(run `syncagent provision {target.name}`)")
-        result.durations["total"] = time.perf_counter() - t_start
-        return result
+            local = syncers[0]._scan_all()  # once, while the connections come up
+            t_scan = time.perf_counter() - t0
+            up = _collect(connecting, fleet)
+            _collect(_each(pool, reconcile, up), fleet)
+            synced = [s for s in up if s.target.name not in fleet.errors]
+            wanted = [s for s in synced if s.restart_wanted(fleet.results[s.target.name])]
+            for s in synced:
+                if (options.restart and not s.provisioned
+                        and fleet.results[s.target.name].changed):
+                    fleet.results[s.target.name].warnings.append(
+                        f"no worker provisioned on {s.target.name}: synced only "
+                        f"(run `syncagent provision {s.target.name}`)")
+            if policy == "parallel":
+                _collect(_each(pool, restart, wanted), fleet)
+            else:
+                for n, s in enumerate(wanted):
+                    _collect(_each(pool, restart, [s]), fleet)
+                    if s.target.name in fleet.errors:
+                        for rest in wanted[n + 1:]:
+                            fleet.results[rest.target.name].warnings.append(
+                                f"not restarted: the rolling restart stopped after "
+                                f"{s.target.name} failed")
+                            fleet.errors[rest.target.name] = OperationalError(
+                                f"{rest.target.name}: not restarted (rolling restart stopped "
+                                f"after {s.target.name} failed)")
+                        break
     finally:
-        syncer.close()
+        for s in syncers:
+            s.close()
+    total = time.perf_counter() - t_start
+    for result in fleet.results.values():
+        result.durations["total"] = total
+    return fleet
+
+
+def _each(pool: ThreadPoolExecutor, fn, syncers: list[Syncer]) -> dict:
+    return {pool.submit(fn, s): s for s in syncers}
+
+
+def _collect(futures: dict, fleet: FleetResult) -> list[Syncer]:
+    """Wait for ``futures``; typed errors are recorded per target. Returns the ones that ran."""
+    ok = []
+    for future, s in futures.items():
+        try:
+            future.result()
+            ok.append(s)
+        except SyncAgentError as e:
+            fleet.errors[s.target.name] = e
+    return ok
+
+
+def push(project: Project, target: Target, options: PushOptions = PushOptions(),
+         progress: Progress | None = None) -> PushResult:
+    """Make the remote tree under ``target.remote_path`` equal to the local tree (one-shot),
+    then restart its worker if code changed.
+
+    The connection (key exchange, agent start, remote manifest) comes up while the local tree
+    is scanned: both take about as long.
+
+    Raises:
+        SyncAgentError subclasses: connection, agent, safety (mass delete, path escape),
+        WorkerStartError.
+    """
+    fleet = push_many(project, [target], options, progress=progress)
+    if target.name in fleet.errors:
+        raise fleet.errors[target.name]
+    return fleet.results[target.name]

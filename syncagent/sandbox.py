@@ -315,7 +315,7 @@ def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
                 "FLASK_APP_URL": "http://127.0.0.1:9",  # the demo needs no Flask API
                 "WORKER_API_KEY": secrets.token_urlsafe(24),
                 "CELERY_QUEUES": "gpu,celery", "CELERY_CONCURRENCY": "1",
-                "WORKER_NAME": "demo", **(env or {})}
+                "WORKER_NAME": box.name, **(env or {})}
     remote_path = f"{box.remote_root}/{PROJECT_DIR}"
     target = replace(box.target(), remote_path=remote_path)
     env_file = Path(remote_path) / ".env.worker"

@@ -9,17 +9,20 @@ restarts the worker after a committed batch, and reports each step as an event d
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import agent
 from .config import Project, Target
 from .errors import ConnectError, SyncAgentError, WorkerStartError
+from .manifest import local_rules
 from .push import PushOptions, PushResult, Syncer
-from .watcher import Watcher
+from .watcher import Batch, Watcher
 
-__all__ = ["WatchOptions", "Backoff", "Restarter", "watch"]
+__all__ = ["WatchOptions", "Backoff", "Restarter", "TargetLoop", "watch"]
 
 Emit = Callable[[dict], None]
 
@@ -57,8 +60,10 @@ class Restarter(threading.Thread):
     connection is kept and retried once the main loop has reconnected.
     """
 
-    def __init__(self, syncer: Syncer, emit: Emit, stop: threading.Event):
+    def __init__(self, syncer: Syncer, emit: Emit, stop: threading.Event,
+                 gate: threading.Lock | None = None):
         super().__init__(name="syncagent-restarter", daemon=True)
+        self.gate = gate  # shared by the targets of a rolling restart: one at a time
         self.syncer, self.emit, self.stop_event = syncer, emit, stop
         self.cond = threading.Condition()
         self.pending: tuple[str, float] | None = None  # (revision, time of the save)
@@ -106,7 +111,11 @@ class Restarter(threading.Thread):
                 if session is None:
                     raise ConnectError("not connected")
                 t0 = time.monotonic()
-                out = self.syncer.restart(revision, session=session)
+                if self.gate is not None:
+                    with self.gate:
+                        out = self.syncer.restart(revision, session=session)
+                else:
+                    out = self.syncer.restart(revision, session=session)
                 done = time.monotonic()
                 with self.cond:  # it came up on a newer push already: no need to go again
                     if self.pending and self.pending[0] == out["revision"]:
@@ -152,29 +161,65 @@ def _synced(result: PushResult, latency: float | None, full: bool) -> dict:
     return event
 
 
-def watch(project: Project, target: Target, emit: Emit, stop: threading.Event,
-          push_options: PushOptions = PushOptions(), options: WatchOptions = WatchOptions()
-          ) -> None:
-    """Keep ``target`` equal to the local tree until ``stop`` is set.
+class TargetLoop(threading.Thread):
+    """One target of a watch: its connection, its syncs, its restarts.
 
-    Raises:
-        SafetyError, ConfigError: refused at the initial reconcile (unknown host key, mass
-            delete, ...). Connection failures are retried with backoff, never raised.
+    The watch's main thread hands it batches (paths plus what the local scan found there, read
+    once for all targets). A target that is down keeps no backlog: it reconciles in full once
+    it is back. A refusal at the start (unknown host key, mass delete...) ends this target's
+    loop and is kept in ``fatal``.
     """
-    syncer = Syncer(project, target, push_options)
-    watcher = Watcher(syncer.root, syncer.rules, quiet=options.quiet, max_wait=options.max_wait,
-                      git_hold=options.git_hold, polling=options.polling)
-    watcher.start()  # before the first reconcile: an edit made during it is not lost
-    warned = 0
-    restarter = Restarter(syncer, emit, stop)
-    restarter.start()
-    told_unprovisioned = False
-    backoff = Backoff()
-    connected = False
-    need_full = True
-    first_connect = True
-    last_contact = time.monotonic()
-    try:
+
+    def __init__(self, syncer: Syncer, emit: Emit, stop: threading.Event,
+                 options: WatchOptions, gate: threading.Lock | None):
+        super().__init__(name=f"syncagent-{syncer.target.name}", daemon=True)
+        self.syncer, self.emit, self.stop_event, self.options = syncer, emit, stop, options
+        self.inbox: queue.Queue = queue.Queue()
+        self.restarter = Restarter(syncer, emit, stop, gate)
+        self.fatal: SyncAgentError | None = None
+
+    def submit(self, batch: Batch, fresh: dict | None, problems: list) -> None:
+        self.inbox.put((batch, fresh, problems))
+
+    def _next(self) -> tuple[Batch, dict | None, list] | None:
+        """The next batch, merged with any that queued up behind it."""
+        try:
+            batch, fresh, problems = self.inbox.get(timeout=0.25)
+        except queue.Empty:
+            return None
+        while True:
+            try:
+                more, more_fresh, more_problems = self.inbox.get_nowait()
+            except queue.Empty:
+                return batch, fresh, problems
+            full = batch.full or more.full
+            fresh = None if full or fresh is None or more_fresh is None else {
+                **{p: e for p, e in fresh.items() if p not in more.paths}, **more_fresh}
+            problems = [p for p in problems if p[0] not in more.paths] + more_problems
+            batch = Batch(batch.paths | more.paths, full, batch.first_event,
+                          batch.held_for_git or more.held_for_git)
+
+    def run(self) -> None:
+        self.restarter.start()
+        try:
+            self._loop()
+        except SyncAgentError as e:
+            self.fatal = e
+            self.emit({"event": "error", "target": self.syncer.target.name, "error": str(e),
+                       "fatal": True})
+        finally:
+            self.restarter.close()
+            self.restarter.join(timeout=5)
+            self.syncer.close()
+            self.emit({"event": "stopped", "target": self.syncer.target.name})
+
+    def _loop(self) -> None:
+        syncer, emit, stop, options = self.syncer, self.emit, self.stop_event, self.options
+        name = syncer.target.name
+        backoff = Backoff()
+        connected, need_full, first_connect = False, True, True
+        told_unprovisioned = False
+        last_contact = time.monotonic()
         while not stop.is_set():
             if not connected:
                 try:
@@ -183,71 +228,117 @@ def watch(project: Project, target: Target, emit: Emit, stop: threading.Event,
                     if first_connect and "authentication" in str(e):
                         raise
                     delay = backoff.next()
-                    emit({"event": "disconnected", "target": target.name, "error": str(e),
+                    emit({"event": "disconnected", "target": name, "error": str(e),
                           "retry_in": delay})
                     stop.wait(delay)
                     continue
                 connected, need_full, first_connect = True, True, False
                 last_contact = time.monotonic()
-                emit({"event": "connected", "target": target.name,
-                      "remote_root": syncer.remote_root})
+                emit({"event": "connected", "target": name, "remote_root": syncer.remote_root})
+                self.restarter.wake()
             try:
                 if need_full:
+                    while not self.inbox.empty():  # the full reconcile covers them
+                        self.inbox.get_nowait()
                     t0 = time.monotonic()
                     result = syncer.reconcile()
                     need_full = False
                     backoff.reset()
                     emit(_synced(result, time.monotonic() - t0, full=True))
                     last_contact = time.monotonic()
-                    if push_options.restart and syncer.provisioned:
+                    if syncer.options.restart and syncer.provisioned:
                         live = (syncer.session.worker(syncer.remote_root)["worker"] or {}).get(
                             "live")
                         # code changed while we were away, or no worker is serving at all
                         if syncer.restart_wanted(result) or not live:
-                            restarter.request(result.revision, t0)
-                    elif push_options.restart and not told_unprovisioned:
+                            self.restarter.request(result.revision, t0)
+                    elif syncer.options.restart and not told_unprovisioned:
                         told_unprovisioned = True
-                        emit({"event": "warning", "target": target.name,
+                        emit({"event": "warning", "target": name,
                               "message": "no worker provisioned: syncing without restarts "
-                                         f"(run `syncagent provision {target.name}`)"})
+                                         f"(run `syncagent provision {name}`)"})
                     continue
-                batch = watcher.next_batch(timeout=0.25)  # wakes up for `stop` too
-                while len(watcher.warnings) > warned:
-                    emit({"event": "warning", "target": target.name,
-                          "message": watcher.warnings[warned]})
-                    warned += 1
-                if batch is None:
+                item = self._next()
+                if item is None:
                     if time.monotonic() - last_contact >= options.ping_every:
                         syncer.session.ping(options.ping_timeout)
                         last_contact = time.monotonic()
                     continue
+                batch, fresh, problems = item
                 if batch.full:
                     result = syncer.reconcile()
                 else:
-                    result = syncer.sync_paths(batch.paths)
+                    result = syncer.sync_paths(batch.paths, fresh, problems)
                 last_contact = time.monotonic()
                 backoff.reset()
                 if result.changed or batch.full:
                     emit(_synced(result, time.monotonic() - batch.first_event, batch.full))
                 if syncer.restart_wanted(result):
-                    restarter.request(result.revision, batch.first_event)
+                    self.restarter.request(result.revision, batch.first_event)
                 for w in result.warnings:
-                    emit({"event": "warning", "target": target.name, "message": w})
+                    emit({"event": "warning", "target": name, "message": w})
             except ConnectError as e:
                 connected = False
                 syncer.close()
-                emit({"event": "disconnected", "target": target.name, "error": str(e),
-                      "retry_in": 0})
+                emit({"event": "disconnected", "target": name, "error": str(e), "retry_in": 0})
             except SyncAgentError as e:
                 if syncer.revision is None and e.exit_code != 1:
                     raise  # refused before anything was synced (safety, config): user acts
-                emit({"event": "error", "target": target.name, "error": str(e)})
+                emit({"event": "error", "target": name, "error": str(e)})
                 need_full = True
                 stop.wait(backoff.next())
+
+
+def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: threading.Event,
+          push_options: PushOptions = PushOptions(), options: WatchOptions = WatchOptions(),
+          policy: str = "rolling") -> None:
+    """Keep every target equal to the local tree until ``stop`` is set.
+
+    One watcher and one local re-hash per batch serve all targets; each target syncs on its
+    own connection, so one that is down or slow does not hold up the others. With the
+    ``rolling`` policy, targets restart one at a time (the next once the previous is live).
+
+    Raises:
+        SafetyError, ConfigError: every target was refused at its start (unknown host key,
+            mass delete, ...). Connection failures are retried with backoff, never raised.
+    """
+    targets = [targets] if isinstance(targets, Target) else list(targets)
+    rules = local_rules(str(project.root), project.exclude)
+    watcher = Watcher(str(project.root), rules, quiet=options.quiet,
+                      max_wait=options.max_wait, git_hold=options.git_hold,
+                      polling=options.polling)
+    watcher.start()  # before the first reconcile: an edit made during it is not lost
+    gate = threading.Lock() if policy == "rolling" and len(targets) > 1 else None
+    loops = [TargetLoop(Syncer(project, t, push_options, rules), emit, stop, options, gate)
+             for t in targets]
+    for loop in loops:
+        loop.start()
+    compiled = rules.compiled()
+    cache = agent.load_digest_cache(str(project.root))
+    warned = 0
+    try:
+        while not stop.is_set():
+            if all(not loop.is_alive() for loop in loops):
+                break
+            batch = watcher.next_batch(timeout=0.25)  # wakes up for `stop` too
+            while len(watcher.warnings) > warned:
+                emit({"event": "warning", "target": "*", "message": watcher.warnings[warned]})
+                warned += 1
+            if batch is None:
+                continue
+            fresh, problems = None, []
+            if not batch.full:  # read and hash once for all targets
+                fresh = agent.scan_paths(str(project.root), compiled, batch.paths, cache,
+                                         problems)
+            for loop in loops:
+                if loop.is_alive():
+                    loop.submit(batch, fresh, problems)
     finally:
         stop.set()
         watcher.stop()
-        restarter.close()
-        restarter.join(timeout=5)
-        syncer.close()
-        emit({"event": "stopped", "target": target.name})
+        for loop in loops:
+            loop.join(timeout=10)
+        agent.save_digest_cache(str(project.root), cache)
+    fatal = [loop.fatal for loop in loops if loop.fatal is not None]
+    if fatal and len(fatal) == len(loops):
+        raise fatal[0]

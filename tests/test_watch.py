@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
-from tests.helpers.procs import wait_until
+from tests.helpers.procs import children_of, wait_until
 
 RULES = build_rules().compiled()
 
@@ -120,7 +119,7 @@ def test_save_restarts_the_worker_onto_the_new_code(lbx, broker):
         wait_until(lambda: w.of("ready") and broker.send_task(
             "app.tasks.demo.version").get(timeout=10) == "v-live-1", 30, "the new code live")
         ready = w.of("ready")[-1]
-        assert ready["latency"] < 10 and ready["node"].startswith("demo-")
+        assert ready["latency"] < 10 and ready["node"].startswith("lbx-")
         marker = json.loads((Path(lbx.remote_root) / "project" / ".syncagent" /
                              f"ready-{ready['colour']}.json").read_text())
         assert marker["revision"] == ready["revision"] == w.of("synced")[-1]["revision"]
@@ -232,23 +231,10 @@ def test_no_task_is_lost_through_restarts(lbx, broker, mode, restarts):
     r.close()
 
 
-def sshd_children(box) -> list[int]:
-    """The per-connection sshd processes under the sandbox's listener."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == box.sshd_pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def test_cut_connection_is_reconnected_and_reconciled(lbx):
     with Watching(lbx, ping_every=0.5, ping_timeout=1.0) as w:
-        wait_until(lambda: sshd_children(lbx), 10, "the SSH connection")
-        for pid in sshd_children(lbx):
+        wait_until(lambda: children_of(lbx.sshd_pid), 10, "the SSH connection")
+        for pid in children_of(lbx.sshd_pid):
             os.kill(pid, signal.SIGKILL)  # the connection dies, as on a network drop
         for i in range(5):  # edits continue meanwhile
             (w.root / f"offline_{i}.txt").write_text(f"edit {i}\n")

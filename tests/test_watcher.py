@@ -13,7 +13,6 @@ import pytest
 from syncagent import agent
 from syncagent.ignore import build_rules
 from syncagent.plan import plan
-from syncagent.sandbox import wait_until
 from syncagent.watcher import WATCH_LIMIT_HINT, Watcher
 
 RULES = build_rules()

@@ -49,7 +49,10 @@ class _UnixTransport(xmlrpc.client.Transport):
         self._path = path
 
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        return _UnixConnection(self._path)
+        # kept, as the base class does, so close() reaches it (no leaked socket per call)
+        if not self._connection or self._connection[0] != host:
+            self._connection = host, _UnixConnection(self._path)
+        return self._connection[1]
 
 
 def rpc(socket_path: str) -> xmlrpc.client.ServerProxy:

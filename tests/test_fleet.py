@@ -1,0 +1,154 @@
+"""Several workers on one broker: three sandboxes (each its own sshd and supervisord, one shared
+Redis) pushed and watched as one group, with rolling restarts that keep capacity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from syncagent import agent, sandbox
+from syncagent.cli import main
+from syncagent.config import load_project, resolve_target
+from syncagent.ignore import build_rules
+from syncagent.plan import content_view
+from syncagent.push import PushOptions, push_many
+from syncagent.watch import WatchOptions, watch
+from tests.helpers.procs import children_of, wait_until
+
+NAMES = ("g1", "g2", "g3")
+RULES = build_rules().compiled()
+
+
+@pytest.fixture(scope="module")
+def fleet(hermetic_home, tmp_path_factory):
+    """Three provisioned sandboxes; the first one's Redis is everyone's broker."""
+    boxes = []
+    try:
+        for name in NAMES:
+            redis_url = boxes[0].redis_url if boxes else None
+            boxes.append(sandbox.up(name, tmp_path_factory.mktemp(name), provision=True,
+                                    redis_url=redis_url, timeout=60))
+        yield boxes
+    finally:
+        for box in reversed(boxes):  # the first owns the Redis: it goes last
+            sandbox.down(box.name, box.dir)
+
+
+@pytest.fixture
+def project(fleet, tmp_path):
+    """A local copy of the demo app, configured with the three targets as group 'gpus'."""
+    root = tmp_path / "app-src"
+    shutil.copytree(fleet[0].project, root, ignore=shutil.ignore_patterns(".syncagent"))
+    lines = ['restart_policy = "rolling"', "[groups]", 'gpus = ["g1", "g2", "g3"]']
+    for box in fleet:
+        lines += [f"[targets.{box.name}]", f'host = "{box.name}"',
+                  f'ssh_config = "{box.ssh_config}"',
+                  f'remote_path = "{box.remote_root}/project"']
+    (root / "syncagent.toml").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def remote(box) -> Path:
+    return Path(box.remote_root) / "project"
+
+
+def same_tree(box, root) -> bool:
+    return content_view(agent.scan(str(remote(box)), RULES)) == content_view(
+        agent.scan(str(root), RULES))
+
+
+def set_version(root: Path, version: str) -> None:
+    (root / "app" / "version.py").write_text(f'VERSION = "{version}"\n')
+
+
+def live_count(fleet) -> int:
+    return sum(1 for box in fleet
+               if (agent.worker_state(str(remote(box))) or {}).get("live") is not None)
+
+
+def test_push_reaches_the_whole_group_once_scanned(fleet, project, capsys):
+    set_version(project, "fleet-1")
+    code = main(["push", "gpus", "--path", str(project)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "3/3 targets on revision" in out
+    for box in fleet:
+        assert same_tree(box, project)
+    client = Celery("c", broker=f"{fleet[0].redis_url}/0", set_as_current=False)
+    try:
+        nodes = [n for reply in client.control.ping(timeout=2) for n in reply]
+    finally:
+        client.close()
+    revision = agent.read_revision(str(remote(fleet[0])))["revision"]
+    for name in NAMES:  # (the old colours may still be finishing their tasks)
+        assert any(n.startswith(f"{name}-") and f"-{revision[:7]}@" in n for n in nodes), nodes
+    code = main(["status", "gpus", "--path", str(project)])
+    table = capsys.readouterr().out
+    assert code == 0 and table.count("live") >= 3 and "mixed revisions" not in table
+
+
+def test_rolling_restart_keeps_two_of_three_serving(fleet, project):
+    """drain mode stops a worker before its successor starts: only the rolling order keeps
+    capacity, so sample how many workers are live throughout."""
+    proj = load_project(project)
+    targets = [resolve_target(n, proj) for n in NAMES]
+    samples, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            samples.append(live_count(fleet))
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    set_version(project, "rolling-1")
+    try:
+        fleet_result = push_many(proj, targets, PushOptions(mode="drain"), policy="rolling")
+    finally:
+        stop.set()
+        thread.join()
+    assert not fleet_result.errors, fleet_result.errors
+    assert all(fleet_result.results[n].restart["ok"] for n in NAMES)
+    assert min(samples) >= 2 and max(samples) == 3, sorted(set(samples))
+    ended = [agent.json.loads((remote(b) / ".syncagent" / "last-restart.json").read_text())
+             ["time"] for b in fleet]
+    assert ended == sorted(ended)  # g1, then g2, then g3
+
+
+def test_a_target_that_goes_down_is_reconciled_on_return(fleet, project):
+    proj = load_project(project)
+    targets = [resolve_target(n, proj) for n in NAMES]
+    events, stop = [], threading.Event()
+    thread = threading.Thread(target=watch, daemon=True, args=(
+        proj, targets, events.append, stop, PushOptions(restart=False),
+        WatchOptions(ping_every=0.5, ping_timeout=1.0)))
+    thread.start()
+    try:
+        wait_until(lambda: len([e for e in events if e["event"] == "synced"]) >= 3, 30,
+                   "the initial reconcile of all three")
+        down = fleet[2]
+        sessions = children_of(down.sshd_pid)
+        sandbox.stop_pid(down.sshd_pid, down.dir)  # its sshd and its connections go away
+        for pid in sessions:
+            os.kill(pid, signal.SIGKILL)
+        (project / "notes.txt").write_text("written while g3 is down\n")
+        for box in fleet[:2]:  # the others are not held up
+            wait_until(lambda b=box: (remote(b) / "notes.txt").exists(), 15,
+                       f"notes.txt on {box.name}")
+        wait_until(lambda: any(e["event"] == "disconnected" and e["target"] == "g3"
+                               for e in events), 15, "g3 marked down")
+        (project / "notes.txt").write_text("edited again while g3 is down\n")
+        back = sandbox.up(down.name, down.dir)  # sshd again (a new port, same ssh_config)
+        fleet[2] = back
+        wait_until(lambda: all(same_tree(b, project) for b in fleet), 60,
+                   "every target equal to the local tree")
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+        (project / "notes.txt").unlink(missing_ok=True)
