@@ -264,21 +264,83 @@ def watch_cmd(targets, path, remote_path, identity, all_, trust_new_host, no_res
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    lock = threading.Lock()  # the restarter thread reports too
+    from .watch import WatchOptions, watch
+
+    board = _StatusBoard([t.name for t in resolved], live=not as_json and sys.stdout.isatty())
+    lock = threading.Lock()  # each target's threads report too
 
     def emit(event: dict) -> None:
         with lock:
-            click.echo(json.dumps(event) if as_json else _render_event(event))
+            if as_json:
+                click.echo(json.dumps(event))
+                sys.stdout.flush()
+            else:
+                board.show(event, _render_event(event))
+
+    try:
+        watch(project, resolved, emit, stop,
+              PushOptions(restart=not no_restart, allow_mass_delete=allow_mass_delete,
+                          trust_new_host=trust_new_host, mode=mode),
+              WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000,
+                           polling=polling),
+              policy or project.restart_policy)
+    finally:
+        board.close()
+
+
+class _StatusBoard:
+    """Event lines scroll; on a terminal, one status line per target stays at the bottom:
+    target, state, last revision, last latency."""
+
+    def __init__(self, names: list[str], live: bool):
+        self.state = {n: {"state": "connecting", "revision": "-", "sync": None, "live": None}
+                      for n in names}
+        self.live = None
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=Console(), auto_refresh=False,
+                             transient=True)
+            self.live.start()
+
+    def _render(self):
+        from rich.text import Text
+
+        lines = []
+        for name, st in self.state.items():
+            sync = f"{st['sync'] * 1000:.0f} ms" if st["sync"] is not None else "-"
+            live = f"{st['live']:.1f} s" if st["live"] is not None else "-"
+            lines.append(f"[{name}] {st['state']} · revision {st['revision']} · "
+                         f"last sync {sync} · save->live {live}")
+        return Text("\n".join(lines), style="bold")
+
+    def show(self, event: dict, line: str) -> None:
+        st = self.state.get(event.get("target"))
+        kind = event["event"]
+        if st is not None:
+            if kind in ("connected", "disconnected", "stopped"):
+                st["state"] = {"connected": "watching", "disconnected": "reconnecting",
+                               "stopped": "stopped"}[kind]
+            elif kind == "synced":
+                st["revision"] = event["revision"][:7]
+                st["sync"] = event.get("latency")
+            elif kind == "restart":
+                st["state"] = "restarting"
+            elif kind == "ready":
+                st["state"], st["live"] = "watching", event["latency"]
+            elif kind == "error":
+                st["state"] = "error (see above)"
+        if self.live is None:
+            click.echo(line)
             sys.stdout.flush()
+        else:
+            self.live.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.live.update(self._render(), refresh=True)
 
-    from .watch import WatchOptions, watch
-
-    watch(project, resolved,
-          emit, stop,
-          PushOptions(restart=not no_restart, allow_mass_delete=allow_mass_delete,
-                      trust_new_host=trust_new_host, mode=mode),
-          WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000, polling=polling),
-          policy or project.restart_policy)
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
 
 
 @cli.command("provision")
