@@ -243,3 +243,40 @@ def test_cut_connection_is_reconnected_and_reconciled(lbx):
         wait_until(lambda: remote_equals_local(lbx, w.root), 30, "the reconcile")
     for i in range(5):
         (w.root / f"offline_{i}.txt").unlink()
+
+
+def cli(capsys, *args):
+    from syncagent.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_status_restart_logs_and_doctor_commands(lbx, broker, capsys):
+    path = ["--path", lbx.project]
+    code, out, _ = cli(capsys, "status", "lbx", *path, "--json")
+    status = json.loads(out)
+    assert code == 0 and status["provisioned"] and status["supervisord"] == "running"
+    assert status["supervisorctl"].endswith(
+        f"-c {lbx.remote_root}/project/.syncagent/supervisord.conf status")
+    before = status["live_colour"]
+
+    code, out, _ = cli(capsys, "restart", "lbx", *path, "--mode", "drain", "--json")
+    restarted = json.loads(out)
+    assert code == 0 and restarted["ok"] and restarted["mode"] == "drain"
+    assert restarted["revision"] == status["pushed_revision"]
+    assert restarted["colour"] == before  # drain restarts the same colour in place
+    assert broker.send_task("app.tasks.demo.add", args=(1, 2)).get(timeout=10) == 3
+
+    code, out, _ = cli(capsys, "status", "lbx", *path)
+    assert code == 0 and "(the pushed revision)" in out and "last restart: drain" in out
+
+    code, out, _ = cli(capsys, "logs", "lbx", *path, "-n", "200")
+    assert code == 0 and "ready." in out  # Celery's own "celery@... ready." line
+
+    code, out, _ = cli(capsys, "doctor", "lbx", *path, "--json")
+    report = json.loads(out)
+    names = {c["name"]: c["status"] for c in report["checks"]}
+    assert names["redis broker"] == "ok" and names["celery app"] == "ok"
+    assert code == 1  # the demo has no Flask API: that check fails, and says so
