@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench sysdeps clean
+.PHONY: test soak demo bench sysdeps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
+
+# make soak: the long seeded soak (thousands of operations, connection drops); prints figures.
+SOAK_OPS  ?= 3000
+SOAK_SEED ?= 20240601
+soak: $(STAMP) sysdeps
+	SOAK_OPS=$(SOAK_OPS) SOAK_SEED=$(SOAK_SEED) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py
 
 demo: $(STAMP) sysdeps
 	$(PY) examples/demo.py

@@ -1,0 +1,148 @@
+"""Soak: a seeded random workload against `watch`, interleaved with connection drops.
+
+Creates, edits, truncations, deletes, renames of files and directories, mode changes,
+symlinks, and rapid same-size re-edits within one mtime tick. At each checkpoint and at the end
+the remote tree equals the local tree (paths, bytes, modes, links) by a full hash comparison,
+and no temp file remains. ``make test`` runs a short version; ``make soak`` a long one
+(SOAK_OPS=3000) that prints its figures. Reproduce a run with SOAK_SEED.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from syncagent.config import Target, load_project
+from syncagent.push import PushOptions
+from tests.helpers.faultproxy import FaultProxy
+from tests.helpers.procs import wait_until
+from tests.test_faults import Watching, settled_equal, via
+
+OPS = int(os.environ.get("SOAK_OPS", "400"))
+SEED = int(os.environ.get("SOAK_SEED", "20240601"))
+CHECK_EVERY = int(os.environ.get("SOAK_CHECK_EVERY", "50"))
+
+
+class Workload:
+    """Random operations on a local tree, all inside it, from one seed."""
+
+    def __init__(self, root: Path, rng: random.Random):
+        self.root, self.rng = root, rng
+        self.counter = 0
+        self.counts: dict[str, int] = {}
+
+    def _name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def _all(self, kind: str) -> list[Path]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            d = Path(dirpath)
+            for n in dirnames:
+                p = d / n
+                if (kind == "d" and not p.is_symlink()) or (kind == "l" and p.is_symlink()):
+                    out.append(p)
+            for n in filenames:
+                p = d / n
+                if kind == ("l" if p.is_symlink() else "f"):
+                    out.append(p)
+        return sorted(out)
+
+    def _dir(self) -> Path:
+        return self.rng.choice([self.root] + self._all("d"))
+
+    def _data(self) -> bytes:
+        return self.rng.randbytes(self.rng.choice([0, 1, 17, 300, 5000, 70000]))
+
+    def step(self) -> str:
+        ops = ["create"] * 5 + ["edit"] * 4 + ["truncate", "delete", "rename", "mkdir",
+                                                "rmtree", "rename_dir", "chmod", "symlink",
+                                                "same_tick"] * 1
+        op = self.rng.choice(ops)
+        files, dirs = self._all("f"), self._all("d")
+        try:
+            if op == "create" or (not files and op in ("edit", "truncate", "delete", "rename",
+                                                       "chmod", "same_tick")):
+                op = "create"
+                (self._dir() / self._name("f")).write_bytes(self._data())
+            elif op == "edit":
+                with open(self.rng.choice(files), "ab") as f:
+                    f.write(self._data() or b"x")
+            elif op == "truncate":
+                os.truncate(self.rng.choice(files), self.rng.choice([0, 1, 10]))
+            elif op == "delete":
+                self.rng.choice(files + self._all("l")).unlink()
+            elif op == "rename":
+                src = self.rng.choice(files + self._all("l"))
+                src.rename(self._dir() / self._name("r"))
+            elif op == "mkdir":
+                (self._dir() / self._name("d")).mkdir()
+            elif op == "rmtree" and dirs:
+                shutil.rmtree(self.rng.choice(dirs))
+            elif op == "rename_dir" and dirs:
+                src = self.rng.choice(dirs)
+                dst = self.root / self._name("m")
+                src.rename(dst)
+            elif op == "chmod":
+                target = self.rng.choice(files + dirs)
+                modes = [0o755, 0o700] if target.is_dir() else [0o644, 0o755, 0o600]
+                target.chmod(self.rng.choice(modes))
+            elif op == "symlink":
+                d = self._dir()
+                siblings = [p.name for p in d.iterdir()] or ["nowhere"]
+                (d / self._name("l")).symlink_to(self.rng.choice(siblings))
+            elif op == "same_tick":
+                # two same-size writes in one mtime tick, then the mtime put back: only the
+                # content tells them apart
+                f = self.rng.choice(files)
+                st = f.stat()
+                size = max(st.st_size, 8)
+                f.write_bytes(self.rng.randbytes(size))
+                f.write_bytes(self.rng.randbytes(size))
+                os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+            else:
+                op = "noop"
+        except FileNotFoundError:
+            op = "raced"
+        self.counts[op] = self.counts.get(op, 0) + 1
+        return op
+
+
+def test_soak(box, tmp_path):
+    rng = random.Random(SEED)
+    root = tmp_path / "soak"
+    root.mkdir()
+    remote = Path(box.remote_root) / f"soak-{tmp_path.name}"
+    work = Workload(root, rng)
+    for _ in range(20):
+        work.step()
+    t0 = time.monotonic()
+    drops = checks = 0
+    with FaultProxy(box.port, lifetime=max(300, OPS)) as proxy:
+        target = via(box, proxy, tmp_path, str(remote))
+        try:
+            with Watching(load_project(root), target,
+                          PushOptions(restart=False, allow_mass_delete=True),
+                          ping_every=0.3, ping_timeout=1.0) as w:
+                for i in range(1, OPS + 1):
+                    work.step()
+                    if rng.random() < 0.3:
+                        time.sleep(rng.choice([0, 0.001, 0.01]))  # bursts and pauses: a workload
+                    if rng.random() < 0.02:
+                        drops += proxy.drop() > 0
+                    if i % CHECK_EVERY == 0 or i == OPS:
+                        wait_until(lambda: settled_equal(remote, root), 60,
+                                   f"remote == local after {i} operations (seed {SEED})")
+                        checks += 1
+                assert w.error is None
+            assert settled_equal(remote, root)
+        finally:
+            shutil.rmtree(remote, ignore_errors=True)
+    took = time.monotonic() - t0
+    print(f"\nsoak: seed {SEED}, {OPS} operations {dict(sorted(work.counts.items()))}, "
+          f"{drops} connection drops, {len(w.of('connected'))} connects, "
+          f"{len(w.of('synced'))} syncs, {checks} full hash checks, {took:.1f} s")
