@@ -155,7 +155,7 @@ def save_digest_cache(root, cache):
     last change that a write later in the same timestamp tick would go unseen (as git does).
 
     An entry is [size, mtime_ns, ctime_ns, ino, digest, hashed_ns]."""
-    keep = {p: v for p, v in cache.items()
+    keep = {p: v for p, v in list(cache.items())  # a copy: a watch's threads share the cache
             if len(v) == 6 and v[5] - max(v[1], v[2]) >= RACY_NS}
     state = os.path.join(root, STATE_DIR)
     try:
@@ -242,7 +242,7 @@ def scan(root, rules, cache=None, problems=None, start=""):
             # sockets, fifos and devices are not code: skipped silently
     if not start:
         for gone in set(cache) - seen:
-            del cache[gone]
+            cache.pop(gone, None)
     return out
 
 

@@ -313,8 +313,11 @@ def write_user_target(target: Target) -> Path:
             continue
         lines.append(f"{key} = {value}" if isinstance(value, int)
                      else f"{key} = {_toml_str(value)}")
+    directory.chmod(0o700)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # whatever the umask
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
 

@@ -80,7 +80,7 @@ class Syncer:
     """One target: its session, the local and remote manifests as last seen, and the rules."""
 
     def __init__(self, project: Project, target: Target, options: PushOptions = PushOptions(),
-                 rules: Rules | None = None):
+                 rules: Rules | None = None, cache: dict | None = None):
         self.project = project
         self.target = target
         self.options = options
@@ -91,7 +91,8 @@ class Syncer:
         self.remote: dict[str, Entry] = {}
         self.remote_root = target.remote_path or ""
         self.local: dict[str, Entry] = {}
-        self.cache = agent.load_digest_cache(self.root)
+        # the local digest cache: one per process, shared by the targets of a fleet
+        self.cache = agent.load_digest_cache(self.root) if cache is None else cache
         self.revision: str | None = None
         self.provisioned = False
         self.needs_restart = restart_matcher(project.restart_on)
@@ -335,7 +336,8 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
     """
     t_start = time.perf_counter()
     rules = local_rules(str(project.root), project.exclude)
-    syncers = [Syncer(project, t, options, rules) for t in targets]
+    cache = agent.load_digest_cache(str(project.root))
+    syncers = [Syncer(project, t, options, rules, cache) for t in targets]
     fleet = FleetResult()
     trees: dict[str, tuple[RemoteTree, float]] = {}
 

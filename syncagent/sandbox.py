@@ -122,7 +122,9 @@ def _write_key(path: Path) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(private)
-    Path(f"{path}.pub").write_text(public + " syncagent-sandbox\n")
+    fd = os.open(f"{path}.pub", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(public + " syncagent-sandbox\n")
     return public
 
 

@@ -309,12 +309,12 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
                       polling=options.polling)
     watcher.start()  # before the first reconcile: an edit made during it is not lost
     gate = threading.Lock() if policy == "rolling" and len(targets) > 1 else None
-    loops = [TargetLoop(Syncer(project, t, push_options, rules), emit, stop, options, gate)
-             for t in targets]
+    cache = agent.load_digest_cache(str(project.root))  # one, shared by every target
+    loops = [TargetLoop(Syncer(project, t, push_options, rules, cache), emit, stop, options,
+                        gate) for t in targets]
     for loop in loops:
         loop.start()
     compiled = rules.compiled()
-    cache = agent.load_digest_cache(str(project.root))
     warned = 0
     try:
         while not stop.is_set():

@@ -166,6 +166,21 @@ def worker_argv(env: WorkerEnv, node: str, full_start: bool = False) -> list[str
     return argv
 
 
+def _term_with_parent() -> None:
+    """Ask Linux for a TERM (Celery's warm shutdown) if supervisord dies: a worker orphaned by
+    a killed supervisord would otherwise keep consuming beside the ones a new one starts."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call above
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: nothing to ask
+
+
 def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = True,
                full_start: bool = False, colour: str = "blue") -> int:
     """Install requirements if needed, then run the Celery worker in this process.
@@ -181,6 +196,7 @@ def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = 
         The worker's exit code.
     """
     ready.ensure_state_dir(root)
+    _term_with_parent()
     if install:
         result = ensure_requirements(root)
         if result.action == "failed":
