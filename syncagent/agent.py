@@ -602,9 +602,13 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
     early = [d for d in deletes if _under_any(d["path"], replacing)]
     deleted = _apply_deletes(dirs, early, kept)
     stats = {}
+    sources = {}
     for dfd, tmp, name, up in staged:
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         stats[up["path"]] = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if name.endswith(".py"):
+            sources.setdefault(dfd, []).append(name[:-3])
+    _drop_bytecode(sources)
     for link in batch.get("links", []):
         parts = link["path"].split("/")
         dfd = dirs.open(parts[:-1], create=True)
@@ -626,6 +630,27 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
     os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
     _update_cache(root, batch, cache_updates, stats)
     return {"written": len(staged), "bytes": received, "deleted": deleted, "kept": kept}
+
+
+def _drop_bytecode(sources):
+    """Remove the cached bytecode of replaced .py files ({dir fd: [module stems]}).
+
+    Python trusts a .pyc whose recorded source size and whole-second mtime match. Two same-size
+    saves within one second (mtimes are kept) would otherwise leave the worker on the old code
+    while its readiness marker names the new revision."""
+    for dfd, stems in sources.items():
+        try:
+            cache = os.open("__pycache__", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                            dir_fd=dfd)
+        except OSError:
+            continue
+        try:
+            wanted = set(stems)
+            for name in os.listdir(cache):
+                if name.endswith(".pyc") and name.split(".", 1)[0] in wanted:
+                    _unlink_quiet(name, cache)
+        finally:
+            os.close(cache)
 
 
 def _under_any(path, roots):
@@ -702,6 +727,7 @@ LIVE_STATES = ("STARTING", "RUNNING", "BACKOFF")
 DOWN_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
 ALREADY_STARTED, NOT_RUNNING, BAD_NAME = 60, 70, 10
 MODES = ("blue-green", "drain", "requeue")
+TERM_AGAIN_S = 5.0
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -874,6 +900,7 @@ class _Restart(object):
         """Wait until ``colour`` has stopped; after ``grace`` seconds, a cold stop (QUIT)."""
         t0 = time.monotonic()
         cold = False
+        nudged = t0
         while self.state(colour)["statename"] not in DOWN_STATES:
             if grace is not None and not cold and time.monotonic() - t0 > grace:
                 try:
@@ -881,6 +908,14 @@ class _Restart(object):
                 except xmlrpc.client.Fault:
                     pass
                 cold = True
+            elif not cold and time.monotonic() - nudged > TERM_AGAIN_S:
+                # Seen under load: a TERM that Celery never acted on (the worker kept taking
+                # tasks). Another TERM is still a warm shutdown: running tasks finish.
+                try:
+                    self.proxy.supervisor.signalProcess(self.name(colour), "TERM")
+                except xmlrpc.client.Fault:
+                    pass
+                nudged = time.monotonic()
             if time.monotonic() > self.deadline:
                 raise AgentFailure("RestartTimeout", "%s did not stop within %gs"
                                    % (self.name(colour), self.timeout))

@@ -55,9 +55,14 @@ def local_rules(root: str, extra: Sequence[str] = ()) -> Rules:
     return build_rules(extra, find_gitignores(root, base))
 
 
-def scan_local(root: str, rules: Rules) -> LocalScan:
-    """Scan the dev tree, re-hashing only files the digest cache cannot vouch for."""
-    cache = agent.load_digest_cache(root)
+def scan_local(root: str, rules: Rules, cache: dict | None = None) -> LocalScan:
+    """Scan the dev tree, re-hashing only files the digest cache cannot vouch for.
+
+    Args:
+        cache: the digest cache to use and update (default: loaded from the tree's state dir);
+            it is saved back either way.
+    """
+    cache = agent.load_digest_cache(root) if cache is None else cache
     problems: list[tuple[str, str]] = []
     entries = agent.scan(root, rules.compiled(), cache, problems)
     agent.save_digest_cache(root, cache)

@@ -18,7 +18,7 @@ from .config import Project, Target
 from .errors import (MassDeleteError, OperationalError, PathEscapeError, SyncAgentError,
                      WorkerStartError)
 from .ignore import Rules, restart_matcher
-from .manifest import Entry, LocalScan, local_rules
+from .manifest import Entry, LocalScan, local_rules, scan_local
 from .plan import Plan, apply_plan, escaping_links, plan, revision
 from .session import RemoteTree, Session
 
@@ -153,7 +153,7 @@ class Syncer:
         durations = {} if durations is None else durations
         if local is None:
             t0 = time.perf_counter()
-            local = self._scan_all()
+            local = self.scan_all()
             durations["scan"] = time.perf_counter() - t0
         if remote is None:
             t0 = time.perf_counter()
@@ -166,6 +166,7 @@ class Syncer:
             t0 = time.perf_counter()
             p = plan(local.entries, self.remote, keep=local.unreadable)
             durations.setdefault("plan", time.perf_counter() - t0)
+            self.remote = _share_equal(self.remote, self.local)
             if _pass == 0:
                 self._check_safety(p)
             step = self._apply(p, progress, dry_run=self.options.dry_run,
@@ -174,7 +175,7 @@ class Syncer:
             if self.options.dry_run or not step.unsettled:
                 break
             # Some files changed while being sent: rescan and send what they hold now.
-            local = self._scan_all()
+            local = self.scan_all()
             remote = self._read_remote()
         else:
             result.warnings.append("files kept changing during the push; push again when "
@@ -186,11 +187,9 @@ class Syncer:
         result.durations = durations
         return result
 
-    def _scan_all(self) -> LocalScan:
-        problems: list = []
-        entries = agent.scan(self.root, self._compiled, self.cache, problems)
-        agent.save_digest_cache(self.root, self.cache)
-        return LocalScan(entries, problems)
+    def scan_all(self) -> LocalScan:
+        """The whole local tree (re-hashing only what the digest cache cannot vouch for)."""
+        return scan_local(self.root, self.rules, self.cache)
 
     # ---------------------------------------------------------------- partial sync
 
@@ -288,6 +287,18 @@ class Syncer:
         return result
 
 
+def _share_equal(remote: dict[str, Entry], local: dict[str, Entry]) -> dict[str, Entry]:
+    """The remote manifest, holding the local Entry object wherever both sides agree (planning
+    compares kind, mode, digest and link only): a 100k-file watch keeps one copy, not two."""
+    out = {}
+    for path, e in remote.items():
+        mine = local.get(path)
+        same = mine is not None and (mine.kind, mine.mode, mine.digest, mine.link) == (
+            e.kind, e.mode, e.digest, e.link)
+        out[path] = mine if same else e
+    return out
+
+
 def _under(path: str, roots: set[str]) -> bool:
     while True:
         if path in roots:
@@ -362,7 +373,7 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
         with ThreadPoolExecutor(max_workers=len(syncers)) as pool:
             connecting = _each(pool, connect, syncers)
             t0 = time.perf_counter()
-            local = syncers[0]._scan_all()  # once, while the connections come up
+            local = syncers[0].scan_all()  # once, while the connections come up
             t_scan = time.perf_counter() - t0
             up = _collect(connecting, fleet)
             _collect(_each(pool, reconcile, up), fleet)

@@ -388,10 +388,15 @@ def _up_sshd(name: str, directory: str | os.PathLike | None, register: bool) -> 
     except OperationalError:
         stop_pid(pid, str(d))
         raise
+    # What an earlier `up` started besides sshd (Redis, supervisord) stays on record, so
+    # `down` still stops it after sshd alone was restarted.
+    kept = {k: getattr(current, k) for k in ("redis_url", "redis_pid", "project",
+                                              "supervisord_pidfile", "supervisorctl")
+            } if current is not None else {}
     box = Sandbox(name=name, dir=str(d), host="127.0.0.1", port=port, user=user,
                   identity=str(user_key), ssh_config=str(d / "ssh_config"),
                   known_hosts=str(d / "known_hosts"), remote_root=str(remote),
-                  sshd_pid=pid)
+                  sshd_pid=pid, **kept)
     box._save()
     if register:
         write_user_target(box.target())

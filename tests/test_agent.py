@@ -240,3 +240,24 @@ def test_truncated_stream_ends_quietly(tmp_path):
     out = io.BytesIO()
     assert agent.serve(io.BytesIO(raw + struct.pack(">I", 100) + b"short"), out) == 0
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_replacing_a_module_drops_its_cached_bytecode(tmp_path):
+    """Same size, same whole-second mtime: without this, Python would run the old .pyc."""
+    import importlib.util
+    import py_compile
+
+    root = tmp_path / "r"
+    (root / "pkg").mkdir(parents=True)
+    mod = root / "pkg" / "m.py"
+    mod.write_text("V = 1\n")
+    os.utime(mod, (1_700_000_000, 1_700_000_000))
+    cached = Path(importlib.util.cache_from_source(str(mod)))
+    py_compile.compile(str(mod), cfile=str(cached))
+    (root / "pkg" / "__pycache__" / "other.cpython-311.pyc").write_bytes(b"keep")
+    batch = {"uploads": [{"path": "pkg/m.py", "mode": 0o644, "mtime_ns": 1_700_000_000 * 10**9}],
+             "revision": "r"}
+    apply_batch(str(root), batch, lambda up: iter([b"V = 2\n"]))
+    assert mod.read_text() == "V = 2\n"
+    assert not cached.exists()
+    assert (root / "pkg" / "__pycache__" / "other.cpython-311.pyc").exists()
