@@ -36,6 +36,7 @@ __all__ = [
     "hash_file",
     "check_relpath",
     "check_link",
+    "under_any",
     "apply_batch",
     "read_frame",
     "write_frame",
@@ -225,18 +226,10 @@ def scan(root, rules, cache=None, problems=None, start=""):
             elif stat.S_ISREG(st.st_mode):
                 if is_excluded(rules, rel, False):
                     continue
-                digest = _cached_digest(cache, rel, st)
+                digest = _cached_digest(cache, rel, st) or _hash(de.path, rel, st, cache,
+                                                                 problems)
                 if digest is None:
-                    hashed_ns = time.time_ns()
-                    try:
-                        digest = hash_file(de.path)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as e:
-                        problems.append((rel, e.strerror or str(e)))
-                        continue
-                    cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
-                                  hashed_ns]
+                    continue
                 seen.add(rel)
                 out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
             # sockets, fifos and devices are not code: skipped silently
@@ -296,18 +289,24 @@ def scan_paths(root, rules, paths, cache, problems=None):
                 except OSError:
                     pass
         elif stat.S_ISREG(st.st_mode) and not is_excluded(rules, rel, False):
-            hashed_ns = time.time_ns()
-            try:
-                digest = hash_file(full)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                problems.append((rel, e.strerror or str(e)))
-                continue
-            cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
-                          hashed_ns]
-            out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
+            digest = _hash(full, rel, st, cache, problems)  # named by an event: always read
+            if digest is not None:
+                out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
     return out
+
+
+def _hash(path, rel, st, cache, problems):
+    """Hash one file and record it in the cache; None if it vanished or cannot be read."""
+    hashed_ns = time.time_ns()
+    try:
+        digest = hash_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        problems.append((rel, e.strerror or str(e)))
+        return None
+    cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, hashed_ns]
+    return digest
 
 
 def _cached_digest(cache, rel, st):
@@ -599,7 +598,7 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
     replacing = {u["path"] for u in batch.get("uploads", [])} | {
         l["path"] for l in batch.get("links", [])}
     kept = []
-    early = [d for d in deletes if _under_any(d["path"], replacing)]
+    early = [d for d in deletes if under_any(d["path"], replacing)]
     deleted = _apply_deletes(dirs, early, kept)
     stats = {}
     sources = {}
@@ -621,7 +620,7 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
         dfd = dirs.open(parts[:-1], create=False)
         if not stat.S_ISLNK(os.lstat(parts[-1], dir_fd=dfd).st_mode):
             os.chmod(parts[-1], int(ch["mode"]) & 0o7777, dir_fd=dfd)
-    deleted += _apply_deletes(dirs, [d for d in deletes if not _under_any(d["path"], replacing)],
+    deleted += _apply_deletes(dirs, [d for d in deletes if not under_any(d["path"], replacing)],
                               kept)
     for d in batch.get("dirs", []):
         fd = dirs.open(d["path"].split("/"), create=True)
@@ -653,7 +652,7 @@ def _drop_bytecode(sources):
             os.close(cache)
 
 
-def _under_any(path, roots):
+def under_any(path, roots):
     """True if ``path`` or one of its parents is in ``roots``."""
     while True:
         if path in roots:

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .agent import AgentFailure, Entry, check_link
+from .agent import AgentFailure, Entry, check_link, under_any
 
 __all__ = [
     "Upload", "Link", "Mkdir", "Chmod", "Delete", "Plan",
@@ -106,15 +106,6 @@ class Plan:
             yield f"delete  {d.path}{'/' if d.kind == 'd' else ''}"
 
 
-def _under(path: str, roots: frozenset[str]) -> bool:
-    while True:
-        if path in roots:
-            return True
-        if "/" not in path:
-            return False
-        path = path.rsplit("/", 1)[0]
-
-
 def plan(local: Manifest, remote: Manifest, keep: Iterable[str] = ()) -> Plan:
     """Decide what turns ``remote`` into ``local``.
 
@@ -153,7 +144,7 @@ def plan(local: Manifest, remote: Manifest, keep: Iterable[str] = ()) -> Plan:
     for path in sorted(remote):
         if path in local:
             continue
-        if _under(path, keep):
+        if under_any(path, keep):
             kept.append(path)
             continue
         deletes.append(Delete(path, remote[path].kind))

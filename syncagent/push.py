@@ -218,7 +218,7 @@ class Syncer:
             out = {p: m[p] for p in paths if p in m}
             out.update((p, m[p]) for p in fresh if p in m)
             if subtrees:
-                out.update((p, e) for p, e in m.items() if _under(p, subtrees))
+                out.update((p, e) for p, e in m.items() if agent.under_any(p, subtrees))
             return out
 
         unreadable = [p for p, _ in problems]
@@ -297,15 +297,6 @@ def _share_equal(remote: dict[str, Entry], local: dict[str, Entry]) -> dict[str,
             e.kind, e.mode, e.digest, e.link)
         out[path] = mine if same else e
     return out
-
-
-def _under(path: str, roots: set[str]) -> bool:
-    while True:
-        if path in roots:
-            return True
-        if "/" not in path:
-            return False
-        path = path.rsplit("/", 1)[0]
 
 
 def _merge(a: PushResult, b: PushResult) -> PushResult:

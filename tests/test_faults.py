@@ -31,7 +31,7 @@ from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
 from tests.helpers.faultproxy import FaultProxy
-from tests.helpers.procs import supervisor_rpc, wait_until
+from tests.helpers.procs import provisioned_sandbox, supervisor_rpc, wait_until
 
 RULES = build_rules().compiled()
 
@@ -42,16 +42,8 @@ RULES = build_rules().compiled()
 @pytest.fixture(scope="module")
 def fbx(hermetic_home, tmp_path_factory):
     """A provisioned sandbox 'fbx': sshd, its own redis-server, the demo app under supervisord."""
-    directory = tmp_path_factory.mktemp("fbx")
-    box = sandbox.up("fbx", directory, provision=True, timeout=60)
-    try:
+    with provisioned_sandbox("fbx", tmp_path_factory.mktemp("fbx")) as box:
         yield box
-    except BaseException:
-        for log in sorted(Path(directory).rglob("*.log")):
-            print(f"==> {log}\n{log.read_text(errors='replace')[-3000:]}")
-        raise
-    finally:
-        sandbox.down("fbx", directory)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from syncagent.config import Target, load_project
+from syncagent.config import load_project
 from syncagent.push import PushOptions
 from tests.helpers.faultproxy import FaultProxy
 from tests.helpers.procs import wait_until

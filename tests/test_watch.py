@@ -21,13 +21,13 @@ import pytest
 import redis
 from celery import Celery
 
-from syncagent import agent, sandbox
+from syncagent import agent
 from syncagent.config import load_project, resolve_target
 from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
-from tests.helpers.procs import children_of, wait_until
+from tests.helpers.procs import provisioned_sandbox, children_of, wait_until
 
 RULES = build_rules().compiled()
 
@@ -35,16 +35,8 @@ RULES = build_rules().compiled()
 @pytest.fixture(scope="module")
 def lbx(hermetic_home, tmp_path_factory):
     """A provisioned sandbox 'lbx': sshd, its own redis-server, the demo app under supervisord."""
-    directory = tmp_path_factory.mktemp("lbx")
-    box = sandbox.up("lbx", directory, provision=True, timeout=60)
-    try:
+    with provisioned_sandbox("lbx", tmp_path_factory.mktemp("lbx")) as box:
         yield box
-    except BaseException:
-        for log in sorted(Path(directory).rglob("*.log")):
-            print(f"==> {log}\n{log.read_text(errors='replace')[-3000:]}")
-        raise
-    finally:
-        sandbox.down("lbx", directory)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Processes start in their own session and are stopped by pid (TERM, wait, KILL).
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import socket
@@ -19,13 +18,13 @@ from typing import Callable, Iterator, Sequence, TypeVar
 __all__ = [
     "REDIS_SERVER",
     "RedisServer",
-    "UnixStreamTransport",
     "free_port",
     "preserved_environ",
     "redis_server",
     "start_process",
     "stop_process",
     "supervisor_rpc",
+    "provisioned_sandbox",
     "wait_until",
 ]
 
@@ -132,41 +131,11 @@ def redis_server(workdir: Path, password: str | None = None) -> Iterator[RedisSe
         stop_process(server.proc)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost")
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class UnixStreamTransport(xmlrpc.client.Transport):
-    """XML-RPC transport over an AF_UNIX socket (supervisord's unix_http_server)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self._path = path
-
-    def make_connection(self, host: object) -> http.client.HTTPConnection:
-        if self._connection and self._connection[0] == host:
-            return self._connection[1]
-        conn = _UnixHTTPConnection(self._path)
-        self._connection = host, conn  # closed by Transport.close()
-        return conn
-
-
 def supervisor_rpc(socket_path: str) -> xmlrpc.client.ServerProxy:
-    """ServerProxy for supervisord on ``socket_path``; use it as a context manager."""
-    return xmlrpc.client.ServerProxy("http://localhost",
-                                     transport=UnixStreamTransport(socket_path))
+    """XML-RPC proxy for supervisord's unix socket (the runtime's own transport)."""
+    from worker.supervise import rpc
+
+    return rpc(socket_path)
 
 
 @contextlib.contextmanager
@@ -190,3 +159,19 @@ def children_of(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+@contextlib.contextmanager
+def provisioned_sandbox(name: str, directory, **up_args):
+    """``sandbox.up(name, directory, provision=True)``; on failure the sandbox's logs are
+    printed; always ``sandbox.down`` (which stops exactly what it started)."""
+    from syncagent import sandbox
+
+    try:
+        yield sandbox.up(name, directory, provision=True, timeout=60, **up_args)
+    except BaseException:
+        for log in sorted(Path(directory).rglob("*.log")):
+            print(f"==> {log}\n{log.read_text(errors='replace')[-3000:]}")
+        raise
+    finally:
+        sandbox.down(name, directory)
