@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 
 from syncagent import agent, sandbox
 from syncagent.cli import main
@@ -31,7 +30,7 @@ from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
 from tests.helpers.faultproxy import FaultProxy
-from tests.helpers.procs import provisioned_sandbox, supervisor_rpc, wait_until
+from tests.helpers.procs import provisioned_sandbox, sandbox_broker, supervisor_rpc, wait_until
 
 RULES = build_rules().compiled()
 
@@ -48,11 +47,8 @@ def fbx(hermetic_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broker(fbx):
-    client = Celery("client", broker=f"{fbx.redis_url}/0", backend=f"{fbx.redis_url}/1",
-                    set_as_current=False)
-    client.conf.broker_connection_retry_on_startup = True
-    yield client
-    client.close()
+    with sandbox_broker(fbx) as client:
+        yield client
 
 
 @pytest.fixture

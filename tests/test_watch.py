@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 
 from syncagent import agent
 from syncagent.config import load_project, resolve_target
@@ -27,7 +26,7 @@ from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
-from tests.helpers.procs import provisioned_sandbox, children_of, wait_until
+from tests.helpers.procs import provisioned_sandbox, sandbox_broker, children_of, wait_until
 
 RULES = build_rules().compiled()
 
@@ -41,11 +40,8 @@ def lbx(hermetic_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broker(lbx):
-    client = Celery("client", broker=f"{lbx.redis_url}/0", backend=f"{lbx.redis_url}/1",
-                    set_as_current=False)
-    client.conf.broker_connection_retry_on_startup = True
-    yield client
-    client.close()
+    with sandbox_broker(lbx) as client:
+        yield client
 
 
 def project_of(box):

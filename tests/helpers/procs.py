@@ -25,6 +25,7 @@ __all__ = [
     "stop_process",
     "supervisor_rpc",
     "provisioned_sandbox",
+    "sandbox_broker",
     "wait_until",
 ]
 
@@ -175,3 +176,17 @@ def provisioned_sandbox(name: str, directory, **up_args):
         raise
     finally:
         sandbox.down(name, directory)
+
+
+@contextlib.contextmanager
+def sandbox_broker(box):
+    """A Celery client on a provisioned sandbox's Redis (broker db 0, results db 1)."""
+    from celery import Celery
+
+    client = Celery("client", broker=f"{box.redis_url}/0", backend=f"{box.redis_url}/1",
+                    set_as_current=False)
+    client.conf.broker_connection_retry_on_startup = True
+    try:
+        yield client
+    finally:
+        client.close()
