@@ -257,10 +257,14 @@ def test_cut_during_a_restart_ends_with_the_latest_code_live(fbx, broker, proxy,
                    == w.of("synced")[-1]["revision"], 60, "the latest revision live")
         assert broker.send_task("app.tasks.demo.version").get(timeout=15) == "v-cut"
         assert settled_equal(demo_remote(fbx), root)
-    with rpc(fbx) as s:
-        running = [p["name"] for p in s.supervisor.getAllProcessInfo()
-                   if p["statename"] == "RUNNING"]
-    assert len(running) == 1, running  # one colour serves; the other was warm-stopped
+    def live_programs():
+        with rpc(fbx) as s:
+            return [p["statename"] for p in s.supervisor.getAllProcessInfo()
+                    if p["statename"] in ("STARTING", "RUNNING", "STOPPING")]
+
+    # one colour serves (ready counts from its marker, possibly before supervisord's
+    # startsecs call it RUNNING); the other was warm-stopped
+    assert wait_until(lambda: live_programs() == ["RUNNING"], 15, "one RUNNING colour")
 
 
 # ---------------------------------------------------------------- sshd, supervisord, Redis
