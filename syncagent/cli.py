@@ -127,10 +127,12 @@ def _env_pairs(ctx, param, value):
 
 
 def _env_option(f):
-    return click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+    return click.option("--env", "env_pairs", multiple=True, metavar="KEY[=VALUE]",
                         callback=_env_pairs,
-                        help="A .env.worker setting (repeatable); used only when the remote "
-                             "has no .env.worker. Sent over SSH stdin, never shown.")(f)
+                        help="A .env.worker setting (repeatable); a bare KEY takes its value "
+                             "from your environment, keeping secrets off command lines. Used "
+                             "only when the remote has no .env.worker; sent over SSH stdin, "
+                             "never shown.")(f)
 
 
 def _provision_summary(r) -> str:

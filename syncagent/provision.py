@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import worker
 
@@ -122,19 +123,28 @@ class ProvisionResult:
         return {**self.__dict__, "changed": self.changed}
 
 
-def parse_env_pairs(pairs: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """``KEY=VALUE`` strings -> pairs. Messages name the key, never the value.
+def parse_env_pairs(pairs: Iterable[str],
+                    environ: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """``KEY=VALUE`` strings -> pairs; a bare ``KEY`` takes its value from the environment
+    (as ``docker run -e KEY`` does), so a secret need not appear on a command line.
+    Messages name the key, never the value.
 
     Raises:
-        ConfigError: a pair is malformed or its value cannot be written literally.
+        ConfigError: a pair is malformed, a bare KEY is not set, or a value cannot be written
+            literally.
     """
+    environ = os.environ if environ is None else environ
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not _ENV_KEY.match(key):
-            raise ConfigError(f"--env expects KEY=VALUE, got a malformed pair "
-                              f"(key {key[:40]!r})" if sep else
-                              "--env expects KEY=VALUE, got no '='")
+        if not _ENV_KEY.match(key):
+            raise ConfigError(f"--env expects KEY=VALUE or KEY, got a malformed pair "
+                              f"(key {key[:40]!r})")
+        if not sep:
+            if key not in environ:
+                raise ConfigError(f"--env {key}: not set in the environment",
+                                  hint=f"export {key}=... first, or pass {key}=VALUE")
+            value = environ[key]
         if any(c in value for c in "\n\r\0") or "${" in value:
             raise ConfigError(f"--env {key}: newlines and '${{' cannot be written to "
                               f"{ENV_FILE}", hint="edit the file on the remote instead")

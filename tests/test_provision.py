@@ -164,7 +164,7 @@ def test_missing_env_file_and_bad_venv(wbx, tmp_path) -> None:
     assert f"cp {remote}/.env.worker.example {remote}/.env.worker" in out
     assert not Path(remote, ".syncagent", "supervisord.conf").exists()
     code, out = syncagent("provision", "wbx", "--path", str(project), "--env", "NOEQUALS")
-    assert code == 2 and "KEY=VALUE" in out
+    assert code == 2 and "--env NOEQUALS: not set in the environment" in out
 
 
 def test_worker_that_cannot_start_shows_its_log_tail(wbx, tmp_path) -> None:
@@ -246,3 +246,11 @@ def test_secret_values_and_redact() -> None:
     secrets = prov.secret_values(pairs)
     assert set(secrets) == {"k1", "pw9", "s3s"}
     assert prov.redact("redis://:pw9@h:1/0 k1 s3s 1", secrets) == "redis://:***@h:1/0 *** *** 1"
+
+
+def test_bare_env_key_takes_its_value_from_the_environment() -> None:
+    """`--env WORKER_API_KEY`: the secret never has to be on a command line."""
+    assert prov.parse_env_pairs(["WORKER_API_KEY", "X=1"], {"WORKER_API_KEY": "s3"}) == (
+        ("WORKER_API_KEY", "s3"), ("X", "1"))
+    with pytest.raises(ConfigError, match="not set in the environment"):
+        prov.parse_env_pairs(["WORKER_API_KEY"], {})
