@@ -721,7 +721,7 @@ def read_revision(root):
 
 # ---------------------------------------------------------------- the worker (supervisord)
 
-COLOURS = ("blue", "green")
+COLOURS = ("blue", "green", "red")  # as worker/ready.py
 LIVE_STATES = ("STARTING", "RUNNING", "BACKOFF")
 DOWN_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
 ALREADY_STARTED, NOT_RUNNING, BAD_NAME = 60, 70, 10
@@ -949,6 +949,16 @@ class _Restart(object):
         return marker
 
 
+def _idle_slot(colours, states, live):
+    """The slot a blue-green restart starts: a stopped one if any (no waiting for a drain),
+    else one still stopping, else (all serving) the one serving the oldest code."""
+    idle = [c for c in colours if c not in live]
+    for c in idle:
+        if states[c] in DOWN_STATES:
+            return c
+    return idle[0] if idle else live[-1]
+
+
 def _pushed(root):
     return (read_revision(root) or {}).get("revision")
 
@@ -988,27 +998,30 @@ def _restart(r, mode, grace):
     root = r.root
     t0 = time.monotonic()
     try:
-        states = {c: r.state(c)["statename"] for c in COLOURS}
+        # the slots this supervisord has (two in configs written before the third existed)
+        states = {i["name"].rsplit("-", 1)[-1]: i["statename"]
+                  for i in r.proxy.supervisor.getAllProcessInfo() if i.get("group") == r.group}
     except (OSError, xmlrpc.client.Error) as e:
         raise AgentFailure("SupervisorDown", "supervisord is not running (no answer on %s: "
                            "%s); run `syncagent provision` to start it again"
                            % (supervisor_socket(root), e))
-    live = [c for c in COLOURS if states[c] in LIVE_STATES]
+    colours = [c for c in COLOURS if c in states]
+    if not colours:
+        raise AgentFailure("NotProvisioned", "no worker programs in group %r" % r.group)
+    live = [c for c in colours if states[c] in LIVE_STATES]
+    live.sort(key=lambda c: (_marker(root, c) or {}).get("time", 0), reverse=True)  # newest 1st
     out = {"ok": False, "mode": mode, "previous": live, "revision": r.revision}
     try:
         if mode == "blue-green":
-            if len(live) == 2:  # keep the newer one serving, replace the other
-                live.sort(key=lambda c: (_marker(root, c) or {}).get("time", 0), reverse=True)
-            old = live[0] if live else None
-            new = "green" if old == "blue" else "blue"
-            if states[new] == "STOPPING":  # still finishing the tasks of an earlier restart
+            new = _idle_slot(colours, states, live)
+            if states[new] == "STOPPING":  # every idle slot still finishes an earlier drain
                 r.wait_down(new)
             marker = r.launch(new)
             for colour in live:
                 if colour != new:
                     r.stop(colour)
         else:
-            current = live[0] if live else "blue"
+            current = live[0] if live else colours[0]
             t1 = time.monotonic()
             for colour in live:
                 r.stop(colour)

@@ -42,10 +42,10 @@ def test_rendered_settings() -> None:
     assert "inet_http_server" not in daemon and "chmod=0700" in daemon
     assert "file=/srv/p/.syncagent/supervisor.sock" in daemon
     programs = sc.render_program_conf(layout)
-    assert "[group:w]\nprograms=w-blue,w-green" in programs
+    assert "[group:w]\nprograms=w-blue,w-green,w-red" in programs
     for line in ("stopwaitsecs=1200", "stopasgroup=false", "killasgroup=true",
                  "redirect_stderr=true", "command=/srv/p/venv/bin/python -m worker run"):
-        assert programs.count(line) == 2, line
+        assert programs.count(line) == 3, line
     assert programs.count("autostart=true") == 1
     assert sc.supervisorctl_command("/srv/p/.syncagent/supervisord.conf") == (
         "supervisorctl -c /srv/p/.syncagent/supervisord.conf status")
@@ -83,8 +83,9 @@ def test_supervisord_runs_blue_worker(tmp_path: Path) -> None:
                        == "RUNNING", 20, "worker-blue RUNNING")
             marker = wait_until(lambda: ready.read_marker(root, "blue"), 30, "blue marker")
             assert marker["node"].startswith("tundra-gpu-blue-0123456@")
-            green = rpc.supervisor.getProcessInfo("worker:worker-green")
-            assert green["statename"] == "STOPPED"
+            for idle in ("green", "red"):  # only blue autostarts
+                info = rpc.supervisor.getProcessInfo(f"worker:worker-{idle}")
+                assert info["statename"] == "STOPPED"
             status = subprocess.run(shlex.split(sc.supervisorctl_command(str(conf), sys.prefix)),
                                     capture_output=True, text=True, timeout=20, env=env)
             assert "worker:worker-blue" in status.stdout and "RUNNING" in status.stdout

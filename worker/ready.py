@@ -37,7 +37,9 @@ __all__ = [
 ]
 
 STATE_DIR_NAME = ".syncagent"
-COLOURS = ("blue", "green")
+# Three slots: a restart starts an idle one while the last replaced one may still be finishing
+# its tasks (a warm stop), so back-to-back restarts never wait for a drain.
+COLOURS = ("blue", "green", "red")
 UNKNOWN_REVISION = "unknown"
 _SHORT_UNKNOWN = "0000000"
 
@@ -75,7 +77,7 @@ def marker_path(root: str | os.PathLike[str], colour: str) -> Path:
 
 
 def colour_from_env(environ: dict[str, str] | None = None) -> str:
-    """Return ``SYNCAGENT_COLOUR`` (blue|green), defaulting to blue.
+    """Return ``SYNCAGENT_COLOUR`` (one of COLOURS), defaulting to blue.
 
     Raises:
         ValueError: the variable holds another value.
@@ -83,7 +85,8 @@ def colour_from_env(environ: dict[str, str] | None = None) -> str:
     value = (environ if environ is not None else os.environ).get("SYNCAGENT_COLOUR", "blue")
     value = value.strip().lower() or "blue"
     if value not in COLOURS:
-        raise ValueError(f"SYNCAGENT_COLOUR must be blue or green, got {value!r}")
+        raise ValueError(f"SYNCAGENT_COLOUR must be one of {', '.join(COLOURS)}, "
+                         f"got {value!r}")
     return value
 
 
