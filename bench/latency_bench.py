@@ -317,11 +317,12 @@ class Bench:
         return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
 
     def wait_remote_at_rest(self) -> None:
-        """One colour RUNNING, the other STOPPED (not STARTING or STOPPING)."""
+        """One colour RUNNING, every other one STOPPED or EXITED (none STARTING or STOPPING)."""
         def rest():
-            states = sorted(self.programs().values())
-            return states in (["RUNNING", "STOPPED"], ["EXITED", "RUNNING"])
-        wait_for(rest, 60, "the worker at rest (one colour running, the other stopped)", 0.05)
+            states = list(self.programs().values())
+            return states.count("RUNNING") == 1 and all(
+                st in ("RUNNING", "STOPPED", "EXITED") for st in states)
+        wait_for(rest, 60, "the worker at rest (one colour running, the others stopped)", 0.05)
 
     def running_colour(self) -> str:
         out = subprocess.run([*self.ctl, "status"], capture_output=True, text=True,
