@@ -30,7 +30,8 @@ from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
 from tests.helpers.faultproxy import FaultProxy
-from tests.helpers.procs import provisioned_sandbox, sandbox_broker, supervisor_rpc, wait_until
+from tests.helpers.procs import (pid_running, provisioned_sandbox, sandbox_broker, supervisor_rpc,
+                                 wait_until)
 
 RULES = build_rules().compiled()
 
@@ -320,7 +321,7 @@ def test_supervisord_killed_is_a_clear_error_and_provision_brings_it_back(capsys
     # Orphaned workers would keep consuming beside the ones a new supervisord starts: the
     # launcher asked Linux for a TERM when its parent dies, so they shut down warm by
     # themselves.
-    wait_until(lambda: not any(_running(w) for w in workers), 30, "the orphaned workers to go")
+    wait_until(lambda: not any(pid_running(w) for w in workers), 30, "the orphaned workers to go")
     set_version(root, "v-after-supervisord")
     argv = ["--path", str(root), "--remote-path", str(demo_remote(fbx))]
     capsys.readouterr()
@@ -334,14 +335,6 @@ def test_supervisord_killed_is_a_clear_error_and_provision_brings_it_back(capsys
     assert broker.send_task("app.tasks.demo.version").get(timeout=20) == "v-after-supervisord"
     fbx_state = sandbox.status("fbx", fbx.dir)
     assert sandbox._supervisord_pid(fbx_state) != pid  # `sandbox down` stops the new one
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def restart_redis(box, port: int) -> None:

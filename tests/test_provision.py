@@ -24,7 +24,7 @@ from syncagent import cli as cli_mod
 from syncagent import provision as prov
 from syncagent import sandbox
 from syncagent.errors import ConfigError
-from tests.helpers.procs import wait_until
+from tests.helpers.procs import pid_running, wait_until
 from worker import ready
 
 SECRET = "wbx-api-key-5b1f0e7c2d9a"  # WORKER_API_KEY given with --env: must never be shown
@@ -40,14 +40,6 @@ def syncagent(*args: str) -> tuple[int, str]:
     text = streams[-1].getvalue().decode(errors="replace")  # click 8.2+: stdout + stderr
     OUTPUTS.append(text)
     return code, text
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -211,11 +203,11 @@ def test_down_stops_supervisord_worker_redis_and_sshd(wbx) -> None:
     pids = {"supervisord": int((root / ".syncagent" / "supervisord.pid").read_text()),
             "worker": ready.read_marker(root, "blue")["pid"],
             "redis": wbx["redis_pid"], "sshd": wbx["sshd_pid"]}
-    assert all(_alive(pid) for pid in pids.values()), pids
+    assert all(pid_running(pid) for pid in pids.values()), pids
     code, out = syncagent("sandbox", "down", "--name", "wbx", "--dir", str(wbx["directory"]))
     assert code == 0, out
     for what, pid in pids.items():
-        wait_until(lambda p=pid: not _alive(p), 10, f"{what} (pid {pid}) to be gone")
+        wait_until(lambda p=pid: not pid_running(p), 10, f"{what} (pid {pid}) to be gone")
     assert ready.read_marker(root, "blue") is None  # warm shutdown removed it
 
 

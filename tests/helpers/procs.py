@@ -26,6 +26,7 @@ __all__ = [
     "supervisor_rpc",
     "provisioned_sandbox",
     "sandbox_broker",
+    "pid_running",
     "wait_until",
 ]
 
@@ -190,3 +191,12 @@ def sandbox_broker(box):
         yield client
     finally:
         client.close()
+
+
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (nothing reaps daemons' orphans here)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
