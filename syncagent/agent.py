@@ -11,6 +11,7 @@ request is followed, for each upload in order, by data frames ending with an emp
 Must run on Python 3.8+ with nothing but the standard library.
 """
 
+import codecs
 import errno
 import hashlib
 import http.client
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import xmlrpc.client
+from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "PROTOCOL",
@@ -41,6 +43,9 @@ __all__ = [
     "read_frame",
     "write_frame",
     "serve",
+    "parse_dotenv",
+    "secret_values",
+    "mask",
 ]
 
 PROTOCOL = 1
@@ -771,26 +776,175 @@ def _marker(root, colour):
         return None
 
 
-def _secrets(root):
-    """Values in .env.worker that must never be shown: secret-looking keys, URL passwords."""
-    out = set()
+# ---------------------------------------------------------------- secrets
+# The secret rule set is worker/secret_rules.py; the agent must stay one file, so the block
+# below is a verbatim copy (tests/test_secrets.py checks it). .env.worker is read the way
+# python-dotenv reads it (the worker's loader), so a value is masked exactly as the worker sees it.
+
+# --- begin secret rules (copied verbatim in syncagent/agent.py) ---
+MASK = "***"
+# Values shorter than this are never searched for in text: a one-character "secret" would
+# turn "SyntaxError" into "Synta***Error". Validation refuses a WORKER_API_KEY under 16
+# characters, so no real key is that short; a short URL password is still masked inside URLs.
+MASK_FLOOR = 8
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):([^@\s/]+)@")
+
+
+def _url_passwords(value):
+    """The passwords of the URLs in ``value``, as written and percent-decoded."""
+    found = [m.group(2) for m in _URL_PASSWORD.finditer(value)]
     try:
-        with open(os.path.join(root, ".env.worker")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        key, sep, value = line.strip().partition("=")
-        if not sep or key.startswith("#"):
+        found.append(urlsplit(value.strip()).password or "")
+    except ValueError:
+        pass
+    return [form for p in found if p for form in (p, unquote(p))]
+
+
+def secret_values(values):
+    """Return the secret strings among ``values`` (a name -> value mapping).
+
+    A value is secret when its name looks like one (KEY, SECRET, TOKEN, PASSWORD, PASSWD,
+    CREDENTIAL); the password of every URL is secret whatever the name. Values shorter than
+    ``MASK_FLOOR`` are left out (see there).
+
+    Returns:
+        The secrets, longest first (so a secret containing another is masked whole).
+    """
+    found = set()
+    for name, value in values.items():
+        if not value:
             continue
-        value = value.strip().strip("'\"")
-        key = key.replace("export ", "").strip().upper()
-        if value and re.search(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD", key):
-            out.add(value)
-        m = re.search(r"://[^:/@\s]*:([^@\s]+)@", value)
-        if m:
-            out.add(m.group(1))
-    return out
+        if SECRET_NAME.search(name):
+            found.add(value)
+        if "://" in value:
+            found.update(_url_passwords(value))
+    return tuple(sorted((s for s in found if len(s) >= MASK_FLOOR), key=lambda s: (-len(s), s)))
+
+
+def mask(text, secrets=()):
+    """Return ``text`` with every secret and every URL password replaced by ``***``.
+
+    Args:
+        text: any output (a log line, an error message).
+        secrets: secret strings (see :func:`secret_values`); shorter than ``MASK_FLOOR``: ignored.
+    """
+    for secret in sorted((s for s in secrets if len(s) >= MASK_FLOOR), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _URL_PASSWORD.sub(r"\1:" + MASK + "@", text)
+# --- end secret rules ---
+
+
+_DOTENV = {name: re.compile(pattern, re.UNICODE | flags) for name, pattern, flags in (
+    ("multiline_whitespace", r"\s*", re.MULTILINE),
+    ("whitespace", r"[^\S\r\n]*", 0),
+    ("export", r"(?:export[^\S\r\n]+)?", 0),
+    ("single_quoted_key", r"'([^']+)'", 0),
+    ("unquoted_key", r"([^=\#\s]+)", 0),
+    ("equal_sign", r"(=[^\S\r\n]*)", 0),
+    ("single_quoted_value", r"'((?:\\.|[^'\\])*)'", re.DOTALL),
+    ("double_quoted_value", r'"((?:\\.|[^"\\])*)"', re.DOTALL),
+    ("unquoted_value", r"([^\r\n]*)", 0),
+    ("comment", r"(?:[^\S\r\n]*#[^\r\n]*)?", 0),
+    ("end_of_line", r"[^\S\r\n]*(?:\r\n|\n|\r|$)", 0),
+    ("rest_of_line", r"[^\r\n]*(?:\r|\n|\r\n)?", 0),
+    ("double_quote_escapes", r"\\[\\'\"abfnrtv]", 0),
+    ("single_quote_escapes", r"\\[\\']", 0),
+)}
+_DOTENV_VARIABLE = re.compile(r"\$\{(?P<name>[^\}:]*)(?::-(?P<default>[^\}]*))?\}")
+
+
+class _DotenvText(object):
+    """A cursor over .env text, as python-dotenv's ``parser.Reader``."""
+
+    def __init__(self, text):
+        self.text, self.pos = text, 0
+
+    def peek(self):
+        return self.text[self.pos:self.pos + 1]
+
+    def read(self, name):
+        match = _DOTENV[name].match(self.text, self.pos)
+        if match is None:
+            raise ValueError(name)
+        self.pos = match.end()
+        return match.groups()
+
+
+def _dotenv_decode(name, value):
+    return _DOTENV[name].sub(lambda m: codecs.decode(m.group(0), "unicode-escape"), value)
+
+
+def _dotenv_value(cur):
+    char = cur.peek()
+    if char == "'":
+        return _dotenv_decode("single_quote_escapes", cur.read("single_quoted_value")[0])
+    if char == '"':
+        return _dotenv_decode("double_quote_escapes", cur.read("double_quoted_value")[0])
+    if char in ("", "\n", "\r"):
+        return ""
+    return re.sub(r"\s+#.*", "", cur.read("unquoted_value")[0]).rstrip()
+
+
+def _dotenv_binding(cur):
+    """One ``(key, value)`` binding, as python-dotenv's ``parse_binding`` (key None: none)."""
+    cur.read("multiline_whitespace")
+    if cur.pos >= len(cur.text):
+        return None, None
+    cur.read("export")
+    key = None
+    if cur.peek() != "#":
+        key = cur.read("single_quoted_key" if cur.peek() == "'" else "unquoted_key")[0]
+    cur.read("whitespace")
+    value = None
+    if cur.peek() == "=":
+        equal_sign = cur.read("equal_sign")[0]
+        value = "" if len(equal_sign) > 1 and cur.peek() == "#" else _dotenv_value(cur)
+    cur.read("comment")
+    cur.read("end_of_line")
+    return key, value
+
+
+def parse_dotenv(text, environ=None):
+    """The variables of a .env text, exactly as python-dotenv's ``dotenv_values`` reads them.
+
+    Quotes and their escapes, ``export``, inline comments, multiline quoted values and
+    ``${VAR:-default}`` interpolation (earlier values, then ``environ``); a malformed line is
+    skipped. A port of python-dotenv's parser (the agent cannot import it), checked against it
+    by a hypothesis property in tests/test_secrets.py.
+
+    Returns:
+        ``{name: value}``; a name without ``=`` maps to None.
+    """
+    cur = _DotenvText(text[1:] if text.startswith("\ufeff") else text)
+    pairs = []
+    while cur.pos < len(cur.text):
+        try:
+            key, value = _dotenv_binding(cur)
+        except ValueError:
+            cur.read("rest_of_line")
+            continue
+        if key is not None:
+            pairs.append((key, value))
+    values = {}
+    for key, value in pairs:
+        if value is not None:
+            env = dict(os.environ if environ is None else environ)
+            env.update(values)
+            value = _DOTENV_VARIABLE.sub(
+                lambda m: env.get(m.group("name"), m.group("default") or "") or "", value)
+        values[key] = value
+    return values
+
+
+def _secrets(root):
+    """The secrets of ``<root>/.env.worker`` (see :func:`secret_values`)."""
+    try:
+        with open(os.path.join(root, ".env.worker"), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ()
+    return secret_values(parse_dotenv(text))
 
 
 def log_tail(root, group, colour, offset=0, lines=30):
@@ -802,9 +956,7 @@ def log_tail(root, group, colour, offset=0, lines=30):
             text = f.read()[-65536:].decode("utf-8", "replace")
     except OSError:
         return []
-    for secret in _secrets(root):
-        text = text.replace(secret, "***")
-    return text.splitlines()[-lines:]
+    return mask(text, _secrets(root)).splitlines()[-lines:]
 
 
 def _log_size(root, group, colour):

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import worker
+from worker import secret_rules
+from worker.env import value_problems
+from worker.supervisor_conf import path_problem
 
 from .config import Project, Target
 from .errors import ConfigError, OperationalError, WorkerStartError
@@ -30,7 +33,7 @@ from .push import PushOptions, PushResult, push
 from .session import Session
 
 __all__ = ["ProvisionOptions", "ProvisionResult", "WorkerStartError", "parse_env_pairs",
-           "provision", "redact", "runtime_files", "secret_values", "runtime_digest", "ENV_FILE",
+           "provision", "redact", "runtime_files", "check_before_writing", "secret_values", "runtime_digest", "ENV_FILE",
            "RUNTIME_MODULES", "RUNTIME_REQUIREMENTS"]
 
 ENV_FILE = ".env.worker"
@@ -38,8 +41,6 @@ RUNTIME_MODULES = ("celery", "redis", "dotenv", "requests", "rich", "supervisor"
 RUNTIME_REQUIREMENTS = ("celery[redis]", "redis", "python-dotenv", "requests", "rich",
                         "supervisor")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@\s]+@")
 
 _PROBE = r"""
 import json, os, sys
@@ -162,20 +163,32 @@ def env_file_text(pairs: Iterable[tuple[str, str]]) -> str:
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove URL passwords and the given secret values from ``text``."""
-    text = _URL_PASSWORD.sub(r"\1:***@", text)
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    """Mask URL passwords and the given secret values in ``text`` (the one rule set,
+    :mod:`worker.secret_rules`)."""
+    return secret_rules.mask(text, tuple(secrets))
 
 
 def secret_values(pairs: Iterable[tuple[str, str]]) -> tuple[str, ...]:
-    """The values among ``pairs`` that are secrets: API keys, tokens, passwords (also in URLs)."""
-    from worker.env import secrets_of
+    """The values among ``pairs`` that are secrets (:func:`worker.secret_rules.secret_values`)."""
+    return secret_rules.secret_values(dict(pairs))
 
-    values = dict(pairs)
-    named = [v for k, v in values.items() if _SECRET_KEY.search(k)]
-    return tuple(dict.fromkeys([*named, *secrets_of(values)]))
+
+def check_before_writing(target: Target, options: ProvisionOptions) -> None:
+    """Refuse, before anything is written, what provision could only half do.
+
+    Raises:
+        ConfigError: the remote path or ``--venv`` cannot be written into supervisord's
+            config; an ``--env`` value is invalid (a short or example ``WORKER_API_KEY``, a
+            malformed URL, ...).
+    """
+    for what, path in (("remote path", target.remote_path), ("--venv", options.venv)):
+        reason = path_problem(path) if path else None
+        if reason:
+            raise ConfigError(f"{target.name}: {what} {path!r} {reason}",
+                              hint="choose a path without it")
+    problems, _ = value_problems(dict(options.env))
+    if problems:
+        raise ConfigError(f"{target.name}: invalid --env: " + "; ".join(problems))
 
 
 def runtime_files() -> dict[str, str]:
@@ -241,6 +254,7 @@ def provision(project: Project, target: Target,
             step failed, or the worker did not become ready (:class:`WorkerStartError`).
         SafetyError: from the push (host key, mass delete, path escape).
     """
+    check_before_writing(target, options)
     pushed: PushResult = push(project, target, PushOptions(
         restart=False, trust_new_host=options.trust_new_host,
         allow_mass_delete=options.allow_mass_delete))

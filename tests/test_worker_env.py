@@ -1,4 +1,5 @@
-"""worker.env: loading precedence, validation (all problems at once), redaction."""
+"""worker.env: loading precedence, validation (all problems at once, short and example
+secrets refused), redaction through the one secret rule set."""
 from __future__ import annotations
 
 import os
@@ -19,10 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 GOOD = {
     "CELERY_BROKER_URL": f"redis://:{PW}@10.0.0.5:6379/0",
     "CELERY_RESULT_BACKEND": f"redis://user:{PW}@10.0.0.5:6379/1",
-    "FLASK_APP_URL": "https://clippy.example.com/",
+    "FLASK_APP_URL": "https://clippy.lan/",
     "WORKER_API_KEY": KEY,
-    "MEDIA_BASE_URL": "https://clippy.example.com",
+    "MEDIA_BASE_URL": "https://clippy.lan",
 }
+GENERATE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 def _with(**changes: str | None) -> dict[str, str]:
@@ -53,6 +55,21 @@ CASES = [
     ("concurrency zero", _with(CELERY_CONCURRENCY="0"), ["CELERY_CONCURRENCY must be a positive"]),
     ("stopwait text", _with(SYNCAGENT_STOPWAITSECS="10m"), ["SYNCAGENT_STOPWAITSECS must be"]),
     ("log level", _with(LOG_LEVEL="loud"), ["LOG_LEVEL must be one of"]),
+    ("one-character key", _with(WORKER_API_KEY="k"),
+     ["WORKER_API_KEY is too short (1 characters, at least 16): generate one with " + GENERATE]),
+    ("15-character key", _with(WORKER_API_KEY="x" * 15), ["WORKER_API_KEY is too short (15"]),
+    ("example key", _with(WORKER_API_KEY="your-secure-key-here"),
+     ["WORKER_API_KEY is still the example file's placeholder: set the real value"]),
+    ("change-me key", _with(WORKER_API_KEY="change-me"), ["WORKER_API_KEY is still the example"]),
+    ("angle-bracket key", _with(WORKER_API_KEY="<same-key-from-step-1>"),
+     ["WORKER_API_KEY is still the example"]),
+    ("example redis host", _with(CELERY_BROKER_URL="redis://your-redis-host:6379/0"),
+     ["CELERY_BROKER_URL is still the example file's placeholder "
+      "(redis://your-redis-host:6379/0)"]),
+    ("example redis password", _with(CELERY_RESULT_BACKEND="redis://:change-me@10.0.0.5:6379/0"),
+     ["CELERY_RESULT_BACKEND is still the example file's placeholder (redis://:***@10.0.0.5"]),
+    ("example.com api", _with(FLASK_APP_URL="https://clippy.example.com"),
+     ["FLASK_APP_URL is still the example file's placeholder (https://clippy.example.com)"]),
     ("everything at once", {"CELERY_CONCURRENCY": "x", "FLASK_APP_URL": "nope"},
      ["CELERY_BROKER_URL is required", "CELERY_RESULT_BACKEND is required",
       "WORKER_API_KEY is required", "FLASK_APP_URL must start with http://",
@@ -78,7 +95,7 @@ def test_valid_env_defaults_and_repr_hide_secrets() -> None:
     assert env.queues == ("gpu", "celery") and env.concurrency == 2
     assert env.worker_name == "tundra-gpu" and env.celery_app == "app.tasks.celery_app"
     assert env.stopwaitsecs == 600 and env.tmpdir == "/tmp" and env.use_gpu_queue
-    assert env.flask_app_url == "https://clippy.example.com"
+    assert env.flask_app_url == "https://clippy.lan"
     assert any("MEDIA_BASE_URL" in w for w in report.warnings)
     assert KEY not in repr(env) and PW not in repr(env)
     assert set(env.secrets) == {KEY, PW}
@@ -148,11 +165,51 @@ def test_python_m_worker_usage_error() -> None:
     assert proc.returncode == 2
 
 
-def test_example_env_file_is_valid() -> None:
-    values = envmod.load_values(REPO, environ={})  # no .env.worker in the repo
-    assert "CELERY_BROKER_URL" not in values
+@pytest.mark.parametrize("example", [".env.worker.example",
+                                     "examples/demo_app/.env.worker.example"])
+def test_example_env_files_are_refused_as_they_are(example: str) -> None:
+    """Copied without editing, an example file names every placeholder it still holds."""
     from dotenv import dotenv_values
 
-    example = {k: v for k, v in dotenv_values(REPO / ".env.worker.example").items() if v}
-    report = envmod.validate(example)
-    assert report.ok and not report.warnings, report.problems
+    values = {k: v for k, v in dotenv_values(REPO / example).items() if v}
+    report = envmod.validate(values)
+    assert not report.ok
+    assert any(p.startswith("WORKER_API_KEY is still the example") for p in report.problems)
+    edited = {**values, "WORKER_API_KEY": "e" * 16, "CELERY_BROKER_URL": "redis://10.1.1.1/0",
+              "CELERY_RESULT_BACKEND": "redis://10.1.1.1/1", "FLASK_APP_URL": "http://10.1.1.1",
+              "MEDIA_BASE_URL": "http://10.1.1.1"}
+    assert envmod.validate(edited).ok, envmod.validate(edited).problems
+
+
+def test_short_url_password_is_a_warning_and_still_masked_in_urls() -> None:
+    report = envmod.validate(_with(CELERY_BROKER_URL="redis://:pw@10.0.0.5:6379/0"))
+    assert report.ok
+    assert any("CELERY_BROKER_URL has a password shorter than 8" in w for w in report.warnings)
+    assert envmod.redact_text("url redis://:pw@10.0.0.5:6379/0", report.env.secrets) == \
+        "url redis://:***@10.0.0.5:6379/0"
+
+
+def test_masking_never_touches_short_strings() -> None:
+    """A short value (which validation refuses as a key) never turns "SyntaxError" into
+    "Synta***Error", whatever its name."""
+    text = "SyntaxError: invalid syntax in x.py"
+    for short in ("x", "Error", "syntax", "in x.py"):  # all under the floor of 8
+        secrets = envmod.secrets_of({"WORKER_API_KEY": short, "S3_SECRET": short})
+        assert secrets == () and envmod.redact_text(text, [short]) == text
+    assert envmod.redact_text(text, envmod.secrets_of({"WORKER_API_KEY": "invalid syntax"})) \
+        == "SyntaxError: *** in x.py"
+
+
+def test_worker_refuses_a_short_key_naming_it_and_how_to_generate_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for name in envmod.KNOWN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    lines = [f"{k}={v}" for k, v in _with(WORKER_API_KEY="short-key-9").items()]
+    (tmp_path / ".env.worker").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    with preserved_environ():
+        assert main(["doctor"]) == 2
+    text = "".join(capsys.readouterr())
+    assert "WORKER_API_KEY is too short (11 characters, at least 16)" in text
+    assert GENERATE in text and "short-key-9" not in text

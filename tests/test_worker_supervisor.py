@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import supervisor
 
 from tests.helpers.procs import (
@@ -57,7 +58,8 @@ def _project(root: Path, redis_srv: RedisServer) -> Path:
     shutil.copytree(DEMO, root)
     (root / ".env.worker").write_text(
         f"CELERY_BROKER_URL={redis_srv.url(0)}\nCELERY_RESULT_BACKEND={redis_srv.url(1)}\n"
-        "FLASK_APP_URL=http://127.0.0.1:9\nWORKER_API_KEY=k\nCELERY_CONCURRENCY=1\n")
+        "FLASK_APP_URL=http://127.0.0.1:9\nWORKER_API_KEY=supervisor-test-key-0123\n"
+        "CELERY_CONCURRENCY=1\n")
     (root / ".env.worker").chmod(0o600)
     ready.ensure_state_dir(root)
     ready.revision_path(root).write_text(json.dumps({"revision": REVISION, "time": 1.0,
@@ -65,10 +67,19 @@ def _project(root: Path, redis_srv: RedisServer) -> Path:
     return root
 
 
-def test_supervisord_runs_blue_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("root_name", "venv_name"), [("p", None), ("a b'50%é", 'v "%é')],
+                         ids=["plain", "space-quotes-percent-non-ascii"])
+def test_supervisord_runs_blue_worker(tmp_path: Path, root_name: str,
+                                      venv_name: str | None) -> None:
+    """A real supervisord reads the generated config back unchanged, odd paths included
+    (space, both quote kinds, %, non-ASCII: shlex-split command=, %-expanded values)."""
+    venv = sys.prefix
+    if venv_name:
+        venv = str(tmp_path / venv_name)
+        os.symlink(sys.prefix, venv)
     with redis_server(tmp_path / "redis") as redis_srv:
-        root = _project(tmp_path / "p", redis_srv)
-        layout = sc.Layout(root=str(root), venv=sys.prefix, name="worker", stopwaitsecs=30)
+        root = _project(tmp_path / root_name, redis_srv)
+        layout = sc.Layout(root=str(root), venv=venv, name="worker", stopwaitsecs=30)
         conf = sc.write_configs(layout, extra_env={"PYTHONPATH": str(REPO)})
         env = {k: v for k, v in os.environ.items() if k not in envmod.KNOWN_VARIABLES}
         log = tmp_path / "supervisord.out"

@@ -2,13 +2,15 @@
 
 The file ``<root>/.env.worker`` is read with python-dotenv and never overrides variables that
 are already set in the process environment (the process env wins, as in Flask's
-``cli.load_dotenv``). Validation collects every problem at once. Secrets (``WORKER_API_KEY``
-and passwords inside URLs) never appear in any message: show URLs through :func:`redact_url`
-and free text through :func:`redact_text`.
+``cli.load_dotenv``). Validation collects every problem at once: it also refuses a
+``WORKER_API_KEY`` under 16 characters and values still left as the example file has them.
+Secrets (see :mod:`worker.secret_rules`, the project's one rule set) never appear in any
+message: show URLs through :func:`redact_url` and free text through :func:`redact_text`.
 """
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
+from worker import secret_rules
+
 __all__ = [
     "DEFAULTS",
     "ENV_FILE_NAME",
     "KNOWN_VARIABLES",
+    "MIN_API_KEY_LENGTH",
     "EnvReport",
     "WorkerEnv",
     "apply_to_process",
@@ -31,6 +36,7 @@ __all__ = [
     "redact_url",
     "secrets_of",
     "validate",
+    "value_problems",
 ]
 
 ENV_FILE_NAME = ".env.worker"
@@ -55,6 +61,12 @@ KNOWN_VARIABLES = (
     "CLIPPY_DISABLE_NVENC", "WORKER_NAME", "LOG_LEVEL", "CELERY_APP", "SYNCAGENT_STOPWAITSECS",
 )
 
+MIN_API_KEY_LENGTH = 16
+GENERATE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+# What example files leave for the user to fill in: `change-me`, `your-redis-host`,
+# `<generated-key>`, and the reserved example.com/.org/.net domains (RFC 2606).
+_PLACEHOLDER = re.compile(r"change[-_]?me|replace[-_]?me|\byour[-_]|<[^<>]*>", re.IGNORECASE)
+_EXAMPLE_HOST = re.compile(r"(^|\.)example\.(com|org|net)$", re.IGNORECASE)
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _HTTP_SCHEMES = ("http", "https")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
@@ -181,30 +193,14 @@ def redact_url(url: str | None) -> str:
     return urlunsplit(parts._replace(netloc=f"{shown}@{hostport}"))
 
 
-def secrets_of(values: Mapping[str, str]) -> tuple[str, ...]:
-    """Return the secret strings in ``values``: the API key and every URL password."""
-    found: list[str] = []
-    key = values.get("WORKER_API_KEY")
-    if key:
-        found.append(key)
-    for name, value in values.items():
-        if not value or "://" not in value:
-            continue
-        try:
-            password = urlsplit(value).password
-        except ValueError:
-            continue
-        if password:
-            found.append(password)
-    return tuple(sorted(set(found), key=len, reverse=True))
+def secrets_of(values: Mapping[str, str | None]) -> tuple[str, ...]:
+    """Return the secret strings in ``values`` (:func:`worker.secret_rules.secret_values`)."""
+    return secret_rules.secret_values(values)
 
 
 def redact_text(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each secret in ``text`` by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    """Mask every secret and URL password in ``text`` (:func:`worker.secret_rules.mask`)."""
+    return secret_rules.mask(text, tuple(secrets))
 
 
 def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> str | None:
@@ -249,10 +245,7 @@ def _nvenc_disabled_by(values: Mapping[str, str]) -> str | None:
     return None
 
 
-def _check_urls(values: Mapping[str, str], problems: list[str], warnings: list[str]) -> None:
-    for name in REQUIRED:
-        if not _get(values, name):
-            problems.append(f"{name} is required but not set (add it to {ENV_FILE_NAME})")
+def _check_urls(values: Mapping[str, str], problems: list[str]) -> None:
     for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
         if _get(values, name):
             msg = _check_url(name, _get(values, name), _REDIS_SCHEMES)
@@ -261,8 +254,70 @@ def _check_urls(values: Mapping[str, str], problems: list[str], warnings: list[s
         if _get(values, name):
             msg = _check_url(name, _get(values, name), _HTTP_SCHEMES)
             problems.extend([msg] if msg else [])
-    if not _get(values, "MEDIA_BASE_URL"):
-        warnings.append("MEDIA_BASE_URL is not set: media downloads (Clippy-Front) will fail")
+
+
+def _is_placeholder(value: str) -> bool:
+    if _PLACEHOLDER.search(value):
+        return True
+    try:
+        host = urlsplit(value).hostname or ""
+    except ValueError:
+        return False
+    return bool(_EXAMPLE_HOST.search(host))
+
+
+def _check_secrets(values: Mapping[str, str], problems: list[str], warnings: list[str]) -> None:
+    """Refuse example placeholders and a short API key; warn about short URL passwords."""
+    for name in (*REQUIRED, "MEDIA_BASE_URL"):
+        value = _get(values, name)
+        if value and _is_placeholder(value):
+            shown = "" if name == "WORKER_API_KEY" else f" ({redact_url(value)})"
+            problems.append(f"{name} is still the example file's placeholder{shown}: "
+                            "set the real value")
+    key = _get(values, "WORKER_API_KEY")
+    if key and len(key) < MIN_API_KEY_LENGTH and not _is_placeholder(key):
+        problems.append(f"WORKER_API_KEY is too short ({len(key)} characters, at least "
+                        f"{MIN_API_KEY_LENGTH}): generate one with {GENERATE_KEY} and set the "
+                        "same key on the Flask app")
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "FLASK_APP_URL",
+                 "MEDIA_BASE_URL"):
+        try:
+            password = urlsplit(_get(values, name)).password
+        except ValueError:
+            continue
+        if password and len(password) < secret_rules.MASK_FLOOR:
+            warnings.append(f"{name} has a password shorter than {secret_rules.MASK_FLOOR} "
+                            "characters: it is masked inside URLs only")
+
+
+def value_problems(values: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """Check the values that are set (a missing one is no problem here).
+
+    ``syncagent provision`` runs this on its ``--env`` pairs before it writes anything.
+
+    Returns:
+        ``(problems, warnings)``; no message contains a secret.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    _check_urls(values, problems)
+    _check_secrets(values, problems, warnings)
+    for name in ("CELERY_CONCURRENCY", "SYNCAGENT_STOPWAITSECS"):
+        _positive_int(name, _get(values, name), problems)
+    if not _queues(values):
+        problems.append("CELERY_QUEUES must name at least one queue (e.g. gpu,celery)")
+    level = _get(values, "LOG_LEVEL").lower()
+    if level not in _LOG_LEVELS:
+        problems.append(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)} (got {level!r})")
+    gpu = _get(values, "USE_GPU_QUEUE").lower()
+    if gpu not in _TRUE + _FALSE:
+        problems.append(f"USE_GPU_QUEUE must be true or false (got {gpu!r})")
+    secrets = secrets_of(values)
+    return [redact_text(p, secrets) for p in problems], warnings
+
+
+def _queues(values: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(q.strip() for q in _get(values, "CELERY_QUEUES").split(",") if q.strip())
 
 
 def validate(values: Mapping[str, str]) -> EnvReport:
@@ -274,24 +329,12 @@ def validate(values: Mapping[str, str]) -> EnvReport:
     Returns:
         An :class:`EnvReport` listing every problem at once; ``env`` is set only when valid.
     """
-    problems: list[str] = []
-    warnings: list[str] = []
-    _check_urls(values, problems, warnings)
-    concurrency = _positive_int("CELERY_CONCURRENCY", _get(values, "CELERY_CONCURRENCY"),
-                                problems)
-    stopwait = _positive_int("SYNCAGENT_STOPWAITSECS", _get(values, "SYNCAGENT_STOPWAITSECS"),
-                             problems)
-    queues = tuple(q.strip() for q in _get(values, "CELERY_QUEUES").split(",") if q.strip())
-    if not queues:
-        problems.append("CELERY_QUEUES must name at least one queue (e.g. gpu,celery)")
-    level = _get(values, "LOG_LEVEL").lower()
-    if level not in _LOG_LEVELS:
-        problems.append(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)} (got {level!r})")
-    gpu = _get(values, "USE_GPU_QUEUE").lower()
-    if gpu not in _TRUE + _FALSE:
-        problems.append(f"USE_GPU_QUEUE must be true or false (got {gpu!r})")
-    secrets = secrets_of(values)
-    problems = [redact_text(p, secrets) for p in problems]
+    problems = [f"{name} is required but not set (add it to {ENV_FILE_NAME})"
+                for name in REQUIRED if not _get(values, name)]
+    found, warnings = value_problems(values)
+    problems += found
+    if not _get(values, "MEDIA_BASE_URL"):
+        warnings.append("MEDIA_BASE_URL is not set: media downloads (Clippy-Front) will fail")
     if problems:
         return EnvReport(None, tuple(problems), tuple(warnings))
     env = WorkerEnv(
@@ -300,16 +343,16 @@ def validate(values: Mapping[str, str]) -> EnvReport:
         flask_app_url=_get(values, "FLASK_APP_URL").rstrip("/"),
         worker_api_key=_get(values, "WORKER_API_KEY"),
         media_base_url=_get(values, "MEDIA_BASE_URL") or None,
-        queues=queues,
-        concurrency=concurrency,
-        use_gpu_queue=is_truthy(gpu),
+        queues=_queues(values),
+        concurrency=int(_get(values, "CELERY_CONCURRENCY")),
+        use_gpu_queue=is_truthy(_get(values, "USE_GPU_QUEUE")),
         instance_path=_get(values, "CLIPPY_INSTANCE_PATH") or None,
         host_instance_path=_get(values, "HOST_INSTANCE_PATH") or None,
         tmpdir=_get(values, "TMPDIR"),
         nvenc_disabled_by=_nvenc_disabled_by(values),
         worker_name=_get(values, "WORKER_NAME"),
-        log_level=level,
+        log_level=_get(values, "LOG_LEVEL").lower(),
         celery_app=_get(values, "CELERY_APP"),
-        stopwaitsecs=stopwait,
+        stopwaitsecs=int(_get(values, "SYNCAGENT_STOPWAITSECS")),
     )
     return EnvReport(env, (), tuple(warnings))
