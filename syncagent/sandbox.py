@@ -52,7 +52,9 @@ class Sandbox:
     known_hosts: str
     remote_root: str
     sshd_pid: int
-    redis_url: str | None = None  # may hold a password: shown only through redact()
+    # May hold a password in memory; sandbox.json keeps it redacted (redis://:***@host:port):
+    # a later `up` reads the real URL back from the remote .env.worker, where it is needed.
+    redis_url: str | None = None
     redis_pid: int | None = None  # set only when the sandbox started redis-server itself
     project: str | None = None  # local demo project copy (provisioned sandboxes)
     supervisord_pidfile: str | None = None
@@ -73,7 +75,7 @@ class Sandbox:
         return out
 
     def _save(self) -> None:
-        data = {k: v for k, v in self._fields().items() if k != "running"}
+        data = {k: v for k, v in self.to_json().items() if k != "running"}
         path = Path(self.dir) / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -288,6 +290,14 @@ def _reuse_port(url: str | None) -> int | None:
     return port
 
 
+def _redacted(url: str) -> bool:
+    """True for a URL as sandbox.json keeps it (its password replaced by ``***``)."""
+    try:
+        return urlsplit(url).password == "***"
+    except ValueError:
+        return False
+
+
 def _with_db(url: str, db: int) -> str:
     parts = urlsplit(url)
     if parts.scheme.startswith("redis") and parts.path in ("", "/"):
@@ -312,18 +322,22 @@ def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
                               hint="run from a source checkout of syncagent")
         shutil.copytree(DEMO_APP, project_dir,
                         ignore=shutil.ignore_patterns("__pycache__", ".env.worker"))
-    settings = {"CELERY_BROKER_URL": _with_db(box.redis_url, 0),
+    remote_path = f"{box.remote_root}/{PROJECT_DIR}"
+    env_file = Path(remote_path) / ".env.worker"
+    broker = _with_db(box.redis_url, 0)
+    kept = dotenv_values(env_file).get("CELERY_BROKER_URL") if env_file.exists() else None
+    if _redacted(broker) and (kept is None or redact(kept) != broker):
+        raise ConfigError(f"sandbox '{box.name}': its Redis URL has a password, which is not "
+                          "stored", hint="pass --redis-url again (or set REDIS_URL)")
+    if kept is not None and not _redacted(broker) and kept != broker:
+        env_file.unlink()  # the sandbox's own file, for a Redis that is gone: write it anew
+    settings = {"CELERY_BROKER_URL": broker,
                 "CELERY_RESULT_BACKEND": _with_db(box.redis_url, 1),
                 "FLASK_APP_URL": "http://127.0.0.1:9",  # the demo needs no Flask API
                 "WORKER_API_KEY": secrets.token_urlsafe(24),
                 "CELERY_QUEUES": "gpu,celery", "CELERY_CONCURRENCY": "1",
                 "WORKER_NAME": box.name, **(env or {})}
-    remote_path = f"{box.remote_root}/{PROJECT_DIR}"
     target = replace(box.target(), remote_path=remote_path)
-    env_file = Path(remote_path) / ".env.worker"
-    if env_file.exists() and dotenv_values(env_file).get("CELERY_BROKER_URL") != \
-            settings["CELERY_BROKER_URL"]:
-        env_file.unlink()  # the sandbox's own file, for a Redis that is gone: write it anew
     box.project = str(project_dir)
     # Recorded before provisioning: `down` stops supervisord even if provisioning fails later.
     box.supervisord_pidfile = f"{remote_path}/.syncagent/supervisord.pid"
