@@ -181,6 +181,67 @@ def test_worker_that_cannot_start_shows_its_log_tail(wbx, tmp_path) -> None:
                            capture_output=True, timeout=60)
 
 
+def test_odd_remote_and_venv_paths_work_end_to_end(wbx) -> None:
+    """A remote path with a space, a quote, % and a non-ASCII letter, and a venv path with a
+    double quote and %, are provisioned and run (supervisord reads them back unchanged)."""
+    remote = Path(wbx["remote_root"], "odd p'q 50%é")
+    venv = Path(wbx["remote_root"], 'v "x" 5%é')
+    venv.symlink_to(sys.prefix)
+    conf = remote / ".syncagent" / "supervisord.conf"
+    try:
+        code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--remote-path",
+                              str(remote), "--venv", str(venv), "--timeout", "60", "--json",
+                              "--env", f"WORKER_API_KEY={SECRET}", "--env",
+                              f"CELERY_BROKER_URL={wbx['redis_url']}/0", "--env",
+                              f"CELERY_RESULT_BACKEND={wbx['redis_url']}/1", "--env",
+                              "FLASK_APP_URL=http://127.0.0.1:9", "--env", "WORKER_NAME=odd")
+        assert code == 0, out
+        result = json.loads(out)
+        marker = ready.read_marker(remote, "blue")
+        assert marker and marker["pid"] == result["worker"]["pid"]
+        assert Path(f"/proc/{marker['pid']}/cwd").resolve() == remote
+        status = subprocess.run(shlex.split(result["supervisorctl"]), capture_output=True,
+                                text=True, timeout=30)
+        assert "worker:worker-blue" in status.stdout and "RUNNING" in status.stdout, status
+    finally:
+        if conf.exists():
+            subprocess.run([f"{sys.prefix}/bin/supervisorctl", "-c", str(conf), "shutdown"],
+                           capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize(("remote_name", "reason"), [
+    ("new\nline", "holds a control character"), ("a #b", "' #'"), ("x;y ;z", "' ;'"),
+    ("star*", "glob character"), ("both'\"q", "both ' and \""), ("pct%(here)s", "'%('")],
+    ids=["newline", "comment", "semicolon", "glob", "both-quotes", "expansion"])
+def test_unrepresentable_remote_path_is_refused_before_anything_is_written(
+        wbx, remote_name: str, reason: str) -> None:
+    remote = Path(wbx["remote_root"], remote_name)
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--remote-path",
+                          str(remote), "--venv", sys.prefix)
+    assert code == 2 and reason in out and len(out.strip().splitlines()) <= 2, out
+    assert not remote.exists()
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--remote-path",
+                          str(Path(wbx["remote_root"], "fine")), "--venv",
+                          str(Path(wbx["remote_root"], remote_name)))
+    assert code == 2 and "--venv" in out and reason in out, out
+    assert not Path(wbx["remote_root"], "fine").exists()
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("WORKER_API_KEY=short-key-9", "WORKER_API_KEY is too short (11 characters, at least 16): "
+     'generate one with python -c "import secrets; print(secrets.token_urlsafe(32))"'),
+    ("WORKER_API_KEY=your-secure-key-here", "WORKER_API_KEY is still the example file's "
+     "placeholder"),
+    ("CELERY_BROKER_URL=redis://your-redis-host:6379/0", "CELERY_BROKER_URL is still the "
+     "example file's placeholder")], ids=["short-key", "example-key", "example-host"])
+def test_invalid_env_pair_is_refused_before_anything_is_written(wbx, pair, message) -> None:
+    remote = Path(wbx["remote_root"], "never")
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--remote-path",
+                          str(remote), "--venv", sys.prefix, "--env", pair)
+    assert code == 2 and message in out, out
+    assert "short-key-9" not in out and not remote.exists()
+
+
 def test_no_secret_in_output_files_or_command_lines(wbx) -> None:
     assert OUTPUTS and not any(SECRET in text or OTHER in text for text in OUTPUTS)
     holders = []
@@ -233,11 +294,14 @@ def test_parse_env_pairs_refuses_without_showing_the_value(pair) -> None:
 
 
 def test_secret_values_and_redact() -> None:
-    pairs = [("WORKER_API_KEY", "k1"), ("CELERY_BROKER_URL", "redis://:pw9@h:1/0"),
-             ("CELERY_CONCURRENCY", "1"), ("S3_SECRET", "s3s")]
+    key, password, s3 = "k1-0123456789abcdef", "pw9-long-password", "s3s-secret-value"
+    pairs = [("WORKER_API_KEY", key), ("CELERY_BROKER_URL", f"redis://:{password}@h:1/0"),
+             ("CELERY_CONCURRENCY", "1"), ("S3_SECRET", s3), ("TINY_TOKEN", "t")]
     secrets = prov.secret_values(pairs)
-    assert set(secrets) == {"k1", "pw9", "s3s"}
-    assert prov.redact("redis://:pw9@h:1/0 k1 s3s 1", secrets) == "redis://:***@h:1/0 *** *** 1"
+    assert set(secrets) == {key, password, s3}  # "t" is under the masking floor
+    assert prov.redact(f"redis://:{password}@h:1/0 {key} {s3} 1 {password} t", secrets) == \
+        "redis://:***@h:1/0 *** *** 1 *** t"
+    assert prov.redact("redis://u:pw@h/0 SyntaxError", ["t", "x"]) == "redis://u:***@h/0 SyntaxError"
 
 
 def test_bare_env_key_takes_its_value_from_the_environment() -> None:
