@@ -95,7 +95,7 @@ def test_flask_api_and_key(api_url: str) -> None:
     assert preflight.check_flask_api(env).status == "ok"
     good = preflight.check_api_key(env)
     assert good.status == "ok" and "404" in good.detail
-    bad = preflight.check_api_key(make_env(FLASK_APP_URL=api_url, WORKER_API_KEY="wrong"))
+    bad = preflight.check_api_key(make_env(FLASK_APP_URL=api_url, WORKER_API_KEY="wrong-key-0123456789"))
     assert bad.status == "fail" and "401" in bad.detail and "WORKER_API_KEY" in bad.fix
     _no_secret(good)
 
