@@ -32,9 +32,9 @@ from .errors import ConfigError, OperationalError, WorkerStartError
 from .push import PushOptions, PushResult, push
 from .session import Session
 
-__all__ = ["ProvisionOptions", "ProvisionResult", "WorkerStartError", "parse_env_pairs",
-           "provision", "redact", "runtime_files", "check_before_writing", "secret_values", "runtime_digest", "ENV_FILE",
-           "RUNTIME_MODULES", "RUNTIME_REQUIREMENTS"]
+__all__ = ["ProvisionOptions", "ProvisionResult", "WorkerStartError", "check_before_writing",
+           "parse_env_pairs", "provision", "redact", "runtime_files", "secret_values",
+           "runtime_digest", "ENV_FILE", "RUNTIME_MODULES", "RUNTIME_REQUIREMENTS"]
 
 ENV_FILE = ".env.worker"
 RUNTIME_MODULES = ("celery", "redis", "dotenv", "requests", "rich", "supervisor")

@@ -301,7 +301,8 @@ def test_secret_values_and_redact() -> None:
     assert set(secrets) == {key, password, s3}  # "t" is under the masking floor
     assert prov.redact(f"redis://:{password}@h:1/0 {key} {s3} 1 {password} t", secrets) == \
         "redis://:***@h:1/0 *** *** 1 *** t"
-    assert prov.redact("redis://u:pw@h/0 SyntaxError", ["t", "x"]) == "redis://u:***@h/0 SyntaxError"
+    assert prov.redact("redis://u:pw@h/0 SyntaxError", ["t", "x"]) == \
+        "redis://u:***@h/0 SyntaxError"
 
 
 def test_bare_env_key_takes_its_value_from_the_environment() -> None:

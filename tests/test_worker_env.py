@@ -59,7 +59,7 @@ CASES = [
      ["WORKER_API_KEY is too short (1 characters, at least 16): generate one with " + GENERATE]),
     ("15-character key", _with(WORKER_API_KEY="x" * 15), ["WORKER_API_KEY is too short (15"]),
     ("example key", _with(WORKER_API_KEY="your-secure-key-here"),
-     ["WORKER_API_KEY is still the example file's placeholder: set the real value"]),
+     ["WORKER_API_KEY is still the example file's placeholder: generate one with " + GENERATE]),
     ("change-me key", _with(WORKER_API_KEY="change-me"), ["WORKER_API_KEY is still the example"]),
     ("angle-bracket key", _with(WORKER_API_KEY="<same-key-from-step-1>"),
      ["WORKER_API_KEY is still the example"]),

@@ -24,6 +24,7 @@ from worker import secret_rules
 __all__ = [
     "DEFAULTS",
     "ENV_FILE_NAME",
+    "GENERATE_KEY",
     "KNOWN_VARIABLES",
     "MIN_API_KEY_LENGTH",
     "EnvReport",
@@ -271,9 +272,10 @@ def _check_secrets(values: Mapping[str, str], problems: list[str], warnings: lis
     for name in (*REQUIRED, "MEDIA_BASE_URL"):
         value = _get(values, name)
         if value and _is_placeholder(value):
+            fix = (f"generate one with {GENERATE_KEY} and set the same key on the Flask app"
+                   if name == "WORKER_API_KEY" else "set the real value")
             shown = "" if name == "WORKER_API_KEY" else f" ({redact_url(value)})"
-            problems.append(f"{name} is still the example file's placeholder{shown}: "
-                            "set the real value")
+            problems.append(f"{name} is still the example file's placeholder{shown}: {fix}")
     key = _get(values, "WORKER_API_KEY")
     if key and len(key) < MIN_API_KEY_LENGTH and not _is_placeholder(key):
         problems.append(f"WORKER_API_KEY is too short ({len(key)} characters, at least "
