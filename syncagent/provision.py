@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 import worker
 from worker import secret_rules
 from worker.env import value_problems
-from worker.supervisor_conf import path_problem
+from worker.supervisor_conf import path_problem, socket_problem
 
 from .config import Project, Target
 from .errors import ConfigError, OperationalError, WorkerStartError
@@ -183,6 +183,8 @@ def check_before_writing(target: Target, options: ProvisionOptions) -> None:
     """
     for what, path in (("remote path", target.remote_path), ("--venv", options.venv)):
         reason = path_problem(path) if path else None
+        if not reason and what == "remote path" and path and path.startswith("/"):
+            reason = socket_problem(path)
         if reason:
             raise ConfigError(f"{target.name}: {what} {path!r} {reason}",
                               hint="choose a path without it")

@@ -112,3 +112,29 @@ def test_supervisord_runs_blue_worker(tmp_path: Path, root_name: str,
         finally:
             rpc("close")()
             stop_process(proc)
+
+
+@pytest.mark.parametrize(("path", "reason"), [
+    ("/srv/a b", None), ("/srv/q'x", None), ('/srv/d"x', None), ("/srv/50%", None),
+    ("/srv/é/ü", None), ("/srv/a;b#c", None),
+    ("/srv/a\nb", "control character"), ("/srv/a\tb", "control character"),
+    ("/srv/a #b", "' #'"), ("/srv/a ;b", "' ;'"), ("/srv/a ", "whitespace"),
+    ("/srv/%(here)s", "'%('"), ("/srv/a*", "glob"), ("/srv/[a]", "glob"),
+    ("/srv/'\"", "both ' and \""),
+], ids=["space", "squote", "dquote", "percent", "non-ascii", "no-space-comment-chars",
+        "newline", "tab", "hash-comment", "semicolon-comment", "trailing-space", "expansion",
+        "star", "bracket", "both-quotes"])
+def test_path_problem(path: str, reason: str | None) -> None:
+    found = sc.path_problem(path)
+    assert (found is None) if reason is None else (reason in (found or "")), found
+
+
+def test_write_configs_refuses_an_unrepresentable_root_before_writing(tmp_path: Path) -> None:
+    root = tmp_path / "a #b"
+    with pytest.raises(ValueError, match="' #'"):
+        sc.write_configs(sc.Layout(root=str(root), venv=sys.prefix))
+    assert not root.exists()
+    deep = tmp_path / ("d" * 120)
+    with pytest.raises(ValueError, match="over the 107 a unix socket allows"):
+        sc.write_configs(sc.Layout(root=str(deep), venv=sys.prefix))
+    assert not deep.exists()

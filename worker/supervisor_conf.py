@@ -29,6 +29,7 @@ __all__ = [
     "reference_files",
     "Layout",
     "path_problem",
+    "socket_problem",
     "program_names",
     "render_program_conf",
     "render_supervisord_conf",
@@ -64,6 +65,14 @@ def path_problem(path: str) -> str | None:
         if pattern.search(path):
             return reason
     return None
+
+
+def socket_problem(root: str) -> str | None:
+    """Why supervisord cannot listen on a unix socket under ``root`` (an absolute path), or
+    None: a socket path holds at most 107 bytes."""
+    size = len(os.fsencode(Layout(root=root, venv="").socket_path))
+    return (f"is too long: its supervisord socket path would be {size} bytes, over the 107 a "
+            "unix socket allows" if size > 107 else None)
 
 
 def _value(text: str, expansions: int = 1) -> str:
@@ -284,7 +293,7 @@ def write_configs(layout: Layout, extra_env: Mapping[str, str] | None = None) ->
         Path of supervisord.conf (pass it to ``supervisord -c`` / ``supervisorctl -c``).
     """
     for what, path in (("root", layout.root), ("venv", layout.venv)):
-        reason = path_problem(path)
+        reason = path_problem(path) or (socket_problem(path) if what == "root" else None)
         if reason:
             raise ValueError(f"the {what} {path!r} {reason}")
     state = ensure_state_dir(layout.root)
