@@ -337,6 +337,7 @@ def _toml_str(value: str) -> str:
 
 INIT_TEMPLATE = '''\
 # syncagent configuration. Docs: README.md. Paths use gitignore syntax.
+# Every commented setting below works as it is once uncommented (with its [table] line).
 
 # Extra patterns, after the built-in excludes (venv/, .venv/, .git/, __pycache__/, .env,
 # .env.* except *.example, instance/, data/, logs/, tmp/, uploads/, node_modules/, *.log,
@@ -348,8 +349,7 @@ exclude = [
 ]
 
 # Changes matching these restart the worker; anything else only syncs.
-# restart_on = ["*.py", "requirements*.txt", "pyproject.toml", "setup.cfg", "*.ini", "*.cfg",
-#               "*.toml", "*.yaml", "*.yml"]
+# restart_on = ["*.py", "requirements*.txt", "pyproject.toml", "setup.cfg", "*.ini", "*.cfg", "*.toml", "*.yaml", "*.yml"]
 
 # A push that would delete more than this share of the remote files (and more than 20)
 # stops unless --allow-mass-delete is given.
@@ -357,11 +357,13 @@ exclude = [
 
 # default_target = "gpu"
 
-# Several workers on one broker: name them together, push and watch them all at once.
+# Several targets at once: restart one at a time (the fleet never loses all capacity), or
+# all at once with "parallel".
+# restart_policy = "rolling"
+
+# Name targets together, then push and watch them all at once: `syncagent watch gpus`.
 # [groups]
 # gpus = ["gpu", "gpu2"]
-# restart_policy = "rolling"   # one target at a time (the fleet never loses all capacity),
-#                              # or "parallel"
 
 # [targets.gpu]
 # host = "192.168.1.119"        # or an alias from ~/.ssh/config
@@ -370,4 +372,7 @@ exclude = [
 # remote_path = "~/ClippyFront"
 # identity = "~/.ssh/id_ed25519"
 # restart_mode = "blue-green"   # or "drain" (one GPU user at a time) or "requeue"
+
+# [targets.gpu2]
+# host = "192.168.1.120"
 '''

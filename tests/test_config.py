@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from syncagent.config import Project, Target, load_project, parse_target_spec, resolve_target
+from syncagent.config import (INIT_TEMPLATE, Project, Target, load_project, parse_target_spec,
+                              resolve_target, tomllib, write_user_target)
 from syncagent.errors import ConfigError, TargetError
 from syncagent.ignore import build_rules, rebase_gitignore
 
@@ -115,3 +117,106 @@ def test_config_negates_and_gitignores_nest():
 def test_rebase_gitignore():
     assert rebase_gitignore("d", ["# c", "", "*.o", "/top", "a/b", "!keep.o", "dir/"]) == [
         "d/**/*.o", "d/top", "d/a/b", "!d/**/keep.o", "d/**/dir/"]
+
+
+# --- the template `syncagent init` writes: every commented setting works once uncommented ---
+
+SETTING = re.compile(r'^(?P<indent>\s*)# (?P<toml>\[[\w."]+\]|[A-Za-z_]\w* = .*|".*",)\s*$')
+
+
+def template_settings() -> list[tuple[int, int | None]]:
+    """(line, line of the [table] it falls under or None) for each commented setting."""
+    out, header = [], None
+    for i, line in enumerate(INIT_TEMPLATE.splitlines()):
+        m = SETTING.match(line) or re.match(r"^(?P<toml>\[[\w.\"]+\])\s*$", line)
+        if not m:
+            continue
+        if m["toml"].startswith("["):
+            header = i
+        if line.lstrip().startswith("#"):
+            out.append((i, header))
+    return out
+
+
+def uncomment(lines: list[str], indexes) -> list[str]:
+    out = list(lines)
+    for i in indexes:
+        m = SETTING.match(out[i])
+        if m:
+            out[i] = m["indent"] + m["toml"]
+    return out
+
+
+def companions(lines: list[str], header: int | None) -> set[int]:
+    """A line's [table] line, and for a target its required `host`."""
+    if header is None:
+        return set()
+    found = {header}
+    for i in range(header + 1, len(lines)):
+        if lines[i].lstrip("# ").startswith("["):
+            break
+        if lines[i].startswith("# host = "):
+            found.add(i)
+    return found
+
+
+@pytest.fixture
+def known_targets(tmp_path, monkeypatch):
+    """The template's group names gpu and gpu2: registered as user targets (as `sandbox up`
+    registers its own), so a group line can be tried on its own."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("gpu", "gpu2"):
+        write_user_target(Target(name, f"{name}.example"))
+
+
+def load_template_text(tmp_path: Path, text: str):
+    root = tmp_path / "project"
+    root.mkdir(exist_ok=True)
+    (root / "syncagent.toml").write_text(text)
+    return load_project(root), tomllib.loads(text)
+
+
+def test_template_has_settings_to_try():
+    keys = {SETTING.match(INIT_TEMPLATE.splitlines()[i])["toml"].split(" ")[0]
+            for i, _ in template_settings()}
+    assert {"restart_on", "mass_delete_ratio", "default_target", "restart_policy", "[groups]",
+            "gpus", "[targets.gpu]", "host", "port", "restart_mode"} <= keys
+
+
+@pytest.mark.parametrize("index", [i for i, _ in template_settings()],
+                         ids=lambda i: INIT_TEMPLATE.splitlines()[i].strip("# ")[:30])
+def test_each_template_line_works_uncommented(tmp_path, known_targets, index):
+    lines = INIT_TEMPLATE.splitlines()
+    header = dict(template_settings())[index]
+    text = "\n".join(uncomment(lines, {index} | companions(lines, header))) + "\n"
+    project, data = load_template_text(tmp_path, text)
+    m = SETTING.match(lines[index])
+    if "=" in m["toml"]:  # the key lands where the template says it does
+        key = m["toml"].split(" = ")[0]
+        table = data
+        if header is not None:
+            for part in lines[header].strip("# []").replace('"', "").split("."):
+                table = table[part]
+        assert key in table, f"{key} did not land in its table"
+    if lines[index].startswith("# restart_policy"):
+        assert project.restart_policy == "rolling" and not project.groups
+
+
+def test_whole_template_uncommented_is_a_valid_config(tmp_path, known_targets):
+    lines = INIT_TEMPLATE.splitlines()
+    text = "\n".join(uncomment(lines, range(len(lines)))) + "\n"
+    project, _ = load_template_text(tmp_path, text)
+    assert project.groups == {"gpus": ("gpu", "gpu2")}
+    assert project.restart_policy == "rolling"
+    assert project.targets["gpu"].port == 2222
+    assert project.exclude == ("media/", "!data/fixtures/")
+    assert "*.yml" in project.restart_on
+
+
+def test_init_writes_a_config_that_loads(tmp_path, capsys):
+    from syncagent.cli import main
+
+    assert main(["init", "--path", str(tmp_path)]) == 0
+    assert load_project(tmp_path).config_file == tmp_path / "syncagent.toml"
+    assert main(["init", "--path", str(tmp_path)]) == 2
+    assert "exists" in capsys.readouterr().err
