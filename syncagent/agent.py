@@ -163,12 +163,21 @@ def save_digest_cache(root, cache):
     An entry is [size, mtime_ns, ctime_ns, ino, digest, hashed_ns]."""
     keep = {p: v for p, v in list(cache.items())  # a copy: a watch's threads share the cache
             if len(v) == 6 and v[5] - max(v[1], v[2]) >= RACY_NS}
-    state = os.path.join(root, STATE_DIR)
     try:
-        os.makedirs(state, mode=0o700, exist_ok=True)
+        make_state_dir(root)
         _write_atomic(os.path.join(root, DIGEST_CACHE), json.dumps(keep, separators=(",", ":")))
     except OSError:
         pass  # the cache only saves time
+
+
+def make_state_dir(root):
+    """Create ``<root>/.syncagent`` holding a ``.gitignore`` of ``*`` (as pytest does for its
+    cache), so the state never shows in ``git status`` of the project it sits in."""
+    state = os.path.join(root, STATE_DIR)
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    if not os.path.exists(os.path.join(state, ".gitignore")):
+        _write_atomic(os.path.join(state, ".gitignore"),
+                      "# syncagent's state, not part of the project\n*\n")
 
 
 def _write_atomic(path, text):
