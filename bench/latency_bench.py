@@ -273,9 +273,10 @@ class Bench:
         self.ctl = shlex.split(box["supervisorctl"])[:-1]  # ... -c <conf>, without "status"
         self.poll = args.poll_ms / 1000
         from celery import Celery
-        self.celery = Celery("latbench", broker=f"{box['redis_url']}/0",
-                             backend=f"{box['redis_url']}/1", set_as_current=False)
+        self.celery = Celery("latbench", broker=box["demo"]["broker"],
+                             backend=box["demo"]["backend"], set_as_current=False)
         self.celery.conf.broker_connection_retry_on_startup = True
+        self.celery.conf.task_default_queue = box["demo"]["queue"]
         self.res: dict = {"samples": {m: {"syncagent": [], "rsync": []} for m in METRICS},
                           "detail": {m: {"syncagent": [], "rsync": []} for m in METRICS},
                           "burst": {}}

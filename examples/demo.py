@@ -40,14 +40,11 @@ Ctrl-C stops watching (the sandbox keeps running; `{sys.executable} {here} down`
 
 
 def task(args: list[str]) -> int:
-    from celery import Celery
-
     box = sandbox.status(NAME)
     if box is None or not box.running or not box.redis_url:
         print("the demo sandbox is not running: run `make demo` first", file=sys.stderr)
         return 1
-    client = Celery("demo-client", broker=f"{box.redis_url}/0", backend=f"{box.redis_url}/1",
-                    set_as_current=False)
+    client = sandbox.demo_client(box)
     name, params = (args[0], [int(a) for a in args[1:]]) if args else ("version", [])
     try:
         print(client.send_task(f"app.tasks.demo.{name}", args=params).get(timeout=30))

@@ -3,8 +3,14 @@
 ``up`` generates host and user keys, writes an sshd config, its own known_hosts and ssh_config,
 starts sshd on a free port and registers a target (``syncagent push sandbox`` then just works).
 The sandbox's "remote home" is ``<dir>/remote`` (sshd sets HOME there), so a sandbox target's
-default remote path is ``<dir>/remote/<project dir name>``. ``down`` stops exactly the processes
-``up`` started, by pid. The test suite uses the same code as its fixture.
+default remote path is ``<dir>/remote/<project dir name>``.
+
+The sandbox behaves like a machine. sshd marks every session with ``SYNCAGENT_SANDBOX=<dir>``,
+which every process started through it inherits (supervisord and its workers too), so ``down``
+stops all of them, wherever they were provisioned, then Redis and sshd: it never signals a
+process that does not carry the marker. The demo worker keeps to its own Redis dbs and queue
+(:data:`DEMO_QUEUE`), so it never takes the tasks of a project the user provisions beside it.
+The test suite uses the same code as its fixture.
 """
 
 from __future__ import annotations
@@ -33,11 +39,17 @@ from .errors import ConfigError, OperationalError
 from .provision import ProvisionOptions, ProvisionResult, provision, redact
 
 __all__ = ["Sandbox", "up", "down", "status", "default_dir", "find_sshd", "free_port",
-           "wait_until", "stop_pid", "provision_demo", "DEMO_APP"]
+           "wait_until", "stop_pid", "provision_demo", "demo_client", "started_through",
+           "DEMO_APP", "DEMO_QUEUE", "MARKER"]
 
 STATE_FILE = "sandbox.json"
-DEMO_APP = Path(__file__).resolve().parents[1] / "examples" / "demo_app"
+DEMO_APP = Path(__file__).resolve().parent / "demo_app"  # package data
 PROJECT_DIR = "project"
+MARKER = "SYNCAGENT_SANDBOX"  # set by the sandbox's sshd in every session: <MARKER>=<dir>
+# The demo worker's own broker and result dbs and queue: a user's project provisioned onto the
+# sandbox uses db 0 and its own queues (gpu,celery) and never meets it.
+DEMO_QUEUE = "syncagent-demo"
+DEMO_BROKER_DB, DEMO_RESULT_DB = 14, 15
 
 
 @dataclass
@@ -66,12 +78,23 @@ class Sandbox:
         return Target(name=self.name, host=self.name, ssh_config=self.ssh_config,
                       remote_root=self.remote_root)
 
+    @property
+    def demo_broker_url(self) -> str | None:
+        return _with_db(self.redis_url, DEMO_BROKER_DB) if self.redis_url else None
+
+    @property
+    def demo_result_url(self) -> str | None:
+        return _with_db(self.redis_url, DEMO_RESULT_DB) if self.redis_url else None
+
     def _fields(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "last_provision"}
 
     def to_json(self) -> dict:
         out = self._fields()
         out["redis_url"] = redact(self.redis_url) if self.redis_url else None
+        if self.redis_url:
+            out["demo"] = {"broker": redact(self.demo_broker_url),
+                           "backend": redact(self.demo_result_url), "queue": DEMO_QUEUE}
         return out
 
     def _save(self) -> None:
@@ -299,10 +322,22 @@ def _redacted(url: str) -> bool:
 
 
 def _with_db(url: str, db: int) -> str:
+    """``url`` with its db set to ``db``, whatever db it named (redis:// and rediss://)."""
     parts = urlsplit(url)
-    if parts.scheme.startswith("redis") and parts.path in ("", "/"):
-        return urlunsplit(parts._replace(path=f"/{db}"))
-    return url
+    if not parts.scheme.startswith("redis"):
+        return url
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def demo_client(box: Sandbox):
+    """A Celery client for the demo worker: its broker and result dbs, its queue."""
+    from celery import Celery
+
+    client = Celery("sandbox-demo-client", broker=box.demo_broker_url,
+                    backend=box.demo_result_url, set_as_current=False)
+    client.conf.task_default_queue = DEMO_QUEUE
+    client.conf.broker_connection_retry_on_startup = True
+    return client
 
 
 def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
@@ -324,7 +359,7 @@ def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
                         ignore=shutil.ignore_patterns("__pycache__", ".env.worker"))
     remote_path = f"{box.remote_root}/{PROJECT_DIR}"
     env_file = Path(remote_path) / ".env.worker"
-    broker = _with_db(box.redis_url, 0)
+    broker = box.demo_broker_url
     kept = dotenv_values(env_file).get("CELERY_BROKER_URL") if env_file.exists() else None
     if _redacted(broker) and (kept is None or redact(kept) != broker):
         raise ConfigError(f"sandbox '{box.name}': its Redis URL has a password, which is not "
@@ -332,10 +367,10 @@ def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
     if kept is not None and not _redacted(broker) and kept != broker:
         env_file.unlink()  # the sandbox's own file, for a Redis that is gone: write it anew
     settings = {"CELERY_BROKER_URL": broker,
-                "CELERY_RESULT_BACKEND": _with_db(box.redis_url, 1),
+                "CELERY_RESULT_BACKEND": box.demo_result_url,
                 "FLASK_APP_URL": "http://127.0.0.1:9",  # the demo needs no Flask API
                 "WORKER_API_KEY": secrets.token_urlsafe(24),
-                "CELERY_QUEUES": "gpu,celery", "CELERY_CONCURRENCY": "1",
+                "CELERY_QUEUES": DEMO_QUEUE, "CELERY_CONCURRENCY": "1",
                 "WORKER_NAME": box.name, **(env or {})}
     target = replace(box.target(), remote_path=remote_path)
     box.project = str(project_dir)
@@ -377,7 +412,7 @@ def _up_sshd(name: str, directory: str | os.PathLike | None, register: bool) -> 
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
         "StrictModes no\nPermitRootLogin prohibit-password\nX11Forwarding no\n"
         "AllowTcpForwarding no\nPrintMotd no\nMaxSessions 64\nMaxStartups 64\n"
-        f"SetEnv HOME={remote}\nSubsystem sftp internal-sftp\n"
+        f"SetEnv HOME={remote} {MARKER}={d}\nSubsystem sftp internal-sftp\n"
     )
     host_pub = Path(f"{host_key}.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
@@ -417,24 +452,88 @@ def _up_sshd(name: str, directory: str | os.PathLike | None, register: bool) -> 
     return box
 
 
-def _supervisord_pid(box: Sandbox) -> int | None:
+def _recorded_supervisord(box: Sandbox) -> int | None:
     try:
         return int(Path(box.supervisord_pidfile).read_text().strip())
     except (OSError, ValueError, TypeError):
         return None
 
 
-def down(name: str = "sandbox", directory: str | os.PathLike | None = None) -> list[int]:
-    """Stop exactly what ``up`` started; returns the pids stopped. Files are kept.
+def started_through(directory: str | os.PathLike) -> list[int]:
+    """Pids of the live processes started through the sandbox in ``directory`` (they carry
+    its marker in their environment), supervisords first."""
+    needle = f"{MARKER}={directory}".encode()
+    found = [pid for pid in _pids() if needle in _environ(pid)]
+    return sorted(found, key=lambda pid: b"supervisord" not in _cmdline(pid))
 
-    Order: supervisord (it warm-stops the worker, which still needs redis), then the
-    redis-server the sandbox started (never an external one), then sshd. Each pid is
-    checked against its command line first, so a reused pid is never signalled.
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and int(p.name) != os.getpid()]
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _stop_marked(directory: str, timeout: float) -> list[int]:
+    """TERM every process started through the sandbox (supervisords first, so they warm-stop
+    their workers), wait up to ``timeout``, KILL what is left; returns the pids signalled."""
+    needle = f"{MARKER}={directory}".encode()
+
+    def alive(pid: int) -> bool:
+        return needle in _environ(pid) and _alive(pid, "")
+
+    signalled: list[int] = []
+    for group, wait in ((lambda pid: b"supervisord" in _cmdline(pid), timeout),
+                        (lambda pid: True, 5.0)):
+        pids = [pid for pid in started_through(directory) if group(pid)]
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        try:
+            wait_until(lambda: not any(alive(pid) for pid in pids), wait,
+                       "processes started through the sandbox to exit")
+        except OperationalError:
+            for pid in pids:
+                if alive(pid):
+                    _signal(pid, signal.SIGKILL)
+            wait_until(lambda: not any(alive(pid) for pid in pids), 5.0,
+                       "processes started through the sandbox to die")
+        signalled += pids
+    return signalled
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def down(name: str = "sandbox", directory: str | os.PathLike | None = None) -> list[int]:
+    """Stop the sandbox as a machine stops; returns the pids stopped. Files are kept.
+
+    Order: every process started through the sandbox's sshd, wherever it was provisioned
+    (supervisords first: they warm-stop their workers, which still need Redis; then whatever
+    is left), then the redis-server the sandbox started (never an external one), then sshd.
+    A process is signalled only if it carries the sandbox's marker (or, for Redis and sshd,
+    names it on its command line), so a reused pid is never signalled.
     """
     box = status(name, directory)
     stopped = []
     if box is not None:
-        pid = _supervisord_pid(box)
+        stopped += _stop_marked(box.dir, timeout=60)
+        pid = _recorded_supervisord(box)  # a sandbox whose sshd predates the marker
         if pid and stop_pid(pid, str(Path(box.supervisord_pidfile).with_name(
                 "supervisord.conf")), timeout=60):
             stopped.append(pid)

@@ -38,6 +38,6 @@ def box(hermetic_home, tmp_path_factory):
     try:
         yield b
     finally:
-        if sandbox.down("sbx", directory) != [b.sshd_pid]:
+        if b.sshd_pid not in sandbox.down("sbx", directory):
             log = Path(directory, "sshd.log")
             print(log.read_text(errors="replace") if log.exists() else "no sshd log")

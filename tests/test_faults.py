@@ -385,7 +385,7 @@ def test_redis_down_during_a_restart_keeps_the_old_colour(fbx, broker):
 def test_worker_killed_9_mid_task_is_redelivered(fbx, broker):
     """task_acks_late + task_reject_on_worker_lost: the pool process that runs the task dies,
     the main process sees WorkerLostError and requeues the message at once."""
-    r = redis.Redis.from_url(f"{fbx.redis_url}/0")
+    r = redis.Redis.from_url(fbx.demo_broker_url)
     r.delete("demo:started", "demo:executions")
     main_pid = programs(fbx)[live_colour(fbx)]["pid"]
     res = broker.send_task("app.tasks.demo.work", args=(2.0,))

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from celery import Celery
 
 from syncagent import agent, sandbox
 from syncagent.cli import main
@@ -80,7 +79,7 @@ def test_push_reaches_the_whole_group_once_scanned(fleet, project, capsys):
     assert "3/3 targets on revision" in out
     for box in fleet:
         assert same_tree(box, project)
-    client = Celery("c", broker=f"{fleet[0].redis_url}/0", set_as_current=False)
+    client = sandbox.demo_client(fleet[0])
     try:
         nodes = [n for reply in client.control.ping(timeout=2) for n in reply]
     finally:

@@ -61,6 +61,15 @@ def wbx(hermetic_home, tmp_path_factory):
         sandbox.down("wbx", directory)
 
 
+def demo_client(info: dict) -> Celery:
+    """A client for the demo worker, from `sandbox up --json` (its own dbs and queue)."""
+    client = Celery("client", broker=info["demo"]["broker"], backend=info["demo"]["backend"],
+                    set_as_current=False)
+    client.conf.task_default_queue = info["demo"]["queue"]
+    client.conf.broker_connection_retry_on_startup = True
+    return client
+
+
 def _root(info: dict) -> Path:
     return Path(info["remote_root"]) / "project"
 
@@ -81,9 +90,7 @@ def test_task_runs_in_the_supervised_worker_on_the_pushed_revision(wbx) -> None:
     supervisord_pid = int((root / ".syncagent" / "supervisord.pid").read_text())
     ppid = int(Path(f"/proc/{marker['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert ppid == supervisord_pid  # the worker is supervisord's child, not ours
-    client = Celery("client", broker=f"{wbx['redis_url']}/0", backend=f"{wbx['redis_url']}/1",
-                    set_as_current=False)
-    client.conf.broker_connection_retry_on_startup = True
+    client = demo_client(wbx)
     try:
         assert client.send_task("app.tasks.demo.add", args=(2, 3)).get(timeout=30) == 5
         assert client.send_task("app.tasks.demo.version").get(timeout=30) == "v1"
@@ -133,9 +140,7 @@ def test_provision_json_after_a_code_change_restarts_on_the_new_revision(wbx) ->
     marker = ready.read_marker(root, "blue")
     assert marker["revision"] == result["revision"] and marker["pid"] != old["pid"]
     assert result["worker"]["pid"] == marker["pid"]
-    client = Celery("client", broker=f"{wbx['redis_url']}/0", backend=f"{wbx['redis_url']}/1",
-                    set_as_current=False)
-    client.conf.broker_connection_retry_on_startup = True
+    client = demo_client(wbx)
     try:
         assert client.send_task("app.tasks.demo.version").get(timeout=30) == "v2"
     finally:

@@ -181,7 +181,7 @@ def test_no_task_is_lost_through_restarts(lbx, broker, mode, restarts):
     Every task id completes; tasks run twice are counted (requeue may legitimately redo one)."""
     project, root = project_of(lbx)
     target = target_of(lbx, project)
-    r = redis.Redis.from_url(f"{lbx.redis_url}/0")
+    r = redis.Redis.from_url(lbx.demo_broker_url)
     r.delete("demo:executions", "demo:started")
     rng = random.Random(f"{mode}-{restarts}")
     sent, stop = [], threading.Event()

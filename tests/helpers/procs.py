@@ -181,12 +181,10 @@ def provisioned_sandbox(name: str, directory, **up_args):
 
 @contextlib.contextmanager
 def sandbox_broker(box):
-    """A Celery client on a provisioned sandbox's Redis (broker db 0, results db 1)."""
-    from celery import Celery
+    """A Celery client for a provisioned sandbox's demo worker (its dbs and queue)."""
+    from syncagent.sandbox import demo_client
 
-    client = Celery("client", broker=f"{box.redis_url}/0", backend=f"{box.redis_url}/1",
-                    set_as_current=False)
-    client.conf.broker_connection_retry_on_startup = True
+    client = demo_client(box)
     try:
         yield client
     finally:
