@@ -576,6 +576,8 @@ def sandbox_up(name, directory, redis_url, no_worker, env_pairs, timeout, as_jso
 
     click.echo(f"  redis: {redact(box.redis_url)}"
                f"{f' (pid {box.redis_pid})' if box.redis_pid else ' (external)'}\n"
+               f"  demo worker: queue {sandbox_mod.DEMO_QUEUE} on db {sandbox_mod.DEMO_BROKER_DB}"
+               f" (results db {sandbox_mod.DEMO_RESULT_DB}); your projects: any other db\n"
                f"  demo project: {box.project}\n"
                f"  worker: {r.worker.get('node')} (pid {r.worker.get('pid')}) ready on "
                f"revision {r.revision[:7]}\n"
@@ -587,7 +589,8 @@ def sandbox_up(name, directory, redis_url, no_worker, env_pairs, timeout, as_jso
 @sandbox_group.command("down")
 @_sandbox_options
 def sandbox_down(name, directory):
-    """Stop exactly the processes `sandbox up` started."""
+    """Stop everything started through the sandbox (every supervisord and worker, wherever
+    provisioned), then its Redis and sshd."""
     from . import sandbox as sandbox_mod
 
     stopped = sandbox_mod.down(name, directory)

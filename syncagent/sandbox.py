@@ -40,7 +40,7 @@ from .provision import ProvisionOptions, ProvisionResult, provision, redact
 
 __all__ = ["Sandbox", "up", "down", "status", "default_dir", "find_sshd", "free_port",
            "wait_until", "stop_pid", "provision_demo", "demo_client", "started_through",
-           "DEMO_APP", "DEMO_QUEUE", "MARKER"]
+           "DEMO_APP", "DEMO_QUEUE", "DEMO_BROKER_DB", "DEMO_RESULT_DB", "MARKER"]
 
 STATE_FILE = "sandbox.json"
 DEMO_APP = Path(__file__).resolve().parent / "demo_app"  # package data
@@ -460,11 +460,10 @@ def _recorded_supervisord(box: Sandbox) -> int | None:
 
 
 def started_through(directory: str | os.PathLike) -> list[int]:
-    """Pids of the live processes started through the sandbox in ``directory`` (they carry
-    its marker in their environment), supervisords first."""
+    """Pids of the live processes started through the sandbox in ``directory``: those that
+    carry its marker in their environment."""
     needle = f"{MARKER}={directory}".encode()
-    found = [pid for pid in _pids() if needle in _environ(pid)]
-    return sorted(found, key=lambda pid: b"supervisord" not in _cmdline(pid))
+    return [pid for pid in _pids() if needle in _environ(pid)]
 
 
 def _pids() -> list[int]:
