@@ -98,7 +98,7 @@ class Sandbox:
         return out
 
     def _save(self) -> None:
-        data = {k: v for k, v in self.to_json().items() if k != "running"}
+        data = {k: v for k, v in self.to_json().items() if k not in ("running", "demo")}
         path = Path(self.dir) / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -333,8 +333,13 @@ def demo_client(box: Sandbox):
     """A Celery client for the demo worker: its broker and result dbs, its queue."""
     from celery import Celery
 
-    client = Celery("sandbox-demo-client", broker=box.demo_broker_url,
-                    backend=box.demo_result_url, set_as_current=False)
+    env_file = Path(box.remote_root, PROJECT_DIR, ".env.worker")
+    # The worker's own file holds the Redis password that sandbox.json leaves out.
+    env = dotenv_values(env_file) if env_file.is_file() else {}
+    client = Celery("sandbox-demo-client",
+                    broker=env.get("CELERY_BROKER_URL") or box.demo_broker_url,
+                    backend=env.get("CELERY_RESULT_BACKEND") or box.demo_result_url,
+                    set_as_current=False)
     client.conf.task_default_queue = DEMO_QUEUE
     client.conf.broker_connection_retry_on_startup = True
     return client

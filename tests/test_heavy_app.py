@@ -62,7 +62,7 @@ def heavy(box, tmp_path_factory):
                      "--env", f"CELERY_BROKER_URL={redis.url(0)}",
                      "--env", f"CELERY_RESULT_BACKEND={redis.url(1)}",
                      "--env", "FLASK_APP_URL=http://127.0.0.1:9", "--env",
-                     "WORKER_API_KEY=heavy-key", "--env", "WORKER_NAME=heavy"])
+                     "WORKER_API_KEY=heavy-key-of-the-heavy-app-test", "--env", "WORKER_NAME=heavy"])
         print(f"heavy app provisioned in {time.monotonic() - started:.1f} s")
         client = Celery("heavy-client", broker=redis.url(0), backend=redis.url(1),
                         set_as_current=False)

@@ -37,9 +37,9 @@ def machine(hermetic_home, tmp_path_factory):
                          str(remote), "--venv", sys.prefix, "--timeout", "60",
                          "--env", f"CELERY_BROKER_URL={box.redis_url}/0",
                          "--env", f"CELERY_RESULT_BACKEND={box.redis_url}/1",
-                         "--env", "FLASK_APP_URL=http://127.0.0.1:9", "--env",
-                         "WORKER_API_KEY=user-key", "--env", "CELERY_QUEUES=gpu,celery",
-                         "--env", "WORKER_NAME=user"])
+                         "--env", "FLASK_APP_URL=http://127.0.0.1:9",
+                         "--env", "WORKER_API_KEY=user-key-of-the-sandbox-test",
+                         "--env", "CELERY_QUEUES=gpu,celery", "--env", "WORKER_NAME=user"])
             assert code == 0
             yield box, remote, pending
         finally:
