@@ -70,3 +70,15 @@ def test_down_stops_every_supervisord_and_worker_wherever_provisioned(machine):
     assert not [p for p in processes if pid_running(p)], "left running after sandbox down"
     assert sandbox.started_through(box.dir) == []
     wait_until(lambda: not pid_running(box.sshd_pid), 5, "sshd to be gone")
+
+
+@pytest.mark.parametrize("url,db,expected", [
+    ("redis://127.0.0.1:6379", 14, "redis://127.0.0.1:6379/14"),
+    ("redis://127.0.0.1:6379/", 14, "redis://127.0.0.1:6379/14"),
+    ("redis://127.0.0.1:6379/0", 15, "redis://127.0.0.1:6379/15"),  # a user's db is never shared
+    ("redis://:pw@127.0.0.1:6379/3", 14, "redis://:pw@127.0.0.1:6379/14"),
+    ("rediss://h:6380", 14, "rediss://h:6380/14"),
+    ("unix:///run/redis.sock", 14, "unix:///run/redis.sock"),
+], ids=["no-db", "slash", "db0", "password", "tls", "unix"])
+def test_demo_dbs_replace_whatever_db_the_url_names(url, db, expected):
+    assert sandbox._with_db(url, db) == expected
