@@ -348,8 +348,8 @@ exclude = [
     # "!data/fixtures/",
 ]
 
-# Changes matching these restart the worker; anything else only syncs.
-# restart_on = ["*.py", "requirements*.txt", "pyproject.toml", "setup.cfg", "*.ini", "*.cfg", "*.toml", "*.yaml", "*.yml"]
+# Changes matching these restart the worker (the default list); anything else only syncs.
+# restart_on = ["*.py", "requirements*.txt", "*.toml", "*.cfg", "*.ini", "*.yaml", "*.yml"]
 
 # A push that would delete more than this share of the remote files (and more than 20)
 # stops unless --allow-mass-delete is given.

@@ -61,8 +61,9 @@ def heavy(box, tmp_path_factory):
                      "--venv", str(venv), "--timeout", "90",
                      "--env", f"CELERY_BROKER_URL={redis.url(0)}",
                      "--env", f"CELERY_RESULT_BACKEND={redis.url(1)}",
-                     "--env", "FLASK_APP_URL=http://127.0.0.1:9", "--env",
-                     "WORKER_API_KEY=heavy-key-of-the-heavy-app-test", "--env", "WORKER_NAME=heavy"])
+                     "--env", "FLASK_APP_URL=http://127.0.0.1:9",
+                     "--env", "WORKER_API_KEY=heavy-key-of-the-heavy-app-test",
+                     "--env", "WORKER_NAME=heavy"])
         print(f"heavy app provisioned in {time.monotonic() - started:.1f} s")
         client = Celery("heavy-client", broker=redis.url(0), backend=redis.url(1),
                         set_as_current=False)
