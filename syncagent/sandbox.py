@@ -359,7 +359,7 @@ def provision_demo(box: Sandbox, env: Mapping[str, str] | None = None,
     if not project_dir.exists():
         if not DEMO_APP.is_dir():
             raise ConfigError(f"demo app not found at {DEMO_APP}",
-                              hint="run from a source checkout of syncagent")
+                              hint="reinstall syncagent: the demo app ships in its package")
         shutil.copytree(DEMO_APP, project_dir,
                         ignore=shutil.ignore_patterns("__pycache__", ".env.worker"))
     remote_path = f"{box.remote_root}/{PROJECT_DIR}"
