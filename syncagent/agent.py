@@ -686,8 +686,8 @@ def apply_batch(root, batch, chunks_for, protect=()):
     finally:
         dirs.close()
     if root in _LINK_INDEX:
-        _LINK_INDEX[root] = links_after if links_after is not None else _links_after(
-            _LINK_INDEX[root], batch)
+        _LINK_INDEX[root] = (_stamp(root), links_after if links_after is not None
+                             else _links_after(_LINK_INDEX[root][1], batch))
     out["refused"] = refused
     return out
 
@@ -719,17 +719,27 @@ def _hold_protected(batch, extra):
 
 # ---------------------------------------------------------------- links after a batch
 
-_LINK_INDEX = {}  # root -> {relpath: target}: the remote's links, as this agent last saw them
+_LINK_INDEX = {}  # root -> (revision marker stamp, {relpath: target}): the remote's links
 
 
 def _remote_links(root):
     """Every symlink under ``root`` (protected and excluded places too, not .syncagent).
-    Walked once per agent process and root, when a batch first needs it; a manifest request
-    forgets it (the tree may have changed between sessions), a batch keeps it up to date."""
-    links = _LINK_INDEX.get(root)
-    if links is None:
-        links = _LINK_INDEX[root] = _walk_links(root)
-    return links
+    Walked when a batch first needs it, then kept up to date by this agent's batches; walked
+    again after a manifest request, or when another agent has applied a batch since (the
+    revision marker is not the one this agent last saw)."""
+    stamp = _stamp(root)
+    entry = _LINK_INDEX.get(root)
+    if entry is None or entry[0] != stamp:
+        entry = _LINK_INDEX[root] = (stamp, _walk_links(root))
+    return entry[1]
+
+
+def _stamp(root):
+    try:
+        st = os.lstat(os.path.join(root, REVISION_FILE))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _walk_links(root):

@@ -418,3 +418,22 @@ def test_the_built_in_protected_set(path, protected):
     assert agent.is_protected(path) is protected
     rules = agent.compile_rules([["^.*$", False]])  # a rule that includes everything
     assert agent.is_excluded(rules, path, False) is protected
+
+
+def test_links_made_by_another_agent_are_seen(tmp_path):
+    """The agent keeps the remote's links in memory between batches; a batch applied by
+    another agent process (a `push` beside a `watch`) must not leave it blind."""
+    root = tmp_path / "root"
+    nothing = lambda up: iter(())
+    agent.apply_batch(str(root), {"dirs": [{"path": d, "mode": 0o755} for d in
+                                            ("a", "a/b", "a/b/c")],
+                                  "links": [{"path": "a/b/c/up", "target": "../../.."}],
+                                  "revision": "r1"}, nothing)
+    (root / "q").symlink_to("a/b/c/up")  # what the other agent's batch did ...
+    (root / ".syncagent" / "revision").unlink()
+    (root / ".syncagent" / "revision").write_text('{"revision": "r2"}')  # ... and its marker
+    with pytest.raises(agent.AgentFailure) as e:
+        agent.apply_batch(str(root), {"links": [{"path": "w", "target": "q/.."}],
+                                      "revision": "r3"}, nothing)
+    assert e.value.kind == "PathEscape" and "w -> q/.." in e.value.message
+    assert not (root / "w").is_symlink()
