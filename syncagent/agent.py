@@ -948,15 +948,23 @@ def _chmod(dirs, path, mode):
         return
     if not stat.S_ISREG(kind):
         return
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        readable = True
+    except PermissionError:  # a file without read permission: its owner may still chmod it
+        fd = os.open(name, getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW, dir_fd=dfd)
+        readable = False
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # swapped since the lstat
             return
         if st.st_nlink > 1:
-            _replace_with_copy(dfd, name, fd, st, mode)
-        else:
+            if readable:  # an unreadable one cannot be copied: it keeps its mode
+                _replace_with_copy(dfd, name, fd, st, mode)
+        elif readable:
             os.fchmod(fd, mode)
+        else:
+            os.chmod("/proc/self/fd/%d" % fd, mode)  # the inode the O_PATH fd holds, no link
     finally:
         os.close(fd)
 
