@@ -636,6 +636,7 @@ def apply_batch(root, batch, chunks_for, protect=()):
     dirs = None
     received = 0
     held = ()
+    stamp = _stamp(root)
     try:
         _validate(batch)
         batch, held, refused = _hold_protected(batch, compile_protect(protect))
@@ -685,9 +686,7 @@ def apply_batch(root, batch, chunks_for, protect=()):
         raise
     finally:
         dirs.close()
-    if root in _LINK_INDEX:
-        _LINK_INDEX[root] = (_stamp(root), links_after if links_after is not None
-                             else _links_after(_LINK_INDEX[root][1], batch))
+    _keep_link_index(root, stamp, batch, links_after)
     out["refused"] = refused
     return out
 
@@ -732,6 +731,15 @@ def _remote_links(root):
     if entry is None or entry[0] != stamp:
         entry = _LINK_INDEX[root] = (stamp, _walk_links(root))
     return entry[1]
+
+
+def _keep_link_index(root, stamp, batch, links_after):
+    """After a commit: the index follows this batch, if it was current when the batch began
+    (``stamp``: the revision marker then); else it is walked again when next needed."""
+    entry = _LINK_INDEX.pop(root, None)
+    if entry is not None and entry[0] == stamp:
+        _LINK_INDEX[root] = (_stamp(root), links_after if links_after is not None
+                             else _links_after(entry[1], batch))
 
 
 def _stamp(root):

@@ -432,6 +432,8 @@ def test_links_made_by_another_agent_are_seen(tmp_path):
     (root / "q").symlink_to("a/b/c/up")  # what the other agent's batch did ...
     (root / ".syncagent" / "revision").unlink()
     (root / ".syncagent" / "revision").write_text('{"revision": "r2"}')  # ... and its marker
+    agent.apply_batch(str(root), {"uploads": [{"path": "f", "mode": 0o644, "mtime_ns": 0}],
+                                  "revision": "r2b"}, lambda up: iter([b"x"]))  # no links
     with pytest.raises(agent.AgentFailure) as e:
         agent.apply_batch(str(root), {"links": [{"path": "w", "target": "q/.."}],
                                       "revision": "r3"}, nothing)
