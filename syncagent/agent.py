@@ -163,7 +163,8 @@ def _excluded_by_rules(rules, path, is_dir):
 # builds on it (ignore.py): these rules come after every exclude rule and nothing negates them;
 # the config's ``protect`` patterns can only add to them. The names are protected whatever
 # kind of entry holds them, so a file can never replace a protected directory.
-PROTECTED = (".env", ".env.*", "!*.example", "venv/", ".venv/", "instance/")
+PROTECTED = (".env", ".env.*", "!.env.example", "!.env.*.example", "venv/", ".venv/",
+             "instance/")
 _PROTECTED_NAMES = frozenset((".env", "venv", ".venv", "instance"))
 
 

@@ -34,11 +34,9 @@ EDITOR_TEMP = (
     "*.swp", "*.swx", "*.swo", "4913", "*~", ".#*", "\\#*#", "*___jb_tmp___", "*___jb_old___",
     ".DS_Store", "*.tmp",
 )
-# ... and what the script forgot: environments and secrets stay where they are.
-DEFAULT_EXCLUDES = CLIPPYFRONT_EXCLUDES + EDITOR_TEMP + (
-    ".venv/", ".env", ".env.*", "!.env.example", "!.env.*.example", "instance/", "*.log",
-    ".syncagent/",
-)
+# ... and what the script forgot: environments and secrets stay where they are (the agent's
+# protected set, which it also enforces on the remote whatever these rules say).
+DEFAULT_EXCLUDES = CLIPPYFRONT_EXCLUDES + EDITOR_TEMP + ("*.log", ".syncagent/") + agent.PROTECTED
 
 
 # Changes to these restart the worker; templates, static files and docs only sync.

@@ -439,3 +439,16 @@ def test_links_made_by_another_agent_are_seen(tmp_path):
                                       "revision": "r3"}, nothing)
     assert e.value.kind == "PathEscape" and "w -> q/.." in e.value.message
     assert not (root / "w").is_symlink()
+
+
+def test_the_protected_names_and_their_gitignore_form_agree():
+    """agent.PROTECTED (gitignore syntax, the excludes build on it) and the agent's own
+    matcher say the same of every name."""
+    from syncagent.ignore import build_rules
+
+    rules = build_rules(defaults=agent.PROTECTED)
+    for name in (".env", ".env.worker", ".env.example", ".env.worker.example", ".envrc",
+                 "venv", ".venv", "instance", "instances", "env", "x.example"):
+        as_dir = name in ("venv", ".venv", "instance", "instances")
+        plain = agent.compile_rules(rules.to_wire())  # the gitignore form alone
+        assert agent._excluded_by_rules(plain, name, as_dir) is agent.protected_name(name), name
