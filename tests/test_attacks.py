@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from syncagent import agent
 from syncagent.cli import main
 from syncagent.config import Target
-from syncagent.errors import AgentCacheError
+from syncagent.errors import AgentCacheError, PathEscapeError
 from syncagent.plan import Chmod, Delete, Link, Mkdir, Plan, Upload, escaping_links
 from syncagent.session import Session, agent_hash
 
@@ -185,7 +185,6 @@ def test_crafted_link_chain_is_refused_by_the_agent_whole(proj, box):
     assert os.readlink(remote / "a" / "b" / "c" / "up") == "../../.."
     second = Plan(uploads=(Upload("app.py", 0o644, 0, 1, "x"),),
                   links=(Link("x", "a/b/c/up/../.."), Link("y", "a/b/c/up/../../etc")))
-    from syncagent.errors import PathEscapeError
     with pytest.raises(PathEscapeError) as e:
         craft(box, remote, root, second)
     assert "x -> a/b/c/up/../.." in str(e.value)
