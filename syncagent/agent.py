@@ -38,6 +38,11 @@ __all__ = [
     "hash_file",
     "check_relpath",
     "check_link",
+    "resolve",
+    "escaping",
+    "PROTECTED",
+    "protected_name",
+    "is_protected",
     "under_any",
     "apply_batch",
     "read_frame",
@@ -97,26 +102,50 @@ class Entry(tuple):
 # ---------------------------------------------------------------- rules
 
 
+def _alternation(regexes):
+    regexes = list(regexes)
+    return re.compile("|".join(
+        "(?:%s)" % re.sub(r"\(\?P<[^>]+>", "(?:", rx) for rx in regexes)) if regexes else None
+
+
 class CompiledRules(object):
     """Ordered (regex, include) pairs, plus one alternation of them all: most paths match no
-    rule, and one failed match of the alternation says so at a fraction of the cost."""
+    rule, and one failed match of the alternation says so at a fraction of the cost. ``protect``
+    is one alternation of the extra protected patterns (None: the built-in ones only)."""
 
-    __slots__ = ("ordered", "any")
+    __slots__ = ("ordered", "any", "protect")
 
-    def __init__(self, wire_rules):
+    def __init__(self, wire_rules, protect=()):
         pairs = [(rx, bool(inc)) for rx, inc in wire_rules]
         self.ordered = [(re.compile(rx), inc) for rx, inc in pairs]
-        self.any = re.compile("|".join(
-            "(?:%s)" % re.sub(r"\(\?P<[^>]+>", "(?:", rx) for rx, _ in pairs)) if pairs else None
+        self.any = _alternation(rx for rx, _ in pairs)
+        self.protect = compile_protect(protect)
 
 
-def compile_rules(wire_rules):
-    """[[regex, include], ...] (gitignore order, last match wins) -> CompiledRules."""
-    return CompiledRules(wire_rules)
+def compile_rules(wire_rules, protect=()):
+    """[[regex, include], ...] (gitignore order, last match wins) and the extra protected
+    patterns ([regex, ...]) -> CompiledRules."""
+    return CompiledRules(wire_rules, protect)
+
+
+def compile_protect(wire):
+    """The config's extra protected patterns, as regexes, -> one regex (or None)."""
+    if wire is None or not isinstance(wire, (list, tuple)) \
+            or not all(isinstance(rx, str) for rx in wire):
+        raise AgentFailure("Protocol", "'protect' must be a list of patterns")
+    try:
+        return _alternation(wire)
+    except re.error:
+        raise AgentFailure("Protocol", "'protect' holds a pattern that does not compile")
 
 
 def is_excluded(rules, path, is_dir):
-    """True if ``path`` (posix, relative) is excluded; directories are matched as ``path/``."""
+    """True if ``path`` (posix, relative) is excluded or protected; directories are matched as
+    ``path/``. Protection comes after every rule: no rule negates it."""
+    return _excluded_by_rules(rules, path, is_dir) or is_protected(path, rules.protect)
+
+
+def _excluded_by_rules(rules, path, is_dir):
     name = path + "/" if is_dir else path
     if rules.any is None or not rules.any.match(name):
         return False
@@ -125,6 +154,46 @@ def is_excluded(rules, path, is_dir):
         if rx.match(name):
             excluded = include
     return excluded
+
+
+# ---------------------------------------------------------------- protected paths
+
+# The one definition of what the remote keeps whatever the dev side sends (gitignore syntax,
+# matched at any depth; a protected directory protects everything below it). The dev side
+# builds on it (ignore.py): these rules come after every exclude rule and nothing negates them;
+# the config's ``protect`` patterns can only add to them. The names are protected whatever
+# kind of entry holds them, so a file can never replace a protected directory.
+PROTECTED = (".env", ".env.*", "!.env.example", "!.env.*.example", "venv/", ".venv/",
+             "instance/")
+_PROTECTED_NAMES = frozenset((".env", "venv", ".venv", "instance"))
+
+
+def protected_name(name):
+    """True if an entry called ``name`` is protected by the built-in rules."""
+    if name in _PROTECTED_NAMES:
+        return True
+    return name.startswith(".env.") and not name.endswith(".example")
+
+
+def is_protected(path, extra=None):
+    """True if ``path`` or a directory above it is protected: by the built-in rules or by
+    ``extra`` (the compiled extra patterns, matched as a file and as a directory)."""
+    for name in path.split("/"):
+        if protected_name(name):
+            return True
+    return extra is not None and bool(extra.match(path) or extra.match(path + "/"))
+
+
+def _held(rules, rel, name, is_dir, held):
+    """Scanning: True if ``rel`` is skipped. A protected path the rules let through is
+    recorded in ``held`` (the dev side reports it as kept); its parents are not protected,
+    the scan never descends into a protected directory."""
+    if _excluded_by_rules(rules, rel, is_dir):
+        return True
+    if protected_name(name) or (rules.protect is not None and is_protected(rel, rules.protect)):
+        held.append(rel)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- hashing and scanning
@@ -148,12 +217,8 @@ def hash_file(path_or_fd):
 
 
 def load_digest_cache(root):
-    try:
-        with open(os.path.join(root, DIGEST_CACHE), "r") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    data = read_state(root, "digests.json")
+    return data if isinstance(data, dict) else {}
 
 
 def save_digest_cache(root, cache):
@@ -164,42 +229,114 @@ def save_digest_cache(root, cache):
     keep = {p: v for p, v in list(cache.items())  # a copy: a watch's threads share the cache
             if len(v) == 6 and v[5] - max(v[1], v[2]) >= RACY_NS}
     try:
-        make_state_dir(root)
-        _write_atomic(os.path.join(root, DIGEST_CACHE), json.dumps(keep, separators=(",", ":")))
+        write_state(root, "digests.json", json.dumps(keep, separators=(",", ":")))
     except OSError:
         pass  # the cache only saves time
 
 
-def make_state_dir(root):
-    """Create ``<root>/.syncagent`` holding a ``.gitignore`` of ``*`` (as pytest does for its
-    cache), so the state never shows in ``git status`` of the project it sits in."""
-    state = os.path.join(root, STATE_DIR)
-    os.makedirs(state, mode=0o700, exist_ok=True)
-    if not os.path.exists(os.path.join(state, ".gitignore")):
-        _write_atomic(os.path.join(state, ".gitignore"),
-                      "# syncagent's state, not part of the project\n*\n")
+# ---------------------------------------------------------------- the state directory
+# Everything under <root>/.syncagent is read and written through a directory fd opened without
+# following links, as project files are: a .syncagent that is a symlink is never followed.
+
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
 
 
-def _write_atomic(path, text):
-    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())  # threads: fleet pushes
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # whatever the umask
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def check_state_dir(root):
+    """Refuse a root whose state directory is a symlink (or not a directory)."""
+    try:
+        st = os.lstat(os.path.join(root, STATE_DIR))
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise AgentFailure("PathEscape", "refusing %s/%s: it is %s, not a directory (remove it)"
+                           % (root, STATE_DIR, "a symlink" if stat.S_ISLNK(st.st_mode)
+                              else "a file"))
 
 
-def scan(root, rules, cache=None, problems=None, start=""):
+def _state_fd(root, create):
+    """An fd on <root>/.syncagent (created 0700 if ``create``), never through a link."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            sfd = os.open(STATE_DIR, _NOFOLLOW_DIR, dir_fd=root_fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+            try:
+                os.mkdir(STATE_DIR, 0o700, dir_fd=root_fd)
+            except FileExistsError:
+                pass
+            sfd = os.open(STATE_DIR, _NOFOLLOW_DIR, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
+    if create:
+        _ignore_in_git(sfd)
+    return sfd
+
+
+def _ignore_in_git(sfd):
+    """A ``.gitignore`` of ``*`` in the state dir (as pytest does for its cache), so the state
+    never shows in ``git status`` of the project it sits in (the dev side keeps one too)."""
+    try:
+        os.stat(".gitignore", dir_fd=sfd, follow_symlinks=False)
+        return
+    except FileNotFoundError:
+        pass
+    fd = os.open(".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=sfd)
+    try:
+        _write_all(fd, b"# syncagent's state, not part of the project\n*\n")
+    finally:
+        os.close(fd)
+
+
+def write_state(root, name, text):
+    """Write <root>/.syncagent/<name> atomically (0600), through no link."""
+    sfd = _state_fd(root, create=True)
+    try:
+        tmp = "%s.%d.%d.tmp" % (name, os.getpid(), threading.get_ident())  # threads: fleets
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600,
+                     dir_fd=sfd)
+        try:
+            _write_all(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=sfd, dst_dir_fd=sfd)
+    finally:
+        os.close(sfd)
+
+
+def read_state(root, name):
+    """The JSON in <root>/.syncagent/<name>, read through no link; None if absent or bad."""
+    try:
+        sfd = _state_fd(root, create=False)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=sfd)
+        with os.fdopen(fd, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(sfd)
+
+
+def scan(root, rules, cache=None, problems=None, start="", held=None):
     """Walk ``root`` (or its subdirectory ``start``) and return ``{relpath: Entry}`` for
-    everything not excluded below it.
+    everything not excluded or protected below it.
 
     Symlinks are recorded, never followed. Excluded directories are not descended into.
     ``cache`` maps relpath -> [size, mtime_ns, ctime_ns, ino, digest]; it is read to avoid
     re-hashing unchanged files and updated in place. Files that vanish are left out; files that
-    cannot be read are left out and reported in ``problems`` as (path, message).
+    cannot be read are left out and reported in ``problems`` as (path, message). Protected
+    paths that the rules alone would have let through are listed in ``held``. Modes are the
+    nine rwx bits only: setuid, setgid and sticky never travel.
     """
     out = {}
     cache = {} if cache is None else cache
     problems = [] if problems is None else problems
+    held = [] if held is None else held
     seen = set()
     stack = [start]
     while stack:
@@ -224,21 +361,21 @@ def scan(root, rules, cache=None, problems=None, start=""):
             except OSError as e:
                 problems.append((rel, e.strerror))
                 continue
-            mode = stat.S_IMODE(st.st_mode)
+            mode = st.st_mode & 0o777
             if stat.S_ISDIR(st.st_mode):
-                if is_excluded(rules, rel, True):
+                if _held(rules, rel, name, True, held):
                     continue
                 out[rel] = Entry("d", 0, 0, mode)
                 stack.append(rel)
             elif stat.S_ISLNK(st.st_mode):
-                if is_excluded(rules, rel, False):
+                if _held(rules, rel, name, False, held):
                     continue
                 try:
                     out[rel] = Entry("l", 0, 0, 0, None, os.readlink(de.path))
                 except OSError:
                     continue
             elif stat.S_ISREG(st.st_mode):
-                if is_excluded(rules, rel, False):
+                if _held(rules, rel, name, False, held):
                     continue
                 digest = _cached_digest(cache, rel, st) or _hash(de.path, rel, st, cache,
                                                                  problems)
@@ -253,15 +390,17 @@ def scan(root, rules, cache=None, problems=None, start=""):
     return out
 
 
-def scan_paths(root, rules, paths, cache, problems=None):
+def scan_paths(root, rules, paths, cache, problems=None, held=None):
     """Entries at and below each of ``paths``, plus their ancestor directories.
 
     The files named in ``paths`` are re-hashed whatever the cache says: an event named them,
     and a same-size edit within one mtime tick must not be missed. Paths that no longer exist,
-    or lie under an excluded or non-directory ancestor, yield nothing.
+    or lie under an excluded, protected or non-directory ancestor, yield nothing; protected
+    ones the rules let through are listed in ``held``.
     """
     out = {}
     problems = [] if problems is None else problems
+    held = [] if held is None else held
     for rel in sorted(paths):
         parts = rel.split("/")
         ok = True
@@ -280,7 +419,7 @@ def scan_paths(root, rules, paths, cache, problems=None):
             if not stat.S_ISDIR(st.st_mode):
                 ok = False
                 break
-            out[anc] = Entry("d", 0, 0, stat.S_IMODE(st.st_mode))
+            out[anc] = Entry("d", 0, 0, st.st_mode & 0o777)
         if not ok:
             continue
         full = os.path.join(root, rel)
@@ -291,18 +430,19 @@ def scan_paths(root, rules, paths, cache, problems=None):
         except OSError as e:
             problems.append((rel, e.strerror))
             continue
-        mode = stat.S_IMODE(st.st_mode)
+        mode = st.st_mode & 0o777
+        name = parts[-1]
         if stat.S_ISDIR(st.st_mode):
-            if not is_excluded(rules, rel, True):
+            if not _held(rules, rel, name, True, held):
                 out[rel] = Entry("d", 0, 0, mode)
-                out.update(scan(root, rules, cache, problems, start=rel))
+                out.update(scan(root, rules, cache, problems, start=rel, held=held))
         elif stat.S_ISLNK(st.st_mode):
-            if not is_excluded(rules, rel, False):
+            if not _held(rules, rel, name, False, held):
                 try:
                     out[rel] = Entry("l", 0, 0, 0, None, os.readlink(full))
                 except OSError:
                     pass
-        elif stat.S_ISREG(st.st_mode) and not is_excluded(rules, rel, False):
+        elif stat.S_ISREG(st.st_mode) and not _held(rules, rel, name, False, held):
             digest = _hash(full, rel, st, cache, problems)  # named by an event: always read
             if digest is not None:
                 out[rel] = Entry("f", st.st_size, st.st_mtime_ns, mode, digest)
@@ -333,14 +473,19 @@ def _cached_digest(cache, rel, st):
     return None
 
 
-def scan_root(root, wire_rules):
-    """The agent's manifest request: scan with the persistent digest cache."""
+def scan_root(root, wire_rules, protect=()):
+    """The agent's manifest request: scan with the persistent digest cache.
+
+    Returns:
+        (entries, problems, held): held lists the protected paths the rules let through."""
     cache = load_digest_cache(root)
     problems = []
-    entries = scan(root, compile_rules(wire_rules), cache, problems)
+    held = []
+    entries = scan(root, compile_rules(wire_rules, protect), cache, problems, held=held)
     save_digest_cache(root, cache)
     _sweep_temp_files(root, entries)
-    return entries, problems
+    _LINK_INDEX.pop(root, None)  # the tree may have changed since this agent last saw it
+    return entries, problems, held
 
 
 def _sweep_temp_files(root, entries):
@@ -392,6 +537,54 @@ def check_link(path, target):
             depth += 1
 
 
+MAX_HOPS = 40  # links followed in one resolution, as the Linux kernel's MAXSYMLINKS
+LOOP = "<loop>"
+
+
+def resolve(path, links, max_hops=MAX_HOPS):
+    """Where ``path`` (relative to the root) lands when every link on the way is followed, as
+    ``os.path.realpath`` does: a link's target replaces it, ``..`` after a link climbs from
+    where the link led, and what is not a link counts as a directory. Pure: the tree is
+    ``links`` ({relpath: target} of every symlink in it).
+
+    Returns:
+        The final path relative to the root ("" for the root itself), None if the walk
+        leaves the root (an absolute target, or ``..`` above the root), or LOOP after
+        ``max_hops`` links (the kernel gives up there too: nothing is reached through it).
+    """
+    todo = path.split("/")[::-1]
+    done = []
+    hops = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if not done:
+                return None
+            done.pop()
+            continue
+        done.append(name)
+        target = links.get("/".join(done))
+        if target is None:
+            continue
+        hops += 1
+        if hops > max_hops:
+            return LOOP
+        if target.startswith("/"):
+            return None
+        done.pop()
+        todo.extend(target.split("/")[::-1])
+    return "/".join(done)
+
+
+def escaping(links, paths=None):
+    """The links among ``paths`` (default: all of ``links``) that resolve, following the
+    tree's other links, outside the root: sorted ``"path -> target"`` lines."""
+    return sorted("%s -> %s" % (p, links[p]) for p in (links if paths is None else paths)
+                  if resolve(p, links) is None)
+
+
 class _Dirs:
     """Directory fds under one root, opened component by component without following links."""
 
@@ -436,7 +629,7 @@ class _Dirs:
 # ---------------------------------------------------------------- applying a batch
 
 
-def apply_batch(root, batch, chunks_for):
+def apply_batch(root, batch, chunks_for, protect=()):
     """Apply one batch atomically: stage every upload, then rename all, delete, mark revision.
 
     Args:
@@ -446,21 +639,28 @@ def apply_batch(root, batch, chunks_for):
                 "revision": str, "files": int}.
         chunks_for: called with each upload in order; returns an iterable of bytes chunks.
             It is called for every upload even after a failure, so a stream stays in step.
+        protect: the config's extra protected patterns (regexes), on top of the built-in ones.
 
     Returns:
-        {"written", "bytes", "deleted", "kept"}: counts, and directories kept because they hold
-        protected (excluded) files.
+        {"written", "bytes", "deleted", "kept", "refused"}: counts, directories kept because
+        they hold protected files, and the items refused because their path is protected
+        ([{"op", "path"}]: not applied; the rest of the batch is).
 
     Raises:
-        AgentFailure: nothing of the batch is visible (staged files are removed).
+        AgentFailure: nothing of the batch is visible (staged files are removed). A path or
+        a link that would lead outside the root refuses the whole batch.
     """
     uploads = batch.get("uploads", [])
     staged = []
     failure = None
     dirs = None
     received = 0
+    held = ()
+    stamp = _stamp(root)
     try:
         _validate(batch)
+        batch, held, refused = _hold_protected(batch, compile_protect(protect))
+        links_after = _check_links(root, batch)
         try:
             os.makedirs(root, exist_ok=True)
             dirs = _Dirs(root)
@@ -478,7 +678,7 @@ def apply_batch(root, batch, chunks_for):
     try:
         for n, up in enumerate(uploads):
             chunks = chunks_for(up)
-            if failure is not None:
+            if failure is not None or n in held:
                 for _ in chunks:
                     pass
                 continue
@@ -500,9 +700,130 @@ def apply_batch(root, batch, chunks_for):
             _discard(dirs, staged)
         raise
     try:
-        return _commit(root, dirs, batch, staged, marker, cache_updates, received)
+        out = _commit(root, dirs, batch, staged, marker, cache_updates, received)
+    except BaseException:
+        _LINK_INDEX.pop(root, None)  # what the tree holds now is unknown
+        raise
     finally:
         dirs.close()
+    _keep_link_index(root, stamp, batch, links_after)
+    out["refused"] = refused
+    return out
+
+
+_OPS = (("uploads", "write"), ("links", "link"), ("dirs", "mkdir"), ("chmods", "chmod"),
+        ("deletes", "delete"))
+
+
+def _hold_protected(batch, extra):
+    """Take out every item at a protected path (or below a protected directory).
+
+    Returns:
+        (the batch without them, the indices of the held uploads (their data is still read),
+        [{"op", "path"}] of what was refused).
+    """
+    out = dict(batch)
+    refused = []
+    for key, op in _OPS:
+        keep = []
+        for item in batch.get(key, []):
+            if is_protected(item["path"], extra):
+                refused.append({"op": op, "path": item["path"]})
+            else:
+                keep.append(item)
+        out[key] = keep
+    held = {n for n, up in enumerate(batch.get("uploads", [])) if is_protected(up["path"], extra)}
+    return out, held, refused
+
+
+# ---------------------------------------------------------------- links after a batch
+
+_LINK_INDEX = {}  # root -> (revision marker stamp, {relpath: target}): the remote's links
+
+
+def _remote_links(root):
+    """Every symlink under ``root`` (protected and excluded places too, not .syncagent).
+    Walked when a batch first needs it, then kept up to date by this agent's batches; walked
+    again after a manifest request, or when another agent has applied a batch since (the
+    revision marker is not the one this agent last saw)."""
+    stamp = _stamp(root)
+    entry = _LINK_INDEX.get(root)
+    if entry is None or entry[0] != stamp:
+        entry = _LINK_INDEX[root] = (stamp, _walk_links(root))
+    return entry[1]
+
+
+def _keep_link_index(root, stamp, batch, links_after):
+    """After a commit: the index follows this batch, if it was current when the batch began
+    (``stamp``: the revision marker then); else it is walked again when next needed."""
+    entry = _LINK_INDEX.pop(root, None)
+    if entry is not None and entry[0] == stamp:
+        _LINK_INDEX[root] = (_stamp(root), links_after if links_after is not None
+                             else _links_after(entry[1], batch))
+
+
+def _stamp(root):
+    try:
+        st = os.lstat(os.path.join(root, REVISION_FILE))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _walk_links(root):
+    out = {}
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
+        except OSError:
+            continue
+        with it:
+            for de in it:
+                rel = rel_dir + "/" + de.name if rel_dir else de.name
+                try:
+                    if de.is_symlink():
+                        out[rel] = os.readlink(de.path)
+                    elif de.is_dir(follow_symlinks=False) and rel != STATE_DIR:
+                        stack.append(rel)
+                except OSError:
+                    continue
+    return out
+
+
+def _links_after(before, batch):
+    """The tree's links once ``batch`` is applied: its deletes, files and directories take the
+    place of links at exactly their paths (a directory is only removed when empty), its links
+    are added."""
+    gone = {item["path"] for key in ("deletes", "uploads", "dirs") for item in batch.get(key, [])}
+    after = {p: t for p, t in before.items() if p not in gone}
+    after.update((l["path"], l["target"]) for l in batch.get("links", []))
+    return after
+
+
+def _check_links(root, batch):
+    """Refuse the whole batch if a link of the tree after it would resolve, following the
+    tree's other links, outside the root where it did not before. Only a batch that makes
+    links, or directories where it deletes something (a link may become a directory), can
+    change where links lead; for the others this costs nothing.
+
+    Returns:
+        The links after the batch, or None when the batch cannot change them.
+    """
+    links = batch.get("links", [])
+    if not links and not (batch.get("dirs") and batch.get("deletes")):
+        return None
+    before = _remote_links(root)
+    after = _links_after(before, batch)
+    new = {l["path"] for l in links}
+    bad = [p for p in sorted(after) if resolve(p, after) is None
+           and (p in new or resolve(p, before) is not None)]
+    if bad:
+        more = " (and %d more)" % (len(bad) - 1) if len(bad) > 1 else ""
+        raise AgentFailure("PathEscape", "symlink %s -> %s would resolve outside the root%s; "
+                           "nothing of the batch was applied" % (bad[0], after[bad[0]], more))
+    return after
 
 
 def _open_new_dir(dirs, parts, doomed):
@@ -524,9 +845,8 @@ def _stage(dirs, n, up, chunks, staged, digests):
     parts = up["path"].split("/")
     dfd = dirs.open(parts[:-1], create=True)
     tmp = "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
-    mode = int(up["mode"]) & 0o7777
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o777,
-                 dir_fd=dfd)
+    mode = int(up["mode"]) & 0o777  # the rwx bits only: never setuid, setgid or sticky
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
     staged.append((dfd, tmp, parts[-1], up))
     h = hashlib.blake2b(digest_size=20)
     size = 0
@@ -535,7 +855,7 @@ def _stage(dirs, n, up, chunks, staged, digests):
             _write_all(fd, block)
             h.update(block)
             size += len(block)
-        if mode & ~0o777 or mode & _umask():
+        if mode & _umask():
             os.fchmod(fd, mode)
         os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
     finally:
@@ -630,19 +950,71 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
         os.symlink(link["target"], tmp, dir_fd=dfd)
         os.replace(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
     for ch in batch.get("chmods", []):
-        parts = ch["path"].split("/")
-        dfd = dirs.open(parts[:-1], create=False)
-        if not stat.S_ISLNK(os.lstat(parts[-1], dir_fd=dfd).st_mode):
-            os.chmod(parts[-1], int(ch["mode"]) & 0o7777, dir_fd=dfd)
+        _chmod(dirs, ch["path"], int(ch["mode"]) & 0o777)
     deleted += _apply_deletes(dirs, [d for d in deletes if not under_any(d["path"], replacing)],
                               kept)
     for d in batch.get("dirs", []):
         fd = dirs.open(d["path"].split("/"), create=True)
-        os.fchmod(fd, int(d["mode"]) & 0o7777)
+        os.fchmod(fd, int(d["mode"]) & 0o777)
     sfd, tmp = marker
     os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
     _update_cache(root, batch, cache_updates, stats)
     return {"written": len(staged), "bytes": received, "deleted": deleted, "kept": kept}
+
+
+def _chmod(dirs, path, mode):
+    """Change a mode through an fd opened without following links: never through a link. A
+    file with other hard links (one may lie outside the root) is replaced by a copy with the
+    new mode, so the other names keep theirs. Links, and what is neither file nor directory,
+    are left alone."""
+    parts = path.split("/")
+    dfd = dirs.open(parts[:-1], create=False)
+    name = parts[-1]
+    kind = os.lstat(name, dir_fd=dfd).st_mode
+    if stat.S_ISDIR(kind):
+        os.fchmod(dirs.open(parts, create=False), mode)  # opened without following links
+        return
+    if not stat.S_ISREG(kind):
+        return
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        readable = True
+    except PermissionError:  # a file without read permission: its owner may still chmod it
+        fd = os.open(name, getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW, dir_fd=dfd)
+        readable = False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped since the lstat
+            return
+        if st.st_nlink > 1:
+            if readable:  # an unreadable one cannot be copied: it keeps its mode
+                _replace_with_copy(dfd, name, fd, st, mode)
+        elif readable:
+            os.fchmod(fd, mode)
+        else:
+            os.chmod("/proc/self/fd/%d" % fd, mode)  # the inode the O_PATH fd holds, no link
+    finally:
+        os.close(fd)
+
+
+def _replace_with_copy(dfd, name, fd, st, mode):
+    tmp = "%schmod.%x" % (TEMP_PREFIX, os.getpid())
+    _unlink_quiet(tmp, dfd)
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    try:
+        while True:
+            block = os.read(fd, CHUNK)
+            if not block:
+                break
+            _write_all(out, block)
+        os.fchmod(out, mode)
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except BaseException:
+        os.close(out)
+        _unlink_quiet(tmp, dfd)
+        raise
+    os.close(out)
+    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
 
 def _drop_bytecode(sources):
@@ -726,11 +1098,7 @@ def from_wire(entries):
 
 
 def read_revision(root):
-    try:
-        with open(os.path.join(root, REVISION_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_state(root, "revision")
 
 
 # ---------------------------------------------------------------- the worker (supervisord)
@@ -778,11 +1146,7 @@ def _supervisor(root):
 
 
 def _marker(root, colour):
-    try:
-        with open(os.path.join(root, STATE_DIR, "ready-%s.json" % colour)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_state(root, "ready-%s.json" % colour)
 
 
 # ---------------------------------------------------------------- secrets
@@ -1002,11 +1366,7 @@ def worker_state(root, group="worker"):
             if live is None or marker.get("time", 0) > live.get("time", 0):
                 live = dict(marker, colour=colour)
     conf = os.path.join(root, STATE_DIR, "supervisord.conf")
-    try:
-        with open(os.path.join(root, STATE_DIR, "last-restart.json")) as f:
-            last = json.load(f)
-    except (OSError, ValueError):
-        last = None
+    last = read_state(root, "last-restart.json")
     return {"supervisord": "running", "programs": programs, "live": live, "conf": conf,
             "last_restart": last,
             "supervisorctl": "%s -c %s status" % (_supervisorctl(root, group), conf)}
@@ -1203,7 +1563,7 @@ def _restart(r, mode, grace):
     out.update(ok=True, colour=new, pid=marker.get("pid"), node=marker.get("node"),
                revision=marker.get("revision"), timings=r.timings)
     try:  # for `syncagent status`: the last restart and how long it took
-        _write_atomic(os.path.join(root, STATE_DIR, "last-restart.json"), json.dumps(
+        write_state(root, "last-restart.json", json.dumps(
             {"time": time.time(), "mode": mode, "colour": new, "revision": out["revision"],
              "timings": r.timings}))
     except OSError:
@@ -1267,7 +1627,9 @@ def _root(req):
     root = req.get("root")
     if not isinstance(root, str) or not root or "\0" in root:
         raise AgentFailure("Config", "request needs a 'root' path")
-    return os.path.abspath(os.path.expanduser(root))
+    root = os.path.abspath(os.path.expanduser(root))
+    check_state_dir(root)
+    return root
 
 
 def handle(req, inp):
@@ -1280,16 +1642,16 @@ def handle(req, inp):
         if not os.path.isdir(root):
             return {"root": root, "exists": False, "entries": {}, "problems": [],
                     "revision": None}
-        entries, problems = scan_root(root, req.get("rules", []))
+        entries, problems, held = scan_root(root, req.get("rules", []), req.get("protect", []))
         return {"root": root, "exists": True, "entries": to_wire(entries),
-                "problems": problems, "revision": read_revision(root),
+                "problems": problems, "protected": held, "revision": read_revision(root),
                 "provisioned": os.path.exists(supervisor_socket(root))}
     if op == "apply":
         root = _root(req)
         batch = req.get("batch")
         if not isinstance(batch, dict):
             raise AgentFailure("Protocol", "apply needs a 'batch' object")
-        return apply_batch(root, batch, _data_chunks(inp))
+        return apply_batch(root, batch, _data_chunks(inp), req.get("protect", []))
     if op == "restart":
         return restart_worker(_root(req), str(req.get("revision") or ""),
                               str(req.get("mode") or "blue-green"),

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 CONFIG_NAME = "syncagent.toml"
-TOP_KEYS = {"exclude", "restart_on", "default_target", "mass_delete_ratio", "targets", "groups",
+TOP_KEYS = {"exclude", "protect", "restart_on", "default_target", "mass_delete_ratio", "targets", "groups",
             "restart_policy"}
 RESTART_POLICIES = ("rolling", "parallel")
 TARGET_KEYS = {"host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
@@ -60,6 +60,7 @@ class Project:
     root: Path
     config_file: Path | None = None
     exclude: tuple[str, ...] = ()
+    protect: tuple[str, ...] = ()  # more paths the remote keeps (on top of .env*, venv/, ...)
     restart_on: tuple[str, ...] | None = None
     default_target: str | None = None
     mass_delete_ratio: float = 0.5
@@ -153,6 +154,16 @@ def _str_list(data: dict, key: str, path: Path, text: str) -> tuple[str, ...] | 
     return tuple(value)
 
 
+def _protect(data: dict, path: Path, text: str) -> tuple[str, ...]:
+    """The ``protect`` patterns: they can only add protection, so no ``!`` negation."""
+    patterns = _str_list(data, "protect", path, text) or ()
+    for p in patterns:
+        if p.startswith("!"):
+            raise ConfigError(f"{_where(path, text, 'protect')}: protect pattern '{p}' cannot "
+                              f"un-protect anything; remove the '!'")
+    return patterns
+
+
 def _parse_project(data: dict, path: Path, text: str) -> dict:
     unknown = set(data) - TOP_KEYS
     if unknown:
@@ -179,6 +190,7 @@ def _parse_project(data: dict, path: Path, text: str) -> dict:
         "groups": {k: tuple(v) for k, v in groups.items()},
         "restart_policy": policy,
         "exclude": _str_list(data, "exclude", path, text) or (),
+        "protect": _protect(data, path, text),
         "restart_on": _str_list(data, "restart_on", path, text),
         "default_target": default,
         "mass_delete_ratio": float(ratio),
@@ -342,11 +354,16 @@ INIT_TEMPLATE = '''\
 # Extra patterns, after the built-in excludes (venv/, .venv/, .git/, __pycache__/, .env,
 # .env.* except *.example, instance/, data/, logs/, tmp/, uploads/, node_modules/, *.log,
 # editor temp files, ...) and the tree's .gitignore files. "!pattern" re-includes.
-# Excluded paths are also protected: never overwritten or deleted on the remote.
+# Excluded paths are also left alone on the remote: never overwritten or deleted.
 exclude = [
     # "media/",
     # "!data/fixtures/",
 ]
+
+# Protected on the remote: the agent there refuses to write, delete or chmod them, whatever
+# is sent, and no exclude or .gitignore line un-protects them. Built in: .env, .env.* except
+# *.example, venv/, .venv/, instance/. These patterns add to them.
+# protect = ["secrets/", "*.pem"]
 
 # Changes matching these restart the worker (the default list); anything else only syncs.
 # restart_on = ["*.py", "requirements*.txt", "*.toml", "*.cfg", "*.ini", "*.yaml", "*.yml"]

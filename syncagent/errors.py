@@ -21,6 +21,7 @@ __all__ = [
     "HostKeyChangedError",
     "MassDeleteError",
     "PathEscapeError",
+    "AgentCacheError",
     "error_from_wire",
 ]
 
@@ -120,6 +121,16 @@ class MassDeleteError(SafetyError):
 
 class PathEscapeError(SafetyError):
     """A path or a symlink would reach outside the project root."""
+
+
+class AgentCacheError(SafetyError):
+    """The remote's agent cache directory could let someone else change the agent we run."""
+
+    def __init__(self, host: str, why: str):
+        super().__init__(f"{host}: refusing to run the agent from ~/.cache/syncagent: {why}",
+                         hint="fix it with `chmod 700 ~/.cache/syncagent` as its owner, or "
+                              "remove it")
+        self.host, self.why = host, why
 
 
 _WIRE_TYPES = {

@@ -22,6 +22,7 @@ __all__ = ["Entry", "LocalScan", "find_gitignores", "local_rules", "scan_local",
 class LocalScan:
     entries: dict[str, Entry]
     problems: list[tuple[str, str]] = field(default_factory=list)
+    protected: list[str] = field(default_factory=list)  # let through by the rules, kept anyway
 
     @property
     def unreadable(self) -> list[str]:
@@ -49,10 +50,11 @@ def find_gitignores(root: str, base: Rules) -> dict[str, list[str]]:
     return found
 
 
-def local_rules(root: str, extra: Sequence[str] = ()) -> Rules:
-    """The rules for this tree: defaults, its .gitignore files, then the config's patterns."""
-    base = build_rules(extra)
-    return build_rules(extra, find_gitignores(root, base))
+def local_rules(root: str, extra: Sequence[str] = (), protect: Sequence[str] = ()) -> Rules:
+    """The rules for this tree: defaults, its .gitignore files, then the config's patterns;
+    protection after them all."""
+    base = build_rules(extra, protect=protect)
+    return build_rules(extra, find_gitignores(root, base), protect=protect)
 
 
 def scan_local(root: str, rules: Rules, cache: dict | None = None) -> LocalScan:
@@ -64,9 +66,10 @@ def scan_local(root: str, rules: Rules, cache: dict | None = None) -> LocalScan:
     """
     cache = agent.load_digest_cache(root) if cache is None else cache
     problems: list[tuple[str, str]] = []
-    entries = agent.scan(root, rules.compiled(), cache, problems)
+    held: list[str] = []
+    entries = agent.scan(root, rules.compiled(), cache, problems, held=held)
     agent.save_digest_cache(root, cache)
-    return LocalScan(entries, problems)
+    return LocalScan(entries, problems, held)
 
 
 def from_wire(entries: dict) -> dict[str, Entry]:

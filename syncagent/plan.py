@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .agent import AgentFailure, Entry, check_link, under_any
+from .agent import Entry, escaping, under_any
 
 __all__ = [
     "Upload", "Link", "Mkdir", "Chmod", "Delete", "Plan",
@@ -196,12 +196,6 @@ def apply_plan(remote: Manifest, p: Plan, local: Manifest) -> dict[str, Entry]:
 
 
 def escaping_links(manifest: Manifest) -> list[str]:
-    """Symlinks that are absolute or climb above the root: refused for safety."""
-    bad = []
-    for path, e in manifest.items():
-        if e.kind == "l":
-            try:
-                check_link(path, e.link)
-            except AgentFailure:
-                bad.append(f"{path} -> {e.link}")
-    return sorted(bad)
+    """Symlinks that resolve outside the root, alone or following the tree's other links
+    (``agent.resolve``, the agent's own rule): refused for safety."""
+    return escaping({p: e.link for p, e in manifest.items() if e.kind == "l"})

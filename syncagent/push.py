@@ -85,7 +85,7 @@ class Syncer:
         self.target = target
         self.options = options
         self.root = str(project.root)
-        self.rules = rules or local_rules(self.root, project.exclude)
+        self.rules = rules or local_rules(self.root, project.exclude, project.protect)
         self._compiled = self.rules.compiled()
         self.session: Session | None = None
         self.remote: dict[str, Entry] = {}
@@ -106,7 +106,8 @@ class Syncer:
         return self._read_remote()
 
     def _read_remote(self) -> RemoteTree:
-        tree = self.session.manifest(self.target.remote_path, self.rules.to_wire())
+        tree = self.session.manifest(self.target.remote_path, self.rules.to_wire(),
+                                     self.rules.protect_wire())
         self.remote = tree.entries
         self.remote_root = tree.root
         self.provisioned = tree.provisioned
@@ -160,6 +161,8 @@ class Syncer:
             remote = self._read_remote()
             durations["manifest"] = time.perf_counter() - t0
         warnings = [f"skipped {path}: {why}" for path, why in local.problems]
+        warnings += [f"kept {path} (protected on the remote)"
+                     for path in sorted(set(local.protected) | set(remote.protected))]
         result = None
         for _pass in range(MAX_PASSES):
             self.local = local.entries
@@ -258,7 +261,8 @@ class Syncer:
         if dry_run or (p.empty and not force_marker):
             self.revision = rev
             return result
-        bad = escaping_links({ln.path: self.local[ln.path] for ln in p.links})
+        # where links lead changes only with links, or directories where something was deleted
+        bad = escaping_links(self.local) if p.links or (p.dirs and p.deletes) else []
         if bad:
             raise PathEscapeError(f"symlink points outside the project root: {bad[0]}")
         total = p.bytes
@@ -269,7 +273,7 @@ class Syncer:
 
         t0 = time.perf_counter()
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
-                                 report)
+                                 report, self.rules.protect_wire())
         result.durations["transfer"] = time.perf_counter() - t0
         self.remote = apply_plan(self.remote, p, self.local)
         self.revision = rev
@@ -278,6 +282,8 @@ class Syncer:
         result.links, result.dirs, result.chmods = len(p.links), len(p.dirs), len(p.chmods)
         result.warnings += [f"kept remote directory {k}/: it holds protected files"
                             for k in out.get("kept", [])]
+        result.warnings += [f"kept {r['path']} (protected on the remote: {r['op']} refused)"
+                            for r in out.get("refused", [])]
         result.unsettled = len(out["changed"])
         if out["changed"]:
             for path in out["changed"]:  # what the remote holds is unknown: re-check next time
@@ -337,7 +343,7 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
         progress: called as for :func:`push`; only used with a single target.
     """
     t_start = time.perf_counter()
-    rules = local_rules(str(project.root), project.exclude)
+    rules = local_rules(str(project.root), project.exclude, project.protect)
     cache = agent.load_digest_cache(str(project.root))
     syncers = [Syncer(project, t, options, rules, cache) for t in targets]
     fleet = FleetResult()

@@ -17,7 +17,7 @@ import paramiko
 
 from . import agent
 from .config import Target
-from .errors import AgentError, ConnectError, error_from_wire
+from .errors import AgentCacheError, AgentError, ConnectError, error_from_wire
 from .manifest import Entry, from_wire
 from .plan import Plan, Upload
 from .transport import Endpoint, connect
@@ -27,6 +27,44 @@ __all__ = ["Session", "RemoteTree", "agent_source", "agent_hash"]
 SEND_BUFFER = 256 * 1024
 NEED_UPLOAD = b"syncagent-need-upload"
 NO_PYTHON = b"syncagent-no-python"
+UNSAFE_CACHE = b"syncagent-unsafe-cache"
+AGENT_DIR = "~/.cache/syncagent"
+
+# Runs on the remote as `python3 -I -c BOOTSTRAP NAME DIGEST`: checks the cache directory
+# (ours, not writable by group or others), reads the cached agent without following a link,
+# and executes exactly the bytes whose digest it checked (nothing can swap the file between
+# the check and the run). Anything else: one line saying why, and the dev side acts on it.
+BOOTSTRAP = r"""
+import hashlib, os, stat, sys
+def say(word, why=""):
+    sys.stdout.write("%s %s\n" % (word, why))
+    sys.stdout.flush()
+    sys.exit(0)
+name, want = sys.argv[1], sys.argv[2]
+d = os.path.expanduser("AGENT_DIR")
+try:
+    st = os.lstat(d)
+except FileNotFoundError:
+    say("NEED_UPLOAD")
+if not stat.S_ISDIR(st.st_mode):
+    say("UNSAFE_CACHE", "it is not a directory")
+if st.st_uid != os.getuid():
+    say("UNSAFE_CACHE", "it is owned by uid %d, not by this user" % st.st_uid)
+if st.st_mode & 0o022:
+    say("UNSAFE_CACHE", "it is writable by group or others (mode %o)" % stat.S_IMODE(st.st_mode))
+path = os.path.join(d, name)
+try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+except OSError:
+    say("NEED_UPLOAD")
+with os.fdopen(fd, "rb") as f:
+    src = f.read()
+if hashlib.blake2b(src).hexdigest() != want:
+    say("NEED_UPLOAD", "digest mismatch")
+sys.argv = [path]
+exec(compile(src, path, "exec"), {"__name__": "__main__", "__file__": path})
+""".replace("AGENT_DIR", AGENT_DIR).replace("NEED_UPLOAD", NEED_UPLOAD.decode()).replace(
+    "UNSAFE_CACHE", UNSAFE_CACHE.decode())
 Progress = Callable[[int, int], None]  # (bytes sent, files sent)
 
 
@@ -35,7 +73,13 @@ def agent_source() -> bytes:
 
 
 def agent_hash() -> str:
+    """The short hash in the cached agent's file name."""
     return hashlib.blake2b(agent_source(), digest_size=8).hexdigest()
+
+
+def agent_digest() -> str:
+    """The full digest the remote bootstrap checks before it runs the cached agent."""
+    return hashlib.blake2b(agent_source()).hexdigest()
 
 
 @dataclass
@@ -46,6 +90,7 @@ class RemoteTree:
     revision: str | None
     problems: list = field(default_factory=list)
     provisioned: bool = False  # a supervisord-managed worker lives under the root
+    protected: list = field(default_factory=list)  # kept by the agent though the rules let them
 
 
 class _Channel:
@@ -124,12 +169,10 @@ class Session:
     # ----------------------------------------------------------- agent start
 
     def _agent_command(self) -> str:
-        remote = f'"$HOME/.cache/syncagent/agent-{agent_hash()}.py"'
         py = shlex.quote(self.target.python)
         script = (
             f"command -v {py} >/dev/null 2>&1 || {{ echo {NO_PYTHON.decode()}; exit 127; }}; "
-            f"[ -f {remote} ] || {{ echo {NEED_UPLOAD.decode()}; exit 0; }}; "
-            f"exec {py} {remote}"
+            f"exec {py} -I -c {shlex.quote(BOOTSTRAP)} agent-{agent_hash()}.py {agent_digest()}"
         )
         return "sh -c " + shlex.quote(script)
 
@@ -142,12 +185,26 @@ class Session:
         return self.channel.read(4)
 
     def start_agent(self) -> None:
+        """Run the cached agent; upload it first when it is missing or not what we ship.
+
+        Raises:
+            AgentCacheError: the remote cache directory is not safe to run code from.
+            AgentError: no python there, or the agent did not start.
+        """
         head = self._exec_agent()
-        if head == NEED_UPLOAD[:4] or head == NO_PYTHON[:4]:
+        for attempt in range(2):
+            if head != NEED_UPLOAD[:4]:  # every bootstrap line starts "sync"; a frame never
+                break
             line = head + self._read_line()
             if line.startswith(NO_PYTHON):
                 raise AgentError(f"{self.target.name}: no '{self.target.python}' on the remote",
                                  hint="install python3 (3.8+) there")
+            if line.startswith(UNSAFE_CACHE):
+                raise AgentCacheError(self.target.name,
+                                      line[len(UNSAFE_CACHE):].decode(errors="replace").strip())
+            if attempt:
+                raise AgentError(f"{self.target.name}: the uploaded agent does not match what "
+                                 f"was sent ({line.decode(errors='replace').strip()})")
             self._upload_agent()
             head = self._exec_agent()
         (n,) = struct.unpack(">I", head)
@@ -170,7 +227,7 @@ class Session:
         """Content-addressed: ~/.cache/syncagent/agent-<hash>.py, written atomically over an
         exec channel (the remote needs only sshd, sh and python3; no SFTP)."""
         final = f'"$HOME/.cache/syncagent/agent-{agent_hash()}.py"'
-        script = (f'umask 022; mkdir -p "$HOME/.cache/syncagent" && '
+        script = (f'umask 077; mkdir -p "$HOME/.cache/syncagent" && '
                   f'cat > {final[:-1]}.$$" && mv {final[:-1]}.$$" {final}')
         chan = self.client.get_transport().open_session()
         chan.settimeout(60)
@@ -218,12 +275,13 @@ class Session:
                 chan.settimeout(60)
         return time.monotonic() - t0
 
-    def manifest(self, root: str, rules_wire: list) -> RemoteTree:
-        body = self.request({"op": "manifest", "root": root, "rules": rules_wire})
+    def manifest(self, root: str, rules_wire: list, protect: list | None = None) -> RemoteTree:
+        body = self.request({"op": "manifest", "root": root, "rules": rules_wire,
+                             "protect": protect or []})
         rev = body.get("revision") or {}
         return RemoteTree(body["root"], body["exists"], from_wire(body["entries"]),
                           rev.get("revision"), body.get("problems", []),
-                          bool(body.get("provisioned")))
+                          bool(body.get("provisioned")), body.get("protected", []))
 
     def restart(self, root: str, revision: str, mode: str = "blue-green",
                 timeout: float = 120.0, grace: float = 3.0) -> dict:
@@ -254,13 +312,15 @@ class Session:
         return other
 
     def apply(self, root: str, local_root: str, p: Plan, revision: str, files: int,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, protect: list | None = None) -> dict:
         """Send one batch and its file data in one stream; one round trip whatever its size.
 
         Returns the agent's result plus ``changed``: paths whose content changed while being
         sent (what was sent is what the file held then; the next push sends the rest).
+        ``protect``: the config's extra protected patterns (the agent has the built-in ones).
         """
-        self._send({"op": "apply", "root": root, "batch": p.to_wire(revision, files)})
+        self._send({"op": "apply", "root": root, "batch": p.to_wire(revision, files),
+                    "protect": protect or []})
         changed = []
         sent = 0
         last = time.monotonic()

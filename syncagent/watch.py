@@ -316,7 +316,7 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
             mass delete, ...). Connection failures are retried with backoff, never raised.
     """
     targets = [targets] if isinstance(targets, Target) else list(targets)
-    rules = local_rules(str(project.root), project.exclude)
+    rules = local_rules(str(project.root), project.exclude, project.protect)
     watcher = Watcher(str(project.root), rules, quiet=options.quiet,
                       max_wait=options.max_wait, git_hold=options.git_hold,
                       polling=options.polling)

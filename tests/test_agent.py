@@ -263,3 +263,30 @@ def test_replacing_a_module_drops_its_cached_bytecode(tmp_path):
     assert mod.read_text() == "V = 2\n"
     assert not cached.exists()
     assert (root / "pkg" / "__pycache__" / "other.cpython-311.pyc").exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to run the agent as another user")
+def test_chmod_of_an_unreadable_file_works_for_its_owner(tmp_path):
+    """Mode changes go through an fd opened without following links; a file its owner cannot
+    read (mode 000) still gets its new mode (root would not notice: run as nobody)."""
+    import subprocess
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        shutil.copy(agent.__file__, work / "agent.py")
+        root = work / "root"
+        root.mkdir()
+        (root / "f").write_text("x")
+        (root / "f").chmod(0)
+        for p in (work, work / "agent.py", root, root / "f"):
+            os.chown(p, 65534, 65534)
+        script = ("import sys; sys.path.insert(0, sys.argv[1]); import agent; "
+                  "agent.apply_batch(sys.argv[2], {'chmods': [{'path': 'f', 'mode': 0o640}]},"
+                  " lambda up: iter(()))")
+        subprocess.run(["/usr/bin/python3", "-I", "-c", script, str(work), str(root)],
+                       user=65534, group=65534, extra_groups=[], check=True, timeout=60)
+        assert (root / "f").stat().st_mode & 0o777 == 0o640
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
