@@ -141,7 +141,7 @@ def _provision_summary(r) -> str:
             f"{r.revision[:7]}")
     if not r.changed:
         return f"{r.target}: nothing changed; {live}"
-    return "\n".join([f"{r.target}: {c}" for c in r.changes] + [f"{r.target}: {live}"])
+    return f"{r.target}: {len(r.changes)} change{'s' if len(r.changes) > 1 else ''}; {live}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -345,29 +345,75 @@ class _StatusBoard:
             self.live.stop()
 
 
+def _update_env_pairs(ctx, param, value):
+    """``--update-env KEY[=VALUE]`` (repeatable) -> pairs, as ``--env``."""
+    try:
+        from .provision import parse_env_pairs
+
+        return parse_env_pairs(value or (), option="--update-env")
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+# installer output worth a line while requirements build (the rest shows only on failure)
+_PROGRESS_PREFIXES = ("Collecting", "Installing collected", "Successfully installed",
+                      "Resolved", "Prepared", "Installed", "Uninstalled", "waiting for",
+                      "ERROR", "error")
+
+
+class _ProvisionLines:
+    """Renders provision's progress: one flushed line as each step starts and ends."""
+
+    def __init__(self, target: str):
+        self.target, self.done = target, []
+
+    def __call__(self, event) -> None:
+        t = self.target
+        if event.state == "start":
+            click.echo(f"{t}: {event.step} ...")
+        elif event.state == "line":
+            if event.detail.lstrip().startswith(_PROGRESS_PREFIXES):
+                click.echo(f"{t}:   {event.detail.strip()[:160]}")
+        elif event.state == "done":
+            self.done.append(event.step)
+            click.echo(f"{t}: {event.step} done in {event.seconds:.1f} s: {event.detail}")
+        else:
+            click.echo(f"{t}: {event.step} FAILED after {event.seconds:.1f} s")
+            click.echo(f"{t}: provision stopped at {event.step}; done before it: "
+                       f"{', '.join(self.done) or 'nothing'}")
+
+
 @cli.command("provision")
 @click.argument("targets", nargs=-1)
 @common_target_options
 @click.option("--venv", default=None, metavar="PATH",
               help="Reuse this remote virtualenv (default: <remote path>/venv, created).")
 @_env_option
+@click.option("--update-env", "update_pairs", multiple=True, metavar="KEY[=VALUE]",
+              callback=_update_env_pairs,
+              help="Set KEY in the remote .env.worker (repeatable), keeping its other lines; "
+                   "a bare KEY takes its value from your environment. Validated with the rest "
+                   "of the file before anything is written; restarts the worker.")
 @click.option("--allow-mass-delete", is_flag=True,
               help="Allow the initial push to delete more than half of the remote files.")
 @click.option("--timeout", type=click.FloatRange(1), default=90.0, show_default=True,
               help="Seconds to wait for the worker to be ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, venv, env_pairs,
-                  allow_mass_delete, timeout, as_json):
+                  update_pairs, allow_mass_delete, timeout, as_json):
     """Set up the worker on TARGET (idempotent): venv, runtime, requirements, .env.worker,
-    supervisord; then wait until the worker serves the pushed revision."""
+    supervisord; then wait until the worker serves the pushed revision. Each step prints a
+    line as it starts and as it ends."""
     project = _project(path)
     from .provision import ProvisionOptions, provision
 
-    options = ProvisionOptions(venv=venv, env=env_pairs, trust_new_host=trust_new_host,
+    options = ProvisionOptions(venv=venv, env=env_pairs, update_env=update_pairs,
+                               trust_new_host=trust_new_host,
                                allow_mass_delete=allow_mass_delete, timeout=timeout)
     results = []
     for target in _targets(project, targets, all_, remote_path, identity):
-        result = provision(project, target, options)
+        result = provision(project, target, options,
+                           None if as_json else _ProvisionLines(target.name))
         results.append(result)
         if not as_json:
             for w in result.warnings:

@@ -1,11 +1,14 @@
 """Idempotent set-up of a remote worker over the target's SSH connection.
 
-Steps, each one only when something differs: push the project (no restart), create the venv
-(or reuse ``--venv``), ship the ``worker`` runtime to ``<root>/.syncagent/runtime/worker``,
-install its Python dependencies and the project's requirements, create ``.env.worker`` from
-``--env`` pairs (never overwritten; the content travels on stdin, never on a command line),
-then ``python -m worker configure`` writes the supervisord configs, starts or reloads
-supervisord and waits until the readiness marker carries the pushed revision.
+A list of named steps (:data:`STEPS`), each doing something only when it differs, each
+reporting as it starts, prints output and ends (a progress callback; the CLI renders it):
+push the project (no restart), create the venv (or reuse ``--venv``), ship the ``worker``
+runtime to ``<root>/.syncagent/runtime/worker``, install its Python dependencies (and ``uv``),
+build the env for the project's requirements (``worker/envs.py``), create ``.env.worker`` from
+``--env`` or update chosen keys with ``--update-env`` (merged and validated on the remote before
+anything is written; values travel on stdin, never on a command line), then
+``python -m worker configure`` writes the supervisord configs, starts or reloads supervisord
+and the worker, and the last step waits until the readiness marker carries the pushed revision.
 
 The remote needs only sshd and python3. No secret is ever printed: remote output shown to the
 user goes through :func:`redact`.
@@ -18,23 +21,28 @@ import json
 import os
 import re
 import shlex
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import worker
 from worker import secret_rules
 from worker.env import value_problems
 from worker.supervisor_conf import path_problem, socket_problem
+from worker.__main__ import STARTED_MARK
+from worker.env_file import merge_text
 
 from .config import Project, Target
-from .errors import ConfigError, OperationalError, WorkerStartError
+from .errors import ConfigError, OperationalError, SyncAgentError, WorkerStartError
 from .push import PushOptions, PushResult, push
 from .session import Session
 
-__all__ = ["ProvisionOptions", "ProvisionResult", "WorkerStartError", "check_before_writing",
-           "parse_env_pairs", "provision", "redact", "runtime_files", "secret_values",
-           "runtime_digest", "ENV_FILE", "RUNTIME_MODULES", "RUNTIME_REQUIREMENTS"]
+__all__ = ["ProvisionOptions", "ProvisionResult", "STEPS", "StepError", "StepEvent",
+           "WorkerStartError", "check_before_writing", "parse_env_pairs", "provision", "redact",
+           "runtime_files", "secret_values", "runtime_digest", "ENV_FILE", "RUNTIME_MODULES",
+           "RUNTIME_REQUIREMENTS"]
 
 ENV_FILE = ".env.worker"
 RUNTIME_MODULES = ("celery", "redis", "dotenv", "requests", "rich", "supervisor")
@@ -80,8 +88,14 @@ with open(os.path.join(rt, "worker.digest.tmp"), "w") as f:
 os.replace(os.path.join(rt, "worker.digest.tmp"), os.path.join(rt, "worker.digest"))
 """
 
-_REQUIREMENTS = ("import json; from worker.launch import ensure_requirements as e; "
-                 "r = e('.'); print(json.dumps([r.action, r.message]))")
+TAIL_LINES = 15  # output lines shown with a failed step
+
+# pip into the venv, holding the project's install lock (worker/envs.py): never beside a
+# worker slot that is building its requirements env
+_LOCKED_PIP = ("import subprocess, sys; from worker.envs import install_lock\n"
+               "with install_lock('.', lambda m: print(m, file=sys.stderr, flush=True)):\n"
+               "    sys.exit(subprocess.call([sys.executable, '-m', 'pip', 'install', "
+               "'--disable-pip-version-check', '--progress-bar', 'off', *sys.argv[1:]]))")
 _VALIDATE_ENV = ("import json; from worker import env as e; "
                  "r = e.validate(e.load_values('.')); print(json.dumps(list(r.problems)))")
 
@@ -93,11 +107,14 @@ class ProvisionOptions:
     Attributes:
         venv: an existing remote virtualenv to reuse (default ``<root>/venv``, created).
         env: ``.env.worker`` content as (KEY, VALUE) pairs, used only if there is no file.
+        update_env: (KEY, VALUE) pairs set in ``.env.worker`` (created if missing), every other
+            line kept; a change restarts the worker.
         timeout: seconds to wait for the worker's readiness marker.
     """
 
     venv: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    update_env: tuple[tuple[str, str], ...] = ()
     trust_new_host: bool = False
     allow_mass_delete: bool = False
     timeout: float = 90.0
@@ -110,7 +127,7 @@ class ProvisionResult:
     venv: str
     revision: str
     changes: list[str]
-    env_file: str  # created | kept
+    env_file: str  # created | updated | unchanged | kept
     conf: str
     supervisorctl: str
     worker: dict = field(default_factory=dict)  # colour, pid, node, supervisord_pid
@@ -124,8 +141,8 @@ class ProvisionResult:
         return {**self.__dict__, "changed": self.changed}
 
 
-def parse_env_pairs(pairs: Iterable[str],
-                    environ: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+def parse_env_pairs(pairs: Iterable[str], environ: Mapping[str, str] | None = None,
+                    option: str = "--env") -> tuple[tuple[str, str], ...]:
     """``KEY=VALUE`` strings -> pairs; a bare ``KEY`` takes its value from the environment
     (as ``docker run -e KEY`` does), so a secret need not appear on a command line.
     Messages name the key, never the value.
@@ -139,15 +156,15 @@ def parse_env_pairs(pairs: Iterable[str],
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not _ENV_KEY.match(key):
-            raise ConfigError(f"--env expects KEY=VALUE or KEY, got a malformed pair "
+            raise ConfigError(f"{option} expects KEY=VALUE or KEY, got a malformed pair "
                               f"(key {key[:40]!r})")
         if not sep:
             if key not in environ:
-                raise ConfigError(f"--env {key}: not set in the environment",
+                raise ConfigError(f"{option} {key}: not set in the environment",
                                   hint=f"export {key}=... first, or pass {key}=VALUE")
             value = environ[key]
         if any(c in value for c in "\n\r\0") or "${" in value:
-            raise ConfigError(f"--env {key}: newlines and '${{' cannot be written to "
+            raise ConfigError(f"{option} {key}: newlines and '${{' cannot be written to "
                               f"{ENV_FILE}", hint="edit the file on the remote instead")
         out[key] = value
     return tuple(out.items())
@@ -155,11 +172,7 @@ def parse_env_pairs(pairs: Iterable[str],
 
 def env_file_text(pairs: Iterable[tuple[str, str]]) -> str:
     """The ``.env.worker`` text (single-quoted values, as python-dotenv reads them)."""
-    lines = ["# written by syncagent provision; edit freely, it is never overwritten"]
-    for key, value in pairs:
-        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
-        lines.append(f"{key}='{quoted}'")
-    return "\n".join(lines) + "\n"
+    return merge_text(None, pairs)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -214,20 +227,23 @@ class _Remote:
         self.name = session.target.name
 
     def run(self, argv: list[str], *, cwd: str | None = None, env: dict | None = None,
-            stdin: bytes | None = None, timeout: float = 120.0) -> tuple[int, str, str]:
+            stdin: bytes | None = None, timeout: float = 120.0,
+            on_stderr_line: Callable[[str], None] | None = None) -> tuple[int, str, str]:
         command = " ".join(shlex.quote(a) for a in argv)
         if env:
             command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
         if cwd:
             command = f"cd {shlex.quote(cwd)} && {command}"
-        return self.session.run(command, stdin=stdin, timeout=timeout)
+        return self.session.run(command, stdin=stdin, timeout=timeout,
+                                on_stderr_line=on_stderr_line)
 
     def check(self, what: str, argv: list[str], hint: str | None = None, **kw) -> str:
         rc, out, err = self.run(argv, **kw)
         if rc != 0:
-            last = (err.strip() or out.strip() or f"exit {rc}").splitlines()[-1]
-            raise OperationalError(f"{self.name}: {what} failed: "
-                                   f"{redact(last, self.secrets)}", hint=hint)
+            lines = (err.strip() or out.strip() or f"exit {rc}").splitlines()
+            raise StepError(f"{self.name}: {what} failed: {redact(lines[-1], self.secrets)}",
+                            [redact(line, self.secrets) for line in lines[-TAIL_LINES:-1]],
+                            hint=hint)
         return out
 
     def json(self, what: str, argv: list[str], **kw):
@@ -238,118 +254,343 @@ class _Remote:
             raise OperationalError(f"{self.name}: {what}: unexpected output") from e
 
 
+# ------------------------------------------------------------------ the steps
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One line of provision's progress.
+
+    Attributes:
+        step: the step's name (see :data:`STEPS`).
+        state: ``start``, ``line`` (output of a long step, e.g. the installer), ``done`` or
+            ``failed``.
+        detail: what was done (``done``), the output line (``line``) or the error (``failed``).
+        seconds: the step's duration (``done`` and ``failed``).
+    """
+
+    step: str
+    state: str
+    detail: str = ""
+    seconds: float = 0.0
+
+
+Progress = Callable[[StepEvent], None]
+
+
+class StepError(OperationalError):
+    """A remote step failed; carries the (redacted) output lines that led to it."""
+
+    def __init__(self, message: str, tail: Sequence[str] = (), *, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.tail = list(tail)
+
+    def __str__(self) -> str:
+        lines = "".join(f"\n  | {line}" for line in self.tail)
+        return super().__str__() + lines
+
+
+@dataclass
+class _Run:
+    """What the steps share: inputs, the remote, and what has been done so far."""
+
+    project: Project
+    target: Target
+    options: ProvisionOptions
+    report: Progress
+    secrets: tuple[str, ...]
+    remote: _Remote | None = None
+    root: str = ""
+    revision: str = ""
+    venv: str = ""
+    state: dict = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    restart: bool = False  # runtime, packages or .env.worker changed: a running worker restarts
+    env_status: str = "kept"
+    configure: Future | None = None  # the remote `worker configure` call, running
+    result: dict = field(default_factory=dict)
+
+    @property
+    def vpy(self) -> str:
+        return f"{self.venv}/bin/python"
+
+    @property
+    def runtime(self) -> str:
+        return f"{self.root}/.syncagent/runtime"
+
+    @property
+    def pyenv(self) -> dict:
+        return {"PYTHONPATH": self.runtime}
+
+    def line(self, step: str, text: str) -> None:
+        self.report(StepEvent(step, "line", redact(text, self.secrets)))
+
+    def change(self, text: str) -> str:
+        self.changes.append(text)
+        return text
+
+
+def _push(run: _Run) -> str:
+    pushed: PushResult = push(run.project, run.target, PushOptions(
+        restart=False, trust_new_host=run.options.trust_new_host,
+        allow_mass_delete=run.options.allow_mass_delete))
+    run.root, run.revision = pushed.remote_root, pushed.revision
+    run.warnings += pushed.warnings
+    if pushed.changed:
+        return run.change(f"pushed revision {run.revision[:7]} ({pushed.files_sent} files)")
+    return f"revision {run.revision[:7]} already there"
+
+
+def _venv(run: _Run) -> str:
+    remote, py = run.remote, run.target.python
+    run.state = remote.json("inspecting the remote",
+                            [py, "-c", _PROBE, run.root, run.options.venv or ""])
+    run.venv = run.state["venv"]
+    if run.state["python"]:
+        return f"{run.venv} (kept)"
+    if run.options.venv:
+        raise ConfigError(f"{run.target.name}: --venv {run.options.venv}: no {run.vpy}",
+                          hint="create it, or leave --venv out to get <root>/venv")
+    remote.check("creating the venv", [py, "-m", "venv", run.venv], timeout=300,
+                 hint="install python3-venv on the remote")
+    return run.change(f"created venv {run.venv}")
+
+
+def _runtime(run: _Run) -> str:
+    files = runtime_files()
+    digest = runtime_digest(files)
+    if run.state["digest"] == digest:
+        return "up to date"
+    run.remote.check("installing the worker runtime",
+                     [run.target.python, "-c", _SHIP_RUNTIME, run.runtime, digest],
+                     stdin=json.dumps(files).encode())
+    run.restart = True
+    return run.change(f"installed the worker runtime in {run.runtime}")
+
+
+def _dependencies(run: _Run) -> str:
+    """The runtime's packages in the venv, under the project's install lock; and uv (builds
+    requirement envs faster) in a venv provision made (a ``--venv`` of yours uses it if there).
+    """
+    rc, _, _ = run.remote.run([run.vpy, "-c", f"import {', '.join(RUNTIME_MODULES)}"])
+    have_uv = (run.options.venv is not None
+               or run.remote.run(["test", "-x", f"{run.venv}/bin/uv"])[0] == 0)
+    if rc == 0 and have_uv:
+        return "present"
+    done = []
+    if rc != 0:
+        run.remote.check("installing the worker's dependencies",
+                         [run.vpy, "-c", _LOCKED_PIP, *RUNTIME_REQUIREMENTS], cwd=run.root,
+                         env=run.pyenv, timeout=900,
+                         on_stderr_line=lambda text: run.line("dependencies", text))
+        run.restart = True
+        done.append(run.change("installed the worker's dependencies"))
+    if not have_uv:
+        code, _, err = run.remote.run([run.vpy, "-c", _LOCKED_PIP, "uv"], cwd=run.root,
+                                      env=run.pyenv, timeout=600)
+        if code == 0:
+            done.append(run.change("installed uv (builds requirement envs)"))
+        else:
+            run.warnings.append("uv could not be installed; pip builds requirement envs: "
+                                + redact((err.strip() or "?").splitlines()[-1], run.secrets))
+    return "; ".join(done) or "present"
+
+
+def _requirements(run: _Run) -> str:
+    """Build the env for the project's requirements (see worker/envs.py), streaming the
+    installer's lines."""
+    rc, out, err = run.remote.run([run.vpy, "-m", "worker", "requirements"], cwd=run.root,
+                                  env=run.pyenv, timeout=1800,
+                                  on_stderr_line=lambda text: run.line("requirements", text))
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        lines = (err.strip() or f"exit {rc}").splitlines()
+        raise StepError(f"{run.target.name}: installing requirements failed: "
+                        f"{redact(lines[-1], run.secrets)}",
+                        [redact(line, run.secrets) for line in lines[-TAIL_LINES:-1]])
+    env = os.path.basename(result.get("path") or "")
+    if result["action"] == "failed":
+        tail = [redact(line, run.secrets) for line in result.get("tail", [])]
+        raise StepError(f"{run.target.name}: installing requirements failed "
+                        f"({result['installer']}, {result['seconds']:.1f} s)", tail,
+                        hint="fix requirements*.txt locally, then run provision again (the "
+                             "worker keeps its current environment)")
+    if result["action"] == "none":
+        return "none (the venv serves)"
+    if result["action"] == "built":
+        run.restart = True
+        return run.change(f"built env {env} with {result['installer']} in "
+                          f"{result['seconds']:.1f} s")
+    return f"env {env} ready"
+
+
+def _env_file(run: _Run) -> str:
+    """Create (``--env``) or update (``--update-env``) .env.worker: merged, validated, then
+    written 0600 on the remote, or nothing is written. Values travel on stdin."""
+    env_file = f"{run.root}/{ENV_FILE}"
+    options, name = run.options, run.target.name
+    if options.update_env:
+        mode, pairs = "update", options.update_env
+    elif options.env and not run.state["env"]:
+        mode, pairs = "create", options.env
+    else:
+        mode, pairs = "check", ()
+        if options.env:
+            run.warnings.append(f"{env_file} exists and was not overwritten; --env ignored "
+                                "(use --update-env KEY[=VALUE] to change settings)")
+    if mode == "check" and not run.state["env"]:
+        step = (f"cp {shlex.quote(run.root)}/{ENV_FILE}.example {shlex.quote(env_file)}, "
+                "edit it (chmod 600), then run provision again"
+                if run.state["example"] else f"create {env_file} (chmod 600) on the remote")
+        raise OperationalError(f"{name}: no {env_file}: the worker cannot start",
+                               hint=f"{step}; or pass --env KEY=VALUE for each setting")
+    if mode == "check":
+        problems = run.remote.json(f"checking {ENV_FILE}", [run.vpy, "-c", _VALIDATE_ENV],
+                                   cwd=run.root, env=run.pyenv)
+        if problems:
+            raise ConfigError(f"{name}: invalid {env_file}: " + "; ".join(problems),
+                              hint="fix it with `syncagent provision --update-env KEY[=VALUE]` "
+                                   "(a bare KEY takes the value from your environment)")
+        return "kept"
+    rc, out, err = run.remote.run([run.vpy, "-m", "worker", "write-env", mode], cwd=run.root,
+                                  env=run.pyenv, stdin=json.dumps(dict(pairs)).encode())
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        last = redact((err.strip() or f"exit {rc}").splitlines()[-1], run.secrets)
+        raise OperationalError(f"{name}: writing {ENV_FILE} failed: {last}")
+    status = run.env_status = result["status"]
+    if status == "invalid":
+        raise ConfigError(f"{name}: {ENV_FILE} would be invalid, nothing written: "
+                          + "; ".join(result["problems"]),
+                          hint="pass the missing or corrected settings with --env (first "
+                               "provision) or --update-env KEY[=VALUE]")
+    if status == "created":
+        run.restart = True
+        return run.change(f"created {env_file} (mode 0600)")
+    if status == "updated":
+        run.restart = True
+        return run.change(f"updated {', '.join(result['keys']) or 'formatting of'} in "
+                          f"{env_file} (mode 0600)")
+    return status  # kept (appeared meanwhile) or unchanged
+
+
+def _supervisord(run: _Run) -> str:
+    """Start ``worker configure`` (configs, supervisord, the worker); this step ends when
+    supervisord runs the worker, the next one waits for the readiness marker."""
+    started: Future = Future()
+
+    def on_line(text: str) -> None:
+        if text.startswith(STARTED_MARK) and not started.done():
+            started.set_result(json.loads(text[len(STARTED_MARK):]))
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="configure")
+    run.configure = pool.submit(
+        run.remote.run,
+        [run.vpy, "-m", "worker", "configure", "--venv", run.venv, "--pythonpath", run.runtime,
+         "--revision", run.revision, "--timeout", f"{run.options.timeout:g}",
+         *(["--restart"] if run.restart else [])],
+        cwd=run.root, env=run.pyenv, timeout=run.options.timeout + 60, on_stderr_line=on_line)
+    pool.shutdown(wait=False)
+    wait([started, run.configure], return_when=FIRST_COMPLETED)
+    if not started.done():  # configure ended before the worker was started
+        _configure_result(run)
+        return "configured"
+    actions = started.result()
+    run.changes += actions
+    return ", ".join(actions) or "running, config unchanged"
+
+
+def _configure_result(run: _Run) -> dict:
+    if run.result:
+        return run.result
+    rc, out, err = run.configure.result()
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        lines = (err.strip() or f"exit {rc}").splitlines()
+        raise StepError(f"{run.target.name}: configuring supervisord failed: "
+                        f"{redact(lines[-1], run.secrets)}",
+                        [redact(line, run.secrets) for line in lines[-TAIL_LINES:-1]])
+    if not result.get("ok"):
+        colour = result.get("colour", "blue")
+        raise WorkerStartError(f"{run.target.name}: "
+                               f"{redact(result.get('error', 'worker failed'), run.secrets)}",
+                               [redact(line, run.secrets) for line in result.get("log_tail", [])],
+                               f"{run.root}/.syncagent/logs/worker-{colour}.log")
+    run.result = result
+    return result
+
+
+def _worker(run: _Run) -> str:
+    result = _configure_result(run)
+    new = [a for a in result.get("actions", []) if a not in run.changes]
+    run.changes += new
+    return (f"{result.get('node')} (pid {result.get('pid')}) on revision {run.revision[:7]}"
+            + (f"; {', '.join(new)}" if new else ""))
+
+
+STEPS: tuple[tuple[str, Callable[[_Run], str]], ...] = (
+    ("push", _push),
+    ("venv", _venv),
+    ("runtime", _runtime),
+    ("dependencies", _dependencies),
+    ("requirements", _requirements),
+    (".env.worker", _env_file),
+    ("supervisord", _supervisord),
+    ("worker ready", _worker),
+)
+"""Provision's steps in order: each takes the shared :class:`_Run` and returns what it did."""
+
+
+def _step(run: _Run, name: str, step: Callable[[_Run], str]) -> None:
+    run.report(StepEvent(name, "start"))
+    started = time.monotonic()
+    try:
+        detail = step(run)
+    except BaseException as e:
+        run.report(StepEvent(name, "failed", str(e) if isinstance(e, SyncAgentError)
+                             else type(e).__name__, time.monotonic() - started))
+        raise
+    run.report(StepEvent(name, "done", detail, time.monotonic() - started))
+
+
 def provision(project: Project, target: Target,
-              options: ProvisionOptions = ProvisionOptions()) -> ProvisionResult:
-    """Set up (or check) the worker on ``target``; change only what differs.
+              options: ProvisionOptions = ProvisionOptions(),
+              progress: Progress | None = None) -> ProvisionResult:
+    """Set up (or check) the worker on ``target``, step by step (:data:`STEPS`); change only
+    what differs.
 
     Args:
         project: the local project (pushed first; a no-op when up to date).
         target: a resolved target.
-        options: venv, ``.env.worker`` pairs, timeouts, safety overrides.
+        options: venv, ``.env.worker`` settings, timeouts, safety overrides.
+        progress: called as each step starts, prints a line and ends (or fails).
 
     Returns:
         What changed (``changes`` empty: nothing did) and where the worker runs.
 
     Raises:
-        ConfigError: ``--venv`` has no bin/python; ``.env.worker`` is invalid.
+        ConfigError: ``--venv`` has no bin/python; ``.env.worker`` is or would be invalid.
         OperationalError: no ``.env.worker`` and no ``--env`` (with the next step), a remote
-            step failed, or the worker did not become ready (:class:`WorkerStartError`).
+            step failed (:class:`StepError`, with its last lines), or the worker did not become
+            ready (:class:`WorkerStartError`).
         SafetyError: from the push (host key, mass delete, path escape).
     """
     check_before_writing(target, options)
-    pushed: PushResult = push(project, target, PushOptions(
-        restart=False, trust_new_host=options.trust_new_host,
-        allow_mass_delete=options.allow_mass_delete))
-    root, revision = pushed.remote_root, pushed.revision
-    changes: list[str] = []
-    warnings = list(pushed.warnings)
-    if pushed.changed:
-        changes.append(f"pushed revision {revision[:7]} ({pushed.files_sent} files)")
-    secrets = secret_values(options.env)
+    run = _Run(project, target, options, progress or (lambda event: None),
+               secret_values(options.env + options.update_env))
+    (name, push_step), *rest = STEPS
+    _step(run, name, push_step)
     with Session.open(target, trust_new=options.trust_new_host) as session:
-        remote = _Remote(session, secrets)
-        py = target.python
-        state = remote.json("inspecting the remote", [py, "-c", _PROBE, root, options.venv or ""])
-        venv = state["venv"]
-        vpy = f"{venv}/bin/python"
-        if not state["python"]:
-            if options.venv:
-                raise ConfigError(f"{target.name}: --venv {options.venv}: no {vpy}",
-                                  hint="create it, or leave --venv out to get <root>/venv")
-            remote.check("creating the venv", [py, "-m", "venv", venv], timeout=300,
-                         hint="install python3-venv on the remote")
-            changes.append(f"created venv {venv}")
-        runtime = f"{root}/.syncagent/runtime"
-        reload_code = False  # new runtime code or packages: a running worker must restart
-        files = runtime_files()
-        digest = runtime_digest(files)
-        if state["digest"] != digest:
-            remote.check("installing the worker runtime", [py, "-c", _SHIP_RUNTIME, runtime,
-                                                           digest],
-                         stdin=json.dumps(files).encode())
-            changes.append(f"installed the worker runtime in {runtime}")
-            reload_code = True
-        rc, _, _ = remote.run([vpy, "-c", f"import {', '.join(RUNTIME_MODULES)}"])
-        if rc != 0:
-            remote.check("installing the worker's dependencies",
-                         [vpy, "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                          *RUNTIME_REQUIREMENTS], timeout=900)
-            changes.append("installed the worker's dependencies")
-            reload_code = True
-        pyenv = {"PYTHONPATH": runtime}
-        action, message = remote.json("installing the project's requirements",
-                                      [vpy, "-c", _REQUIREMENTS], cwd=root, env=pyenv,
-                                      timeout=1800)
-        if action == "failed":
-            raise OperationalError(f"{target.name}: installing requirements failed: "
-                                   f"{redact(message, secrets)}")
-        if action == "installed":
-            changes.append("installed the project's requirements")
-            reload_code = True
-        env_file = f"{root}/{ENV_FILE}"
-        if state["env"]:
-            env_status = "kept"
-            if options.env:
-                warnings.append(f"{env_file} exists and was not overwritten; --env ignored")
-        elif options.env:
-            script = (f"umask 077; f={shlex.quote(env_file)}; "
-                      'if [ -e "$f" ]; then echo kept; else set -C; cat > "$f" && echo created; fi')
-            out = remote.check(f"writing {ENV_FILE}", ["sh", "-c", script],
-                               stdin=env_file_text(options.env).encode())
-            env_status = out.strip() or "created"
-            if env_status == "created":
-                changes.append(f"created {env_file} (mode 0600)")
-        else:
-            step = (f"cp {shlex.quote(root)}/{ENV_FILE}.example {shlex.quote(env_file)}, "
-                    "edit it (chmod 600), then run provision again"
-                    if state["example"] else f"create {env_file} (chmod 600) on the remote")
-            raise OperationalError(f"{target.name}: no {env_file}: the worker cannot start",
-                                   hint=f"{step}; or pass --env KEY=VALUE for each setting")
-        problems = remote.json(f"checking {ENV_FILE}", [vpy, "-c", _VALIDATE_ENV], cwd=root,
-                               env=pyenv)
-        if problems:
-            raise ConfigError(f"{target.name}: invalid {env_file}: " + "; ".join(problems),
-                              hint="fix it on the remote (it is never overwritten), then "
-                                   "run provision again")
-        rc, out, err = remote.run(
-            [vpy, "-m", "worker", "configure", "--venv", venv, "--pythonpath", runtime,
-             "--revision", revision, "--timeout", f"{options.timeout:g}",
-             *(["--restart"] if reload_code else [])],
-            cwd=root, env=pyenv, timeout=options.timeout + 60)
-        try:
-            result = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            last = redact((err.strip() or f"exit {rc}").splitlines()[-1], secrets)
-            raise OperationalError(f"{target.name}: configuring supervisord failed: {last}")
-        changes += result.get("actions", [])
-        if not result.get("ok"):
-            colour = result.get("colour", "blue")
-            raise WorkerStartError(f"{target.name}: "
-                                   f"{redact(result.get('error', 'worker failed'), secrets)}",
-                                   [redact(line, secrets) for line in result.get("log_tail", [])],
-                                   f"{root}/.syncagent/logs/worker-{colour}.log")
+        run.remote = _Remote(session, run.secrets)
+        for name, step in rest:
+            _step(run, name, step)
+    result = run.result
     return ProvisionResult(
-        target=target.name, remote_root=root, venv=venv, revision=revision, changes=changes,
-        env_file=env_status, conf=result["conf"], supervisorctl=result["supervisorctl"],
+        target=target.name, remote_root=run.root, venv=run.venv, revision=run.revision,
+        changes=run.changes, env_file=run.env_status, conf=result["conf"],
+        supervisorctl=result["supervisorctl"],
         worker={k: result.get(k) for k in ("colour", "pid", "node", "supervisord_pid")},
-        warnings=warnings)
+        warnings=run.warnings)

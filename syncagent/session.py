@@ -365,11 +365,12 @@ class Session:
 
     # ----------------------------------------------------------- commands
 
-    def run(self, command: str, stdin: bytes | None = None,
-            timeout: float = 120.0) -> tuple[int, str, str]:
+    def run(self, command: str, stdin: bytes | None = None, timeout: float = 120.0,
+            on_stderr_line: Callable[[str], None] | None = None) -> tuple[int, str, str]:
         """Run one shell command on a new exec channel of this connection.
 
         ``stdin`` is sent and then closed (this is how secrets travel: never in ``command``).
+        ``on_stderr_line`` gets each stderr line as it arrives (progress of long commands).
 
         Returns:
             (exit status, stdout, stderr), both decoded with replacement.
@@ -383,6 +384,17 @@ class Session:
             raise ConnectError(f"{self.target.name}: cannot open a channel: {e}") from e
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
+        passed = 0  # bytes of err already handed to on_stderr_line
+
+        def pass_lines(final: bool = False) -> None:
+            nonlocal passed
+            if on_stderr_line is None:
+                return
+            end = len(err) if final else err.rfind(b"\n", passed) + 1
+            for line in bytes(err[passed:end]).decode(errors="replace").splitlines():
+                on_stderr_line(line)
+            passed = max(passed, end)
+
         try:
             chan.exec_command(command)
             if stdin:
@@ -393,6 +405,7 @@ class Session:
             while True:
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
+                pass_lines()
                 if time.monotonic() > deadline:
                     raise ConnectError(f"{self.target.name}: remote command ran past "
                                        f"{timeout:g} s")
@@ -405,6 +418,7 @@ class Session:
                 out += block
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
+            pass_lines(final=True)
             if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
                 raise ConnectError(f"{self.target.name}: remote command ran past {timeout:g} s")
             status = chan.recv_exit_status()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,6 +249,141 @@ def test_invalid_env_pair_is_refused_before_anything_is_written(wbx, pair, messa
                           str(remote), "--venv", sys.prefix, "--env", pair)
     assert code == 2 and message in out, out
     assert "short-key-9" not in out and not remote.exists()
+
+
+def _settings(info: dict, db: int) -> list[str]:
+    """--env arguments for a second worker on its own Redis dbs (never the wbx worker's)."""
+    return ["--env", f"WORKER_API_KEY={SECRET}",
+            "--env", f"CELERY_BROKER_URL={info['redis_url']}/{db}",
+            "--env", f"CELERY_RESULT_BACKEND={info['redis_url']}/{db + 1}",
+            "--env", "FLASK_APP_URL=http://127.0.0.1:9"]
+
+
+def _shutdown(remote: Path) -> None:
+    conf = remote / ".syncagent" / "supervisord.conf"
+    if conf.exists():
+        subprocess.run([f"{sys.prefix}/bin/supervisorctl", "-c", str(conf), "shutdown"],
+                       capture_output=True, timeout=60)
+
+
+def _env_of(pid: int) -> str:
+    """The env a worker process was started from: argv[0]'s ``envs/<name>`` (or its venv)."""
+    argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    return argv0.split("/envs/", 1)[1].split("/")[0] if "/envs/" in argv0 else argv0
+
+
+def test_provision_prints_each_step_as_it_starts_and_ends(wbx, tmp_path) -> None:
+    """Read from a real CLI process: every step's lines, in order, as they happen."""
+    project = tmp_path / "steps"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    (project / "requirements.txt").write_text("six\n")  # an env to build (six: from the venv)
+    remote = Path(wbx["remote_root"], "steps")
+    seen: list[tuple[float, str]] = []
+    try:
+        with subprocess.Popen(
+                [sys.executable, "-m", "syncagent.cli", "provision", "wbx", "--path",
+                 str(project), "--remote-path", str(remote), "--venv", sys.prefix,
+                 *_settings(wbx, 2)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                seen.append((time.monotonic(), line.rstrip()))
+        assert proc.returncode == 0, "\n".join(text for _, text in seen)
+    finally:
+        _shutdown(remote)
+    text = "\n".join(line for _, line in seen)
+    OUTPUTS.append(text)
+    steps = [name for name, _ in prov.STEPS]
+    events = [(m.group(1), "..." if m.group(2) == "..." else "done") for _, line in seen
+              if (m := re.match(r"wbx: (.+?) (\.\.\.|done in [\d.]+ s)", line))]
+    assert events == [(s, e) for s in steps for e in ("...", "done")], text
+    assert re.search(r"wbx: requirements done in [\d.]+ s: built env \w+ with pip", text)
+    assert re.search(r"wbx: \.env\.worker done in [\d.]+ s: created .*/steps/\.env\.worker",
+                     text)
+    assert "wbx: worker ready done in" in text and "-blue-" in text
+    times = {line.split(" done in")[0]: t for t, line in seen if " done in " in line}
+    # as they happen: the push was on screen long before the worker was ready
+    assert times["wbx: worker ready"] - times["wbx: push"] > 0.5, seen
+
+
+def test_failing_requirements_say_what_was_done_what_failed_and_next(wbx, tmp_path) -> None:
+    project = tmp_path / "badreq"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    (project / "requirements.txt").write_text("./no-such-local-package\n")
+    remote = Path(wbx["remote_root"], "badreq")
+    code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                          str(remote), "--venv", sys.prefix, *_settings(wbx, 2))
+    assert code == 1, out
+    assert "wbx: requirements FAILED after" in out
+    assert ("wbx: provision stopped at requirements; done before it: push, venv, runtime, "
+            "dependencies") in out
+    assert "installing requirements failed (pip, " in out
+    assert re.search(r"\n  \| .*no-such-local-package", out), out  # the installer's lines
+    assert "fix requirements*.txt locally, then run provision again" in out
+    assert not (remote / ".env.worker").exists()  # later steps did not run
+    assert not (remote / ".syncagent" / "supervisord.conf").exists()
+    assert not list((remote / ".syncagent" / "envs").glob("*/bin"))  # no half-built env
+
+
+def test_invalid_first_env_writes_nothing_and_a_corrected_one_works(wbx, tmp_path) -> None:
+    """The issue's typo: no CELERY_RESULT_BACKEND. Nothing is written, so the corrected
+    provision is not refused."""
+    project = tmp_path / "typo"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    remote = Path(wbx["remote_root"], "typo")
+    settings = _settings(wbx, 6)
+    i = next(i for i, a in enumerate(settings) if a.startswith("CELERY_RESULT_BACKEND="))
+    without_backend = settings[:i - 1] + settings[i + 1:]
+    try:
+        code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                              str(remote), "--venv", sys.prefix, *without_backend)
+        assert code == 2, out
+        assert ".env.worker would be invalid, nothing written" in out
+        assert "CELERY_RESULT_BACKEND" in out
+        assert not (remote / ".env.worker").exists()
+        code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                              str(remote), "--venv", sys.prefix, *settings)
+        assert code == 0, out
+        assert dotenv_values(remote / ".env.worker")["CELERY_RESULT_BACKEND"].endswith("/7")
+    finally:
+        _shutdown(remote)
+
+
+def test_update_env_changes_one_key_keeps_the_rest_and_restarts(wbx) -> None:
+    root = _root(wbx)
+    env_file = root / ".env.worker"
+    with env_file.open("a") as f:
+        f.write("# a comment of the user's\n")
+    before = dotenv_values(env_file)
+    old = ready.read_marker(root, "blue")
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--venv", sys.prefix,
+                          "--update-env", "LOG_LEVEL=debug", "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    after = dotenv_values(env_file)
+    assert after == {**before, "LOG_LEVEL": "debug"}
+    assert "# a comment of the user's" in env_file.read_text()
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert any("updated LOG_LEVEL in" in c for c in result["changes"]), result
+    marker = ready.read_marker(root, result["worker"]["colour"])
+    assert marker["pid"] != old["pid"]  # a changed .env.worker restarts the worker
+    # an invalid merge writes nothing and restarts nothing
+    text = env_file.read_bytes()
+    code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--venv", sys.prefix,
+                          "--update-env", "CELERY_BROKER_URL=ftp://nowhere/0")
+    assert code == 2, out
+    assert "would be invalid, nothing written" in out and "CELERY_BROKER_URL" in out
+    assert env_file.read_bytes() == text
+    assert ready.read_marker(root, result["worker"]["colour"])["pid"] == marker["pid"]
+    # a bare KEY takes its value from the local environment (never a command line)
+    os.environ["LOG_LEVEL"] = "info"
+    try:
+        code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--venv",
+                              sys.prefix, "--update-env", "LOG_LEVEL")
+    finally:
+        del os.environ["LOG_LEVEL"]
+    assert code == 0, out
+    assert dotenv_values(env_file) == {**before, "LOG_LEVEL": "info"}
+
 
 
 def test_no_secret_in_output_files_or_command_lines(wbx) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from worker import env as envmod
 
-__all__ = ["main"]
+__all__ = ["main", "STARTED_MARK"]
+
+STARTED_MARK = "syncagent-configure: supervisord running the worker: "
 
 log = logging.getLogger("worker")
 
@@ -38,7 +40,38 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
     conf.add_argument("--restart", action="store_true",
                       help="restart a running worker (its runtime or dependencies changed)")
+    sub.add_parser("requirements", help="build the env for the current requirements if it is "
+                   "missing (installer output on stderr, one JSON object on stdout)")
+    write_env = sub.add_parser("write-env", help="merge JSON {KEY: value} from stdin into "
+                               ".env.worker, validate, write 0600 (one JSON object)")
+    write_env.add_argument("mode", choices=("create", "update"))
     return parser
+
+
+def _requirements(root: Path) -> int:
+    import json
+
+    from worker import envs
+
+    result = envs.ensure_env(root, on_line=lambda line: print(line, file=sys.stderr,
+                                                              flush=True))
+    print(json.dumps(result.to_json()))
+    return 1 if result.action == "failed" else 0
+
+
+def _write_env(root: Path, mode: str) -> int:
+    import json
+
+    from worker import env_file
+
+    pairs = json.loads(sys.stdin.read() or "{}")
+    if not isinstance(pairs, dict) or not all(isinstance(v, str) for v in pairs.values()):
+        print(json.dumps({"status": "invalid", "problems": ["expected a JSON object of "
+                                                            "strings"]}))
+        return 2
+    result = env_file.write_env(root, pairs, mode)
+    print(json.dumps(result))
+    return 2 if result["status"] == "invalid" else 0
 
 
 def _configure(root: Path, args: argparse.Namespace) -> int:
@@ -51,9 +84,12 @@ def _configure(root: Path, args: argparse.Namespace) -> int:
                        venv=os.path.abspath(os.path.expanduser(args.venv)), name=args.name)
     extra = {"PYTHONPATH": args.pythonpath} if args.pythonpath else {}
     revision = args.revision or ready.read_revision(root)
+    def on_started(actions: list[str]) -> None:  # provision's "supervisord" step ends here
+        print(STARTED_MARK + json.dumps(actions), file=sys.stderr, flush=True)
+
     try:
         result = supervise.configure(layout, extra, revision, timeout=args.timeout,
-                                     restart=args.restart)
+                                     restart=args.restart, on_started=on_started)
     except Exception as exc:  # one JSON object whatever happens; never a secret in it
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result))
@@ -128,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         return _doctor(root, args.json)
     if args.command == "configure":
         return _configure(root, args)
+    if args.command == "requirements":
+        return _requirements(root)
+    if args.command == "write-env":
+        return _write_env(root, args.mode)
     return _run(root, install=not args.no_install, full_start=args.full_start)
 
 

@@ -1,35 +1,28 @@
 """The worker launcher: ``python -m worker run``.
 
-Installs requirements only when they changed, computes a unique node name carrying the
+Enters the env built for the current requirements (:mod:`worker.envs`), computes a unique node name carrying the
 pushed revision, connects the readiness marker, and runs the user's Celery app unmodified
 in this process (this process IS the Celery main process) with settings that lose no task.
 Secrets never go into argv: broker and backend URLs travel through the app config.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from worker import ready
+from worker import envs, ready
 from worker.env import WorkerEnv, redact_url
 
 __all__ = [
-    "InstallResult",
     "VISIBILITY_MARGIN",
     "apply_settings",
-    "ensure_requirements",
+    "enter_requirements_env",
     "load_app",
     "node_name",
-    "pip_install",
-    "requirements_files",
-    "requirements_hash",
     "run_worker",
     "worker_argv",
 ]
@@ -38,83 +31,34 @@ log = logging.getLogger("worker.launch")
 VISIBILITY_MARGIN = 300
 
 
-@dataclass(frozen=True)
-class InstallResult:
-    """Outcome of :func:`ensure_requirements`: none, skipped, installed or failed."""
+def enter_requirements_env(root: str | os.PathLike[str], full_start: bool = False) -> int:
+    """Make sure the env for the current requirements exists, then re-exec into its python.
 
-    action: str
-    digest: str | None
-    message: str = ""
-
-
-def requirements_files(root: str | os.PathLike[str]) -> list[Path]:
-    """Return the sorted ``requirements*.txt`` files directly in ``root``."""
-    return sorted(p for p in Path(root).glob("requirements*.txt") if p.is_file())
-
-
-def requirements_hash(root: str | os.PathLike[str]) -> str | None:
-    """sha256 over the sorted requirement files (name and content); None when there are none."""
-    files = requirements_files(root)
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def pip_install(root: Path, files: Sequence[Path]) -> tuple[bool, str]:
-    """Run ``<sys.executable> -m pip install -r ...`` in ``root``.
+    Builds it if needed (serialised per project, see :mod:`worker.envs`). Returns only when
+    this process should run the worker as it is (no requirements, or already in the env).
 
     Returns:
-        (success, last output line).
+        0 to go on here; 1 when the env could not be built (its last lines are logged).
     """
-    args = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
-    for path in files:
-        args += ["-r", path.name]
-    proc = subprocess.run(args, cwd=root, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, check=False)
-    lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
-    last = (err_lines or lines or [f"exit {proc.returncode}"])[-1]
-    return proc.returncode == 0, last
-
-
-def ensure_requirements(root: str | os.PathLike[str],
-                        installer: Callable[[Path, Sequence[Path]], tuple[bool, str]] = pip_install,
-                        ) -> InstallResult:
-    """Install requirements when their hash differs from the recorded one.
-
-    The hash is recorded only after a successful install; a failure is reported and the
-    caller keeps going with the existing environment (no crash loop).
-
-    Args:
-        root: project root.
-        installer: function doing the install (tests inject one).
-
-    Returns:
-        An :class:`InstallResult`.
-    """
-    root_path = Path(root)
-    digest = requirements_hash(root_path)
-    if digest is None:
-        return InstallResult("none", None, "no requirements*.txt")
-    state = ready.requirements_state_path(root_path)
-    try:
-        recorded = state.read_text(encoding="utf-8").strip()
-    except OSError:
-        recorded = ""
-    if recorded == digest:
-        return InstallResult("skipped", digest, "requirements unchanged")
-    ok, last = installer(root_path, requirements_files(root_path))
-    if not ok:
-        return InstallResult("failed", digest, last)
-    ready.ensure_state_dir(root_path)
-    tmp = state.with_name(state.name + ".tmp")
-    tmp.write_text(digest + "\n", encoding="utf-8")
-    os.replace(tmp, state)
-    return InstallResult("installed", digest, last)
+    result = envs.ensure_env(root, on_line=lambda line: log.info("install: %s", line))
+    if result.action == "none":
+        log.info("requirements: none, running in %s", sys.prefix)
+        return 0
+    if result.action == "failed":
+        log.error("requirements install FAILED (%s, %.1f s); not starting: fix "
+                  "requirements*.txt and push again. Last lines:\n%s", result.installer,
+                  result.seconds, "\n".join(result.tail))
+        return 1
+    log.info("requirements: env %s %s%s", os.path.basename(result.path or ""), result.action,
+             f" by {result.installer} in {result.seconds:.1f} s" if result.seconds else "")
+    if result.pruned:
+        log.info("pruned stale envs: %s", ", ".join(result.pruned))
+    argv = [result.python or "", "-m", "worker", "run", "--no-install",
+            *(["--full-start"] if full_start else [])]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # same pid: supervisord keeps watching this process
+    return 0  # not reached
 
 
 def node_name(worker_name: str, colour: str, revision: str, hostname: str | None = None) -> str:
@@ -188,7 +132,7 @@ def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = 
     Args:
         env: validated env (already applied to ``os.environ``).
         root: project root (the cwd).
-        install: False skips the requirements step.
+        install: False skips the requirements step (already in the env).
         full_start: True keeps mingle and gossip on.
         colour: blue or green (readiness marker name).
 
@@ -197,13 +141,8 @@ def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = 
     """
     ready.ensure_state_dir(root)
     _term_with_parent()
-    if install:
-        result = ensure_requirements(root)
-        if result.action == "failed":
-            log.error("requirements install FAILED, starting with the existing environment: %s",
-                      result.message)
-        else:
-            log.info("requirements: %s", result.action)
+    if install and enter_requirements_env(root, full_start) != 0:
+        return 1
     revision = ready.read_revision(root)
     node = node_name(env.worker_name, colour, revision)
     log.info("starting %s revision %s broker %s queues %s", node, revision,

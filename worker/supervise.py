@@ -15,7 +15,7 @@ import subprocess
 import time
 import xmlrpc.client
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from worker import ready
 from worker import supervisor_conf as sc
@@ -137,7 +137,8 @@ def _start(proxy: xmlrpc.client.ServerProxy, name: str) -> None:
 
 
 def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
-              timeout: float = 60.0, restart: bool = False) -> dict[str, Any]:
+              timeout: float = 60.0, restart: bool = False,
+              on_started: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
     """Bring supervisord and the worker up on ``revision``; change only what differs.
 
     Args:
@@ -147,6 +148,8 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
         timeout: seconds to wait for supervisord and the readiness marker.
         restart: restart a running worker even on the same revision (its runtime or
             dependencies changed).
+        on_started: called with the actions so far once supervisord runs the worker, before
+            the wait for its readiness marker.
 
     Returns:
         ``{"ok", "actions", "conf", "supervisorctl", "colour", "pid", "node", ...}``; on
@@ -187,6 +190,8 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
             actions.append(f"restarted worker ({colour})" + (" on the new revision" if stale
                                                              else " on the new runtime"))
     out["colour"] = colour
+    if on_started is not None:
+        on_started(actions)
     while True:
         info = proxy.supervisor.getProcessInfo(name)
         marker = ready.read_marker(layout.root, colour)
