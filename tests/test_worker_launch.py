@@ -7,16 +7,17 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import pytest
 from celery import Celery
 
 from tests.helpers.procs import RedisServer, redis_server, start_process, stop_process, wait_until
 from worker import env as envmod
-from worker import launch, ready
+from worker import envs, launch, ready
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo_app"
@@ -25,50 +26,97 @@ REDIS_PW = "launch-PW-secret"
 KEY = "launch-KEY-secret"
 
 
-class Recorder:
-    """Installer double: records calls, answers a fixed result."""
-
-    def __init__(self, ok: bool) -> None:
-        self.ok, self.calls = ok, 0
-
-    def __call__(self, root: Path, files: Sequence[Path]) -> tuple[bool, str]:
-        self.calls += 1
-        return self.ok, "ERROR: boom" if not self.ok else "Successfully installed"
-
-
 def test_requirements_hash_covers_names_and_content(tmp_path: Path) -> None:
-    assert launch.requirements_hash(tmp_path) is None
+    assert envs.requirements_hash(tmp_path) is None
     (tmp_path / "requirements.txt").write_text("celery\n")
-    first = launch.requirements_hash(tmp_path)
+    first = envs.requirements_hash(tmp_path)
     (tmp_path / "requirements-gpu.txt").write_text("")
-    second = launch.requirements_hash(tmp_path)
+    second = envs.requirements_hash(tmp_path)
     (tmp_path / "requirements.txt").write_text("celery>=5\n")
-    third = launch.requirements_hash(tmp_path)
+    third = envs.requirements_hash(tmp_path)
     assert len({first, second, third}) == 3
-    assert [p.name for p in launch.requirements_files(tmp_path)] == [
+    assert [p.name for p in envs.requirements_files(tmp_path)] == [
         "requirements-gpu.txt", "requirements.txt"]
 
 
-def test_install_skipped_when_hash_matches(tmp_path: Path) -> None:
-    (tmp_path / "requirements.txt").write_text("celery\n")
-    installer = Recorder(ok=True)
-    assert launch.ensure_requirements(tmp_path, installer).action == "installed"
-    state = ready.requirements_state_path(tmp_path)
-    assert state.read_text().strip() == launch.requirements_hash(tmp_path)
-    assert launch.ensure_requirements(tmp_path, installer).action == "skipped"
-    assert installer.calls == 1
-    (tmp_path / "requirements.txt").write_text("celery\nredis\n")
-    assert launch.ensure_requirements(tmp_path, installer).action == "installed"
-    assert installer.calls == 2
+@pytest.mark.parametrize("text, expected", [("", False), ("# only a comment\n\n", False),
+                                            ("  # indented comment\n", False),
+                                            ("six\n", True), ("# c\n-r other.txt\n", True)],
+                         ids=["empty", "comment", "indented", "package", "option"])
+def test_has_requirements(tmp_path: Path, text: str, expected: bool) -> None:
+    (tmp_path / "requirements.txt").write_text(text)
+    assert envs.has_requirements(envs.requirements_files(tmp_path)) is expected
 
 
-def test_failed_install_records_nothing(tmp_path: Path) -> None:
+def _requirements_proc(root: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "worker", "requirements"], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_env_is_built_once_and_installs_never_overlap(tmp_path: Path) -> None:
+    """A holder of the install lock (a slot building) makes every other install wait; two
+    installs started together build the env once, the second finds it ready."""
+    (tmp_path / "requirements.txt").write_text("six\n")  # satisfied from the base venv: fast
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from worker.envs import install_lock\n"
+         "with install_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()",
+         str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        first, second = _requirements_proc(tmp_path), _requirements_proc(tmp_path)
+        for proc in (first, second):  # each says it waits, and does wait
+            line = proc.stderr.readline()
+            assert "waiting for another install in this project" in line, line
+        assert first.poll() is None and second.poll() is None
+        assert not list(envs.envs_dir(tmp_path).glob("*/bin"))
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        results = []
+        for proc in (first, second):
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert sorted(r["action"] for r in results) == ["built", "ready"]
+    assert results[0]["path"] == results[1]["path"]
+    ready_file = Path(results[0]["path"], envs.READY_FILE)
+    assert json.loads(ready_file.read_text())["installer"] == "pip"  # no uv in the test venv
+    check = subprocess.run([results[0]["python"], "-c", "import six, celery, sys; "
+                            "print(sys.prefix)"], capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == results[0]["path"], check.stderr
+
+
+def test_requirements_change_builds_a_new_env_and_prunes_only_unused_ones(tmp_path) -> None:
+    (tmp_path / "requirements.txt").write_text("six  # v1\n")
+    first = envs.ensure_env(tmp_path)
+    marker = Path(first.path, envs.READY_FILE).read_bytes()
+    user = subprocess.Popen([first.python, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)  # a slot still running from the old env
+    try:
+        (tmp_path / "requirements.txt").write_text("six  # v2\n")
+        second = envs.ensure_env(tmp_path)
+        assert second.action == "built" and second.path != first.path
+        assert Path(first.path, envs.READY_FILE).read_bytes() == marker  # untouched, kept
+        assert second.pruned == ()
+    finally:
+        user.stdin.close()
+        user.wait(timeout=10)
+    again = envs.ensure_env(tmp_path)  # the old slot is gone: its env goes
+    assert again.action == "ready" and again.pruned == (Path(first.path).name,)
+    assert not Path(first.path).exists() and Path(second.path, envs.READY_FILE).exists()
+
+
+def test_failed_build_leaves_no_env(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("./no-such-local-package\n")
-    result = launch.ensure_requirements(tmp_path)  # real pip, fails locally and fast
-    assert result.action == "failed" and result.message
-    assert not ready.requirements_state_path(tmp_path).exists()
-    again = launch.ensure_requirements(tmp_path, Recorder(ok=False))
-    assert again.action == "failed"
+    result = envs.ensure_env(tmp_path)  # real pip, fails locally and fast
+    assert result.action == "failed" and result.installer == "pip"
+    assert any("no-such-local-package" in line for line in result.tail), result.tail
+    assert not Path(result.path).exists()
 
 
 def test_node_name_and_revision(tmp_path: Path) -> None:
@@ -131,7 +179,7 @@ def worker_env() -> dict[str, str]:
 
 
 def test_launcher_runs_tasks_and_marks_ready(tmp_path: Path, redis_srv: RedisServer) -> None:
-    root = make_project(tmp_path / "proj", redis_srv, "./no-such-local-package\n")
+    root = make_project(tmp_path / "proj", redis_srv, "six\n")
     log = tmp_path / "worker.log"
     proc = start_process([sys.executable, "-m", "worker", "run"], log, cwd=root, env=worker_env())
     client = Celery("client", broker=redis_srv.url(0), backend=redis_srv.url(1),
@@ -143,7 +191,10 @@ def test_launcher_runs_tasks_and_marks_ready(tmp_path: Path, redis_srv: RedisSer
         assert marker["colour"] == "green"
         assert re.fullmatch(rf"demo-green-3fa2c1d@{re.escape(socket.gethostname())}",
                             marker["node"])
-        assert not ready.requirements_state_path(root).exists()  # failed install, not recorded
+        # re-exec'd (same pid) into the env built for these requirements
+        argv0 = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        (env,) = [p for p in envs.envs_dir(root).iterdir() if p.is_dir()]
+        assert argv0 == f"{env}/bin/python"
         assert client.send_task("app.tasks.demo.add", args=(2, 3)).get(timeout=20) == 5
         assert client.send_task("app.tasks.demo.version").get(timeout=20) == "v1"
         os.kill(proc.pid, signal.SIGTERM)
@@ -157,5 +208,21 @@ def test_launcher_runs_tasks_and_marks_ready(tmp_path: Path, redis_srv: RedisSer
         client.close()
         stop_process(proc)
     text = log.read_text(errors="replace")
-    assert "requirements install FAILED" in text
+    assert f"requirements: env {env.name} built by pip" in text
     assert REDIS_PW not in text and KEY not in text
+
+
+def test_launcher_with_uninstallable_requirements_does_not_start(tmp_path: Path,
+                                                                 redis_srv: RedisServer) -> None:
+    """Never new code on an env that lacks its requirements: the slot exits 1 with the
+    installer's lines (the slot serving before keeps serving)."""
+    root = make_project(tmp_path / "proj", redis_srv, "./no-such-local-package\n")
+    log = tmp_path / "worker.log"
+    proc = start_process([sys.executable, "-m", "worker", "run"], log, cwd=root, env=worker_env())
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        stop_process(proc)
+    text = log.read_text(errors="replace")
+    assert "requirements install FAILED (pip" in text and "no-such-local-package" in text
+    assert ready.read_marker(root, "green") is None

@@ -34,7 +34,10 @@ def merge_text(text: str | None, pairs: Iterable[tuple[str, str]]) -> str:
     """The file text with ``pairs`` set: each key's assignment replaced where it stands (its
     later duplicates dropped), new keys appended, every other line kept. No I/O."""
     updates = dict(pairs)
-    lines = [HEADER] if text is None else text.splitlines()
+    # split on "\n" only: str.splitlines() also breaks at \x1c-\x1e, \x85, \u2028 inside values
+    lines = [HEADER] if text is None else text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
     out, done = [], set()
     for line in lines:
         match = _ASSIGN.match(line)

@@ -161,19 +161,19 @@ def _site_packages(base_python: str) -> str:
 
 def _stream(argv: list[str], cwd: Path, on_line: Line | None) -> tuple[int, list[str]]:
     """Run ``argv``, passing each output line on as it comes; returns (code, all lines)."""
-    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env={**os.environ, "PIP_PROGRESS_BAR": "off",
-                                 "PIP_DISABLE_PIP_VERSION_CHECK": "1", "NO_COLOR": "1"})
     lines: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip()
-        if line.strip():
-            lines.append(line)
-            if on_line:
-                on_line(line)
-    return proc.wait(), lines
+    with subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace",
+                          env={**os.environ, "PIP_PROGRESS_BAR": "off",
+                               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "NO_COLOR": "1"}) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            if line.strip():
+                lines.append(line)
+                if on_line:
+                    on_line(line)
+    return proc.returncode, lines
 
 
 def _build(root: Path, path: Path, files: Sequence[Path], base_python: str,
