@@ -269,7 +269,8 @@ def _shutdown(remote: Path) -> None:
 def _env_of(pid: int) -> str:
     """The env a worker process was started from: argv[0]'s ``envs/<name>`` (or its venv)."""
     argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    return argv0.split("/envs/", 1)[1].split("/")[0] if "/envs/" in argv0 else argv0
+    mark = "/.syncagent/envs/"
+    return argv0.split(mark, 1)[1].split("/")[0] if mark in argv0 else argv0
 
 
 def test_provision_prints_each_step_as_it_starts_and_ends(wbx, tmp_path) -> None:
@@ -384,6 +385,55 @@ def test_update_env_changes_one_key_keeps_the_rest_and_restarts(wbx) -> None:
     assert code == 0, out
     assert dotenv_values(env_file) == {**before, "LOG_LEVEL": "info"}
 
+
+
+def test_requirements_change_starts_the_next_slot_on_a_new_env(wbx, tmp_path) -> None:
+    """The slot serving keeps its env, untouched, while it drains a task; the next slot starts
+    on a new env; the old env goes once nothing runs from it."""
+    import redis
+
+    project = tmp_path / "envs"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    (project / "requirements.txt").write_text("six  # first\n")
+    remote = Path(wbx["remote_root"], "envs")
+    client = Celery("client", broker=f"{wbx['redis_url']}/8", backend=f"{wbx['redis_url']}/9",
+                    set_as_current=False)
+    client.conf.broker_connection_retry_on_startup = True
+    broker = redis.Redis.from_url(f"{wbx['redis_url']}/8")
+    try:
+        code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                              str(remote), "--venv", sys.prefix, *_settings(wbx, 8))
+        assert code == 0, out
+        old = ready.read_marker(remote, "blue")
+        env_a = _env_of(old["pid"])
+        ready_a = remote / ".syncagent" / "envs" / env_a / ".syncagent-env-ready"
+        assert ready_a.is_file(), env_a
+        before = ready_a.read_bytes()
+        task = client.send_task("app.tasks.demo.work", args=(4,))
+        wait_until(lambda: task.id.encode() in broker.lrange("demo:started", 0, -1), 30,
+                   "the task to start on the old slot")
+        (project / "requirements.txt").write_text("six  # second\n")
+        code, out = syncagent("push", "wbx", "--path", str(project), "--remote-path",
+                              str(remote))
+        assert code == 0, out
+        (new,) = [m for c in ready.COLOURS if (m := ready.read_marker(remote, c))
+                  and m["pid"] != old["pid"]]
+        assert _env_of(new["pid"]) != env_a
+        assert pid_running(old["pid"]) and _env_of(old["pid"]) == env_a  # still draining
+        assert ready_a.read_bytes() == before
+        assert task.get(timeout=30)["seconds"] >= 4  # finished on the old slot, not cut
+        wait_until(lambda: not pid_running(old["pid"]), 30, "the old slot to exit")
+        version = project / "app" / "version.py"
+        version.write_text(version.read_text().replace('"v1"', '"v3"'))
+        code, out = syncagent("push", "wbx", "--path", str(project), "--remote-path",
+                              str(remote))
+        assert code == 0, out
+        envs_left = {p.name for p in (remote / ".syncagent" / "envs").iterdir() if p.is_dir()}
+        assert envs_left == {_env_of(new["pid"])}  # the next start pruned the drained env
+    finally:
+        client.close()
+        broker.close()
+        _shutdown(remote)
 
 
 def test_no_secret_in_output_files_or_command_lines(wbx) -> None:
