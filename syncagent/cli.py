@@ -398,9 +398,13 @@ class _ProvisionLines:
               help="Allow the initial push to delete more than half of the remote files.")
 @click.option("--timeout", type=click.FloatRange(1), default=90.0, show_default=True,
               help="Seconds to wait for the worker to be ready.")
+@click.option("--boot", is_flag=True,
+              help="Enable a systemd unit that starts supervisord (and the worker) at boot: a "
+                   "system unit via sudo where allowed, else a user unit with lingering; "
+                   "prints the exact commands when it cannot.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, venv, env_pairs,
-                  update_pairs, allow_mass_delete, timeout, as_json):
+                  update_pairs, allow_mass_delete, timeout, boot, as_json):
     """Set up the worker on TARGET (idempotent): venv, runtime, requirements, .env.worker,
     supervisord; then wait until the worker serves the pushed revision. Each step prints a
     line as it starts and as it ends."""
@@ -409,7 +413,8 @@ def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, ve
 
     options = ProvisionOptions(venv=venv, env=env_pairs, update_env=update_pairs,
                                trust_new_host=trust_new_host,
-                               allow_mass_delete=allow_mass_delete, timeout=timeout)
+                               allow_mass_delete=allow_mass_delete, timeout=timeout,
+                               boot=boot)
     results = []
     for target in _targets(project, targets, all_, remote_path, identity):
         result = provision(project, target, options,
@@ -468,6 +473,13 @@ def _status_detail(r: dict) -> None:
         click.echo(f"  last restart: {last['mode']} onto {last['revision'][:7]}, "
                    f"{last['timings'].get('total', 0):.1f} s, "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))}")
+    if r.get("boot"):
+        unit = f"{r['boot_unit']}: " if r.get("boot_unit") else ""
+        if r["boot"] == "enabled":
+            click.echo(f"  boot    comes back after a reboot ({unit}enabled)")
+        else:
+            click.echo(f"  boot    will NOT come back after a reboot ({unit}{r['boot']}; "
+                       f"run `syncagent provision --boot`)")
     click.echo(f"  on the remote: {r['supervisorctl']}")
 
 

@@ -5,6 +5,8 @@ Each call opens the target's session, asks its agent, and returns plain data for
 
 from __future__ import annotations
 
+import json
+import shlex
 import threading
 import time
 from typing import Callable
@@ -19,12 +21,29 @@ from .session import Session
 __all__ = ["status", "restart", "logs", "doctor"]
 
 
+# Will the worker come back after a reboot? Asked of the shipped runtime (stdlib only).
+_BOOT = ("import json, os, sys; r = os.path.expanduser(sys.argv[1]); "
+         "sys.path.insert(0, os.path.join(r, '.syncagent', 'runtime')); "
+         "from worker.boot import state; print(json.dumps(state(r)))")
+
+
+def _boot_state(session: Session, target: Target) -> dict:
+    rc, out, _ = session.run(f"{shlex.quote(target.python)} -c {shlex.quote(_BOOT)} "
+                             f"{shlex.quote(target.remote_path)}", timeout=30)
+    try:
+        return json.loads(out.strip().splitlines()[-1]) if rc == 0 else {"boot": "unknown"}
+    except (ValueError, IndexError):
+        return {"boot": "unknown"}
+
+
 def status(project: Project, target: Target) -> dict:
-    """Local vs pushed vs live revision, the worker's programs and the remote's paths."""
+    """Local vs pushed vs live revision, the worker's programs, whether it comes back after a
+    reboot, and the remote's paths."""
     rules = local_rules(str(project.root), project.exclude)
     local = revision(scan_local(str(project.root), rules).entries)
     with Session.open(target) as session:
         body = session.worker(target.remote_path)
+        boot = _boot_state(session, target) if body.get("worker") is not None else {}
     pushed = (body.get("revision") or {}).get("revision")
     worker = body.get("worker")
     live = (worker or {}).get("live") or {}
@@ -45,6 +64,8 @@ def status(project: Project, target: Target) -> dict:
                      for c, p in ((worker or {}).get("programs") or {}).items()},
         "supervisorctl": (worker or {}).get("supervisorctl"),
         "last_restart": (worker or {}).get("last_restart"),
+        "boot": boot.get("boot"),
+        "boot_unit": boot.get("unit"),
     }
 
 

@@ -110,6 +110,8 @@ class ProvisionOptions:
         update_env: (KEY, VALUE) pairs set in ``.env.worker`` (created if missing), every other
             line kept; a change restarts the worker.
         timeout: seconds to wait for the worker's readiness marker.
+        boot: install the systemd unit that brings supervisord back after a reboot (else the
+            last step only says whether one is enabled).
     """
 
     venv: str | None = None
@@ -118,6 +120,7 @@ class ProvisionOptions:
     trust_new_host: bool = False
     allow_mass_delete: bool = False
     timeout: float = 90.0
+    boot: bool = False
 
 
 @dataclass
@@ -132,6 +135,7 @@ class ProvisionResult:
     supervisorctl: str
     worker: dict = field(default_factory=dict)  # colour, pid, node, supervisord_pid
     warnings: list[str] = field(default_factory=list)
+    boot: dict = field(default_factory=dict)  # enabled, kind, unit, commands, reason
 
     @property
     def changed(self) -> bool:
@@ -309,6 +313,7 @@ class _Run:
     env_status: str = "kept"
     configure: Future | None = None  # the remote `worker configure` call, running
     result: dict = field(default_factory=dict)
+    boot: dict = field(default_factory=dict)
 
     @property
     def vpy(self) -> str:
@@ -531,6 +536,24 @@ def _worker(run: _Run) -> str:
             + (f"; {', '.join(new)}" if new else ""))
 
 
+def _boot(run: _Run) -> str:
+    """Install the systemd unit (``--boot``), or say whether the worker comes back after a
+    reboot; when it cannot install, the exact commands to run."""
+    argv = [run.vpy, "-m", "worker", "boot", "--venv", run.venv,
+            *([] if run.options.boot else ["--check"])]
+    run.boot = run.remote.json("setting up the start at boot", argv, cwd=run.root,
+                               env=run.pyenv)
+    if not run.options.boot:
+        state = run.boot.get("boot", "?")
+        return (f"{run.boot['unit']}: {state}" if run.boot.get("unit") else
+                f"{state}: the worker will not come back after a reboot (provision --boot)")
+    if run.boot["enabled"]:
+        return run.change(f"enabled {run.boot['kind']} unit {run.boot['unit']}")
+    run.warnings.append(f"the worker will not come back after a reboot: {run.boot['reason']}; "
+                        "run on the remote:\n    " + "\n    ".join(run.boot["commands"]))
+    return f"not installed ({run.boot['reason']}); the unit is in {run.boot['unit_file']}"
+
+
 STEPS: tuple[tuple[str, Callable[[_Run], str]], ...] = (
     ("push", _push),
     ("venv", _venv),
@@ -540,6 +563,7 @@ STEPS: tuple[tuple[str, Callable[[_Run], str]], ...] = (
     (".env.worker", _env_file),
     ("supervisord", _supervisord),
     ("worker ready", _worker),
+    ("boot", _boot),
 )
 """Provision's steps in order: each takes the shared :class:`_Run` and returns what it did."""
 
@@ -593,4 +617,4 @@ def provision(project: Project, target: Target,
         changes=run.changes, env_file=run.env_status, conf=result["conf"],
         supervisorctl=result["supervisorctl"],
         worker={k: result.get(k) for k in ("colour", "pid", "node", "supervisord_pid")},
-        warnings=run.warnings)
+        warnings=run.warnings, boot=run.boot)

@@ -436,6 +436,57 @@ def test_requirements_change_starts_the_next_slot_on_a_new_env(wbx, tmp_path) ->
         _shutdown(remote)
 
 
+def test_boot_without_systemd_prints_the_commands_and_the_unit_starts_the_worker(
+        wbx, tmp_path) -> None:
+    """This machine runs no systemd: provision --boot says so with the exact commands, status
+    says the worker will not come back, and the unit's own ExecStart/ExecStop (what systemd
+    would run at boot) bring the worker up and down."""
+    project = tmp_path / "boot"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    remote = Path(wbx["remote_root"], "boot")
+    try:
+        code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                              str(remote), "--venv", sys.prefix, "--boot", *_settings(wbx, 10))
+        assert code == 0, out
+        (unit_file,) = remote.joinpath(".syncagent").glob("syncagent-boot-worker-*.service")
+        unit = unit_file.name
+        assert re.search(rf"wbx: boot done in [\d.]+ s: not installed \(systemd is not "
+                         rf"running on this machine\); the unit is in {unit_file}", out), out
+        assert f"sudo install -m 644 {unit_file} /etc/systemd/system/{unit}" in out
+        assert f"sudo systemctl enable {unit}" in out
+        assert f"systemctl --user enable {unit}" in out and "loginctl enable-linger" in out
+        text = unit_file.read_text()
+        conf = remote / ".syncagent" / "supervisord.conf"
+        assert f"ExecStart={sys.prefix}/bin/supervisord -n -c {conf}\n" in text
+        assert "WantedBy=multi-user.target" in text and "User=" in text
+        code, out = syncagent("status", "wbx", "--path", str(project), "--remote-path",
+                              str(remote))
+        assert code == 0, out
+        assert "boot    will NOT come back after a reboot (no unit installed" in out
+        # a "reboot": supervisord gone, then the unit's ExecStart as systemd would run it
+        old = ready.read_marker(remote, "blue")
+        subprocess.run([f"{sys.prefix}/bin/supervisorctl", "-c", str(conf), "shutdown"],
+                       capture_output=True, timeout=60, check=True)
+        wait_until(lambda: not pid_running(old["pid"]), 30, "the worker to stop")
+        exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1).split()
+        exec_stop = re.search(r"^ExecStop=(.*)$", text, re.M).group(1).split()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with subprocess.Popen(exec_start, cwd=remote, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as daemon:
+            try:
+                marker = wait_until(lambda: (m := ready.read_marker(remote, "blue"))
+                                    and m["pid"] != old["pid"] and m, 60,
+                                    "the worker started by the unit's ExecStart")
+                assert pid_running(marker["pid"])
+                subprocess.run(exec_stop, capture_output=True, timeout=60, check=True)
+                assert daemon.wait(timeout=60) == 0
+            finally:
+                if daemon.poll() is None:
+                    daemon.kill()
+    finally:
+        _shutdown(remote)
+
+
 def test_no_secret_in_output_files_or_command_lines(wbx) -> None:
     assert OUTPUTS and not any(SECRET in text or OTHER in text for text in OUTPUTS)
     holders = []

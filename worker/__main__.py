@@ -45,7 +45,24 @@ def _parser() -> argparse.ArgumentParser:
     write_env = sub.add_parser("write-env", help="merge JSON {KEY: value} from stdin into "
                                ".env.worker, validate, write 0600 (one JSON object)")
     write_env.add_argument("mode", choices=("create", "update"))
+    boot = sub.add_parser("boot", help="install the systemd unit that starts supervisord at "
+                          "boot, or say how (one JSON object); --check only reports")
+    boot.add_argument("--venv", required=True, help="virtualenv with supervisord")
+    boot.add_argument("--name", default="worker", help="program group name")
+    boot.add_argument("--check", action="store_true", help="only say whether it is enabled")
     return parser
+
+
+def _boot(root: Path, args: argparse.Namespace) -> int:
+    import json
+
+    from worker import boot
+    from worker import supervisor_conf as sc
+
+    layout = sc.Layout(root=str(root.resolve()),
+                       venv=os.path.abspath(os.path.expanduser(args.venv)), name=args.name)
+    print(json.dumps(boot.state(layout.root) if args.check else boot.install(layout)))
+    return 0
 
 
 def _requirements(root: Path) -> int:
@@ -168,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return _requirements(root)
     if args.command == "write-env":
         return _write_env(root, args.mode)
+    if args.command == "boot":
+        return _boot(root, args)
     return _run(root, install=not args.no_install, full_start=args.full_start)
 
 

@@ -1,7 +1,7 @@
 """The worker launcher: ``python -m worker run``.
 
-Enters the env built for the current requirements (:mod:`worker.envs`), computes a unique node name carrying the
-pushed revision, connects the readiness marker, and runs the user's Celery app unmodified
+Enters the env built for the current requirements (:mod:`worker.envs`, by re-exec), computes
+a unique node name carrying the pushed revision, connects the readiness marker, and runs the user's Celery app unmodified
 in this process (this process IS the Celery main process) with settings that lose no task.
 Secrets never go into argv: broker and backend URLs travel through the app config.
 """
