@@ -39,6 +39,7 @@ flask-wtf==1.2.1
 sqlalchemy==2.0.36
 alembic==1.14.0
 celery[redis]==5.4.0
+kombu==5.4.2
 redis==5.2.1
 structlog==24.4.0
 requests==2.32.3

@@ -159,13 +159,18 @@ def _site_packages(base_python: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+# quiet, plain output; uv trusts the system's CA certificates as pip does (a TLS-inspecting
+# proxy's CA is installed there, not in uv's bundled roots)
+_INSTALLER_ENV = {"PIP_PROGRESS_BAR": "off", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                  "NO_COLOR": "1", "UV_NATIVE_TLS": "1", "UV_SYSTEM_CERTS": "1"}
+
+
 def _stream(argv: list[str], cwd: Path, on_line: Line | None) -> tuple[int, list[str]]:
     """Run ``argv``, passing each output line on as it comes; returns (code, all lines)."""
     lines: list[str] = []
     with subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace",
-                          env={**os.environ, "PIP_PROGRESS_BAR": "off",
-                               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "NO_COLOR": "1"}) as proc:
+                          env={**os.environ, **_INSTALLER_ENV}) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip()
@@ -256,6 +261,11 @@ def ensure_env(root: str | os.PathLike[str], base_python: str = sys.executable,
         uv = find_uv(base_python) if use_uv else None
         started = time.monotonic()
         ok, lines = _build(root_path, path, files, base_python, uv, on_line)
+        if not ok and uv:  # pip is the fallback, whatever made uv fail
+            if on_line:
+                on_line(f"uv failed ({lines[-1] if lines else '?'}); building with pip")
+            uv = None
+            ok, lines = _build(root_path, path, files, base_python, None, on_line)
         seconds = round(time.monotonic() - started, 2)
         installer = "uv" if uv else "pip"
         if not ok:
