@@ -358,6 +358,7 @@ def _update_env_pairs(ctx, param, value):
 # installer output worth a line while requirements build (the rest shows only on failure)
 _PROGRESS_PREFIXES = ("Collecting", "Installing collected", "Successfully installed",
                       "Resolved", "Prepared", "Installed", "Uninstalled", "waiting for",
+                      "uv failed",
                       "ERROR", "error")
 
 

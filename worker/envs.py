@@ -263,7 +263,8 @@ def ensure_env(root: str | os.PathLike[str], base_python: str = sys.executable,
         ok, lines = _build(root_path, path, files, base_python, uv, on_line)
         if not ok and uv:  # pip is the fallback, whatever made uv fail
             if on_line:
-                on_line(f"uv failed ({lines[-1] if lines else '?'}); building with pip")
+                on_line(f"uv failed, building with pip instead: "
+                        f"{lines[-1].strip() if lines else '?'}")
             uv = None
             ok, lines = _build(root_path, path, files, base_python, None, on_line)
         seconds = round(time.monotonic() - started, 2)
