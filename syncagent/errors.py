@@ -14,6 +14,7 @@ __all__ = [
     "RemoteError",
     "AgentError",
     "WorkerStartError",
+    "StepError",
     "ConfigError",
     "TargetError",
     "SafetyError",
@@ -73,6 +74,18 @@ class WorkerStartError(OperationalError):
         tail = "".join(f"\n  | {line}" for line in log_tail)
         super().__init__(f"{message}; last lines of {log_path}:{tail}" if log_tail else message)
         self.log_tail, self.log_path = log_tail, log_path
+
+
+class StepError(OperationalError):
+    """A remote step (of provision) failed; carries the redacted output lines before it."""
+
+    def __init__(self, message: str, tail: list[str] | tuple[str, ...] = (), *,
+                 hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.tail = list(tail)
+
+    def __str__(self) -> str:
+        return super().__str__() + "".join(f"\n  | {line}" for line in self.tail)
 
 
 class ConfigError(SyncAgentError):

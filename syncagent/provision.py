@@ -25,7 +25,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
 import worker
 from worker import secret_rules
@@ -35,7 +35,8 @@ from worker.__main__ import STARTED_MARK
 from worker.env_file import merge_text
 
 from .config import Project, Target
-from .errors import ConfigError, OperationalError, SyncAgentError, WorkerStartError
+from .errors import (ConfigError, OperationalError, StepError, SyncAgentError,
+                     WorkerStartError)
 from .push import PushOptions, PushResult, push
 from .session import Session
 
@@ -279,18 +280,6 @@ class StepEvent:
 
 
 Progress = Callable[[StepEvent], None]
-
-
-class StepError(OperationalError):
-    """A remote step failed; carries the (redacted) output lines that led to it."""
-
-    def __init__(self, message: str, tail: Sequence[str] = (), *, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.tail = list(tail)
-
-    def __str__(self) -> str:
-        lines = "".join(f"\n  | {line}" for line in self.tail)
-        return super().__str__() + lines
 
 
 @dataclass
