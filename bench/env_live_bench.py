@@ -54,7 +54,8 @@ def main() -> int:
         remote = f"{box.remote_root}/web"
         project = load_project(project_dir)
         target = resolve_target("envlive", project, remote_path=remote)
-        settings = (("WORKER_API_KEY", "bench"), ("CELERY_BROKER_URL", f"{box.redis_url}/12"),
+        settings = (("WORKER_API_KEY", "bench-key-3f9c2a7d5e8b1046c0"),
+                    ("CELERY_BROKER_URL", f"{box.redis_url}/12"),
                     ("CELERY_RESULT_BACKEND", f"{box.redis_url}/13"),
                     ("FLASK_APP_URL", "http://127.0.0.1:9"))
         started = time.perf_counter()

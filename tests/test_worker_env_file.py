@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from worker import env_file
 
 VALID = {"CELERY_BROKER_URL": "redis://h:1/0", "CELERY_RESULT_BACKEND": "redis://h:1/1",
-         "FLASK_APP_URL": "http://a", "WORKER_API_KEY": "k-1"}
+         "FLASK_APP_URL": "http://a", "WORKER_API_KEY": "k-1-9f3c2a7d5e8b1046"}
 
 
 def _values(text: str) -> dict:
@@ -69,7 +69,7 @@ def test_invalid_merge_writes_nothing(tmp_path: Path, existing, pairs, mode) -> 
     before = path.read_bytes() if existing else None
     result = env_file.write_env(tmp_path, pairs, mode)
     assert result["status"] == "invalid" and result["problems"]
-    assert not any(s in p for p in result["problems"] for s in ("pw-zq7", "k-1"))  # no secret
+    assert not any(s in p for p in result["problems"] for s in ("pw-zq7", VALID["WORKER_API_KEY"]))
     assert (path.read_bytes() if path.exists() else None) == before
     assert len(list(tmp_path.iterdir())) == (1 if existing else 0)
 
