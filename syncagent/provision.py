@@ -367,9 +367,9 @@ def _dependencies(run: _Run) -> str:
     requirement envs faster) in a venv provision made (a ``--venv`` of yours uses it if there).
     """
     rc, _, _ = run.remote.run([run.vpy, "-c", f"import {', '.join(RUNTIME_MODULES)}"])
-    have_uv = (run.options.venv is not None
+    skip_uv = (run.options.venv is not None
                or run.remote.run(["test", "-x", f"{run.venv}/bin/uv"])[0] == 0)
-    if rc == 0 and have_uv:
+    if rc == 0 and skip_uv:
         return "present"
     done = []
     if rc != 0:
@@ -379,7 +379,7 @@ def _dependencies(run: _Run) -> str:
                          on_stderr_line=lambda text: run.line("dependencies", text))
         run.restart = True
         done.append(run.change("installed the worker's dependencies"))
-    if not have_uv:
+    if not skip_uv:
         code, _, err = run.remote.run([run.vpy, "-c", _LOCKED_PIP, "uv"], cwd=run.root,
                                       env=run.pyenv, timeout=600)
         if code == 0:

@@ -111,6 +111,18 @@ def test_requirements_change_builds_a_new_env_and_prunes_only_unused_ones(tmp_pa
     assert not Path(first.path).exists() and Path(second.path, envs.READY_FILE).exists()
 
 
+def test_doctor_runs_in_the_env_the_worker_will_run_in(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("six\n")
+    assert envs.ready_env(tmp_path) is None
+    built = envs.ensure_env(tmp_path)
+    assert envs.ready_env(tmp_path) == Path(built.path)
+    proc = subprocess.run([sys.executable, "-m", "worker", "doctor", "--json"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=60)
+    assert f"running in {built.path} (the env of the current requirements)" in proc.stderr
+    assert proc.returncode == 2 and json.loads(proc.stdout)  # no .env.worker: one JSON object
+
+
 def test_failed_build_leaves_no_env(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("./no-such-local-package\n")
     result = envs.ensure_env(tmp_path)  # real pip, fails locally and fast

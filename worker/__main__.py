@@ -164,6 +164,19 @@ def _run(root: Path, install: bool, full_start: bool) -> int:
                              colour=colour)
 
 
+def _enter_ready_env(root: Path, argv: list[str]) -> None:
+    """Re-exec into the env of the current requirements when it is built (doctor checks what
+    the worker will import); stay here when there is none."""
+    from worker import envs
+
+    env = envs.ready_env(root)
+    if env is not None:
+        log.info("running in %s (the env of the current requirements)", env)
+        python = str(env / "bin" / "python")
+        sys.stderr.flush()
+        os.execv(python, [python, "-m", "worker", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run ``run`` or ``doctor`` in the cwd (the project root).
 
@@ -178,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="[%(asctime)s: %(levelname)s/syncagent-worker] %(message)s")
     root = Path(os.getcwd())
     if args.command == "doctor":
+        _enter_ready_env(root, sys.argv[1:] if argv is None else argv)
         return _doctor(root, args.json)
     if args.command == "configure":
         return _configure(root, args)

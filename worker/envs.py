@@ -40,8 +40,8 @@ from typing import Callable, Iterator, Sequence
 from worker.ready import ensure_state_dir, state_dir
 
 __all__ = ["EnvResult", "env_key", "envs_dir", "ensure_env", "find_uv", "has_requirements",
-           "install_lock", "live_envs", "prune", "requirements_files", "requirements_hash",
-           "TAIL_LINES"]
+           "install_lock", "live_envs", "prune", "ready_env", "requirements_files",
+           "requirements_hash", "TAIL_LINES"]
 
 ENVS_DIR = "envs"
 READY_FILE = ".syncagent-env-ready"
@@ -231,6 +231,17 @@ def prune(root: str | os.PathLike[str], keep: Sequence[str] = ()) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
+
+
+def ready_env(root: str | os.PathLike[str], base_python: str = sys.executable) -> Path | None:
+    """The built env for the current requirements over ``base_python``, else None (none
+    needed, not built yet, or this process already runs in it)."""
+    files = requirements_files(root)
+    digest = requirements_hash(root)
+    if digest is None or not has_requirements(files):
+        return None
+    path = envs_dir(root).resolve() / env_key(digest, base_python)
+    return path if _ready(path) else None
 
 
 def ensure_env(root: str | os.PathLike[str], base_python: str = sys.executable,
