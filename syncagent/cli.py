@@ -474,13 +474,11 @@ def _status_detail(r: dict) -> None:
         click.echo(f"  last restart: {last['mode']} onto {last['revision'][:7]}, "
                    f"{last['timings'].get('total', 0):.1f} s, "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))}")
-    if r.get("boot"):
-        unit = f"{r['boot_unit']}: " if r.get("boot_unit") else ""
-        if r["boot"] == "enabled":
-            click.echo(f"  boot    comes back after a reboot ({unit}enabled)")
-        else:
-            click.echo(f"  boot    will NOT come back after a reboot ({unit}{r['boot']}; "
-                       f"run `syncagent provision --boot`)")
+    if r.get("boot") == "enabled":
+        click.echo(f"  boot    comes back after a reboot ({r['boot_unit']} enabled)")
+    elif r.get("boot"):
+        click.echo(f"  boot    will NOT come back after a reboot ({r['boot_unit'] or 'unit'} "
+                   f"{r['boot']}; run `syncagent provision --boot`)")
     click.echo(f"  on the remote: {r['supervisorctl']}")
 
 

@@ -22,7 +22,7 @@ __all__ = ["status", "restart", "logs", "doctor"]
 
 
 # Will the worker come back after a reboot? Asked of the shipped runtime (stdlib only).
-_BOOT = ("import json, os, sys; r = os.path.expanduser(sys.argv[1]); "
+_BOOT = ("import json, os, sys; r = os.path.realpath(os.path.expanduser(sys.argv[1])); "
          "sys.path.insert(0, os.path.join(r, '.syncagent', 'runtime')); "
          "from worker.boot import state; print(json.dumps(state(r)))")
 

@@ -533,9 +533,10 @@ def _boot(run: _Run) -> str:
     run.boot = run.remote.json("setting up the start at boot", argv, cwd=run.root,
                                env=run.pyenv)
     if not run.options.boot:
-        state = run.boot.get("boot", "?")
-        return (f"{run.boot['unit']}: {state}" if run.boot.get("unit") else
-                f"{state}: the worker will not come back after a reboot (provision --boot)")
+        if run.boot["boot"] == "enabled":
+            return f"{run.boot['unit']} enabled: the worker comes back after a reboot"
+        return (f"{run.boot['unit']} {run.boot['boot']}: the worker will not come back after "
+                "a reboot (provision --boot)")
     if run.boot["enabled"]:
         return run.change(f"enabled {run.boot['kind']} unit {run.boot['unit']}")
     run.warnings.append(f"the worker will not come back after a reboot: {run.boot['reason']}; "

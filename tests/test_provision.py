@@ -462,7 +462,8 @@ def test_boot_without_systemd_prints_the_commands_and_the_unit_starts_the_worker
         code, out = syncagent("status", "wbx", "--path", str(project), "--remote-path",
                               str(remote))
         assert code == 0, out
-        assert "boot    will NOT come back after a reboot (no unit installed" in out
+        assert (f"boot    will NOT come back after a reboot ({unit} not enabled; run "
+                "`syncagent provision --boot`)") in out
         # a "reboot": supervisord gone, then the unit's ExecStart as systemd would run it
         old = ready.read_marker(remote, "blue")
         subprocess.run([f"{sys.prefix}/bin/supervisorctl", "-c", str(conf), "shutdown"],

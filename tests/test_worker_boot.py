@@ -49,3 +49,28 @@ def test_system_and_user_units() -> None:
         assert "KillMode=process" in text and "Restart=on-failure" in text
     assert "User=w\n" in system and "WantedBy=multi-user.target" in system
     assert "User=" not in user and "WantedBy=default.target" in user
+
+
+def test_state_reads_the_links_enable_makes(tmp_path, monkeypatch) -> None:
+    """Enabled by provision or by hand, running systemd or not: the wants link decides."""
+    monkeypatch.setattr(boot.getpass, "getuser", lambda: "w")
+    root = tmp_path / "ClippyFront"
+    root.mkdir()
+    dirs = dict(etc=str(tmp_path / "etc"), home=str(tmp_path / "home"),
+                linger_dir=str(tmp_path / "linger"))
+    unit = boot.unit_name(sc.Layout(root=str(root), venv=""))
+    assert boot.state(str(root), **dirs) == {"boot": "not enabled", "unit": unit, "kind": None}
+    user_wants = tmp_path / "home" / ".config" / "systemd" / "user" / "default.target.wants"
+    user_wants.mkdir(parents=True)
+    (user_wants.parent / unit).write_text("[Unit]\n")
+    (user_wants / unit).symlink_to(user_wants.parent / unit)
+    assert boot.state(str(root), **dirs)["boot"] == "enabled at login only (no lingering)"
+    (tmp_path / "linger").mkdir()
+    (tmp_path / "linger" / "w").touch()
+    assert boot.state(str(root), **dirs) == {"boot": "enabled", "unit": unit, "kind": "user"}
+    (user_wants / unit).unlink()
+    system_wants = tmp_path / "etc" / "multi-user.target.wants"
+    system_wants.mkdir(parents=True)
+    (system_wants.parent / unit).write_text("[Unit]\n")
+    (system_wants / unit).symlink_to(system_wants.parent / unit)
+    assert boot.state(str(root), **dirs) == {"boot": "enabled", "unit": unit, "kind": "system"}

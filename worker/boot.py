@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-import json
 import os
 import shlex
 import subprocess
@@ -23,9 +22,6 @@ from pathlib import Path
 from worker import supervisor_conf as sc
 
 __all__ = ["BootPlan", "install", "plan", "state", "systemd_running", "unit_name"]
-
-RECORD = "boot.json"
-
 
 def unit_name(layout: sc.Layout) -> str:
     """``syncagent-<project dir>-<group>-<6 hex of the root>.service``: one per project."""
@@ -120,19 +116,27 @@ def install(layout: sc.Layout) -> dict:
             out["reason"] = f"{shlex.join(command)} failed: {last}"
             return out
     out["enabled"] = True
-    (state / RECORD).write_text(json.dumps({"unit": unit, "kind": steps.kind}) + "\n")
     return out
 
 
-def state(root: str) -> dict:
-    """Will the worker come back after a reboot? ``{"boot": enabled|disabled|no unit|...}``."""
-    try:
-        record = json.loads((Path(root) / sc.STATE_DIR_NAME / RECORD).read_text())
-    except (OSError, ValueError):
-        return {"boot": "no unit installed"}
-    if not systemd_running():
-        return {"boot": "systemd is not running", "unit": record.get("unit")}
-    argv = ["systemctl", *(["--user"] if record.get("kind") == "user" else []), "is-enabled",
-            record["unit"]]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    return {"boot": proc.stdout.strip() or "not found", "unit": record["unit"]}
+def state(root: str, name: str = "worker", etc: str = "/etc/systemd/system",
+          home: str | None = None, linger_dir: str = "/var/lib/systemd/linger") -> dict:
+    """Will the worker come back after a reboot? Read from the links ``systemctl enable``
+    makes (so it also holds for a unit enabled by hand, and where systemd is not running).
+
+    Args:
+        root: project root on this machine; name: the program group.
+        etc, home, linger_dir: where systemd keeps system units, the user's home, lingering.
+
+    Returns:
+        ``{"boot": "enabled" | "enabled at login only" | "not enabled", "unit", "kind"}``.
+    """
+    unit = unit_name(sc.Layout(root=os.path.realpath(root), venv="", name=name))
+    home = home or os.path.expanduser("~")
+    if os.path.exists(f"{etc}/multi-user.target.wants/{unit}"):
+        return {"boot": "enabled", "unit": unit, "kind": "system"}
+    if os.path.exists(f"{home}/.config/systemd/user/default.target.wants/{unit}"):
+        lingering = os.path.exists(f"{linger_dir}/{getpass.getuser()}")
+        return {"boot": "enabled" if lingering else "enabled at login only (no lingering)",
+                "unit": unit, "kind": "user"}
+    return {"boot": "not enabled", "unit": unit, "kind": None}
