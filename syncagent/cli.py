@@ -156,7 +156,7 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @click.option("--no-restart", is_flag=True, help="Sync only; leave the worker running.")
 @click.option("--allow-mass-delete", is_flag=True,
-              help="Allow deleting more than half of the remote files.")
+              help="Confirm deletes the mass-delete guard refuses (lifts a watch's halt).")
 @click.option("--mode", type=click.Choice(RESTART_MODES), default=None,
               help="Restart mode (default: the target's restart_mode, else blue-green).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -238,6 +238,10 @@ def _render_event(event: dict) -> str:
     if kind == "ready":
         return (f"{stamp} " + _live_line(name, event["revision"], event["timings"])
                 + f"; save -> live {event['latency']:.1f} s, node {event.get('node')}")
+    if kind == "halted":
+        return f"{stamp} {name}: HALTED: {event['message']}: {event['way_out']}"
+    if kind == "resumed":
+        return f"{stamp} {name}: resumed ({event['reason']}), reconciling"
     return f"{stamp} {name}: {kind}: {event.get('message') or event.get('error') or ''}"
 
 
@@ -321,7 +325,8 @@ class _StatusBoard:
         st = self.state.get(event.get("target"))
         kind = event["event"]
         if st is not None:
-            if kind in ("connected", "disconnected", "stopped"):
+            if kind in ("connected", "disconnected", "stopped") and not (
+                    st["state"].startswith("HALTED") and kind != "stopped"):
                 st["state"] = {"connected": "watching", "disconnected": "reconnecting",
                                "stopped": "stopped"}[kind]
             elif kind == "synced":
@@ -331,8 +336,13 @@ class _StatusBoard:
                 st["state"] = "restarting"
             elif kind == "ready":
                 st["state"], st["live"] = "watching", event["latency"]
-            elif kind == "error":
+            elif kind == "error" and not st["state"].startswith("HALTED"):
                 st["state"] = "error (see above)"
+            elif kind == "halted":
+                st["state"] = (f"HALTED ({event['lost']} of {event['files']} files would be "
+                               f"lost; push --allow-mass-delete or restore them)")
+            elif kind == "resumed":
+                st["state"] = "watching"
         if self.live is None:
             click.echo(line)
             sys.stdout.flush()
@@ -461,6 +471,10 @@ def _status_detail(r: dict) -> None:
     click.echo(f"{r['target']}: {r['remote_root']}")
     click.echo(f"  local   {r['local_revision'][:7]}  ({sync})")
     click.echo(f"  pushed  {(r['pushed_revision'] or '-')[:7]}")
+    if r.get("halted"):
+        h = r["halted"]
+        click.echo(f"  HALTED  a watch refused to delete {h['lost']} of {h['files']} remote "
+                   f"files; nothing is applied there: {h['way_out']}")
     if not r["provisioned"]:
         click.echo(f"  worker  none (run `syncagent provision {r['target']}`)")
         return
@@ -490,12 +504,16 @@ def _status_table(results: list[dict]) -> None:
             click.echo(f"{r['target']:<14} {'unreachable':<13} {'-':<8} {'-':<8} {'-':>8}  "
                        f"{r['error']}")
             continue
-        state = ("no worker" if not r["provisioned"] else
+        state = ("HALTED" if r.get("halted") else "no worker" if not r["provisioned"] else
                  "live" if r["live"] else "stale")
         last = (r.get("last_restart") or {}).get("timings", {}).get("total")
         click.echo(f"{r['target']:<14} {state:<13} {(r['pushed_revision'] or '-')[:7]:<8} "
                    f"{(r['live_revision'] or '-')[:7]:<8} "
                    f"{f'{last:.1f} s' if last is not None else '-':>8}  {r['live_node'] or ''}")
+    for r in results:
+        if r.get("halted"):
+            click.echo(f"{r['target']}: halted, {r['halted']['lost']} of "
+                       f"{r['halted']['files']} files would be lost: {r['halted']['way_out']}")
     live = {r["live_revision"] for r in results if r.get("live_revision")}
     if len(live) > 1:
         by = ", ".join(f"{r['target']} {r['live_revision'][:7]}" for r in results

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable
 
+from . import guard
 from .config import Project, Target
 from .errors import OperationalError
 from .manifest import local_rules, scan_local
@@ -66,7 +67,15 @@ def status(project: Project, target: Target) -> dict:
         "last_restart": (worker or {}).get("last_restart"),
         "boot": boot.get("boot"),
         "boot_unit": boot.get("unit"),
+        "halted": halted(project, target),
     }
+
+
+def halted(project: Project, target: Target) -> dict | None:
+    """The halt a `watch` recorded on this machine for ``target`` (a mass delete it refused):
+    counts, since when, and the way out. None when the target is not halted."""
+    record = guard.load(project.root, target)
+    return record.halted if record else None
 
 
 def restart(project: Project, target: Target, mode: str | None = None,

@@ -124,12 +124,18 @@ class HostKeyChangedError(SafetyError):
 
 
 class MassDeleteError(SafetyError):
-    def __init__(self, deletes: int, remote_files: int):
+    """The safety policy refused a plan: more files would lose their content than allowed."""
+
+    def __init__(self, deletes: int, remote_files: int, target: str | None = None,
+                 hint: str | None = None, paths: tuple[str, ...] = ()):
+        what = (f"{deletes} of {remote_files} remote files" if deletes <= remote_files else
+                f"{deletes} remote files (it held {remote_files} when last confirmed)")
         super().__init__(
-            f"refusing to delete {deletes} of {remote_files} remote files",
-            hint="check --remote-path and --path, then pass --allow-mass-delete",
+            f"refusing to delete {what}" + (f" on {target}" if target else ""),
+            hint=hint or "check --remote-path and --path, then pass --allow-mass-delete",
         )
-        self.deletes, self.remote_files = deletes, remote_files
+        self.deletes, self.remote_files, self.target = deletes, remote_files, target
+        self.paths = paths  # some of the files whose content would be lost
 
 
 class PathEscapeError(SafetyError):

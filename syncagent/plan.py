@@ -17,9 +17,13 @@ from .agent import Entry, escaping, under_any
 __all__ = [
     "Upload", "Link", "Mkdir", "Chmod", "Delete", "Plan",
     "plan", "revision", "apply_plan", "escaping_links", "content_view",
+    "Ledger", "Verdict", "judge", "MASS_DELETE_MIN", "MASS_DELETE_RATIO",
 ]
 
 Manifest = Mapping[str, Entry]
+
+MASS_DELETE_MIN = 20  # a refusal needs more than this many files lost ...
+MASS_DELETE_RATIO = 0.5  # ... and more than this share of the remote's files
 
 
 @dataclass(frozen=True)
@@ -199,3 +203,98 @@ def escaping_links(manifest: Manifest) -> list[str]:
     """Symlinks that resolve outside the root, alone or following the tree's other links
     (``agent.resolve``, the agent's own rule): refused for safety."""
     return escaping({p: e.link for p, e in manifest.items() if e.kind == "l"})
+
+
+# ---------------------------------------------------------------- the safety policy
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """What the user has not confirmed yet, for one target: the files lost since the last
+    confirmation (path -> the digest they had), and the ratio's base: the remote's files at
+    the confirmation, fixed until the next one, so a remote that shrinks batch by batch keeps
+    the threshold where it was.
+    """
+
+    lost: Mapping[str, str | None] = field(default_factory=dict)
+    base: int = 0
+
+    @classmethod
+    def confirmed(cls, remote: Manifest, lost: Mapping[str, str | None] = (),
+                  base: int = 0) -> "Ledger":
+        """A ledger for ``remote``, carrying the losses of an earlier command not yet
+        confirmed (``lost``, with that command's ``base``); none: the remote is confirmed."""
+        lost = {p: d for p, d in dict(lost).items() if _file(remote, p) is None}
+        return cls(lost, max(base, sum(1 for e in remote.values() if e.kind == "f")))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The policy's answer for one plan."""
+
+    allowed: bool
+    lost: Mapping[str, str | None]  # files whose content the plan would leave nowhere
+    count: int  # distinct contents among them: what the threshold is about
+    base: int
+    ledger: Ledger  # the ledger once the plan is applied
+
+    @property
+    def refused(self) -> bool:
+        return not self.allowed
+
+
+def _file(m: Manifest, path: str) -> Entry | None:
+    e = m.get(path)
+    return e if e is not None and e.kind == "f" else None
+
+
+def _contents(lost: Mapping[str, str | None]) -> int:
+    """Distinct contents (a file of unknown content counts on its own)."""
+    return len({d if d is not None else ("?", p) for p, d in lost.items()})
+
+
+def judge(p: Plan, remote: Manifest, ledger: Ledger | None = None, *,
+          ratio: float = MASS_DELETE_RATIO, minimum: int = MASS_DELETE_MIN,
+          allow: bool = False) -> Verdict:
+    """May ``p`` run against ``remote``? The one mass-delete rule, for every plan.
+
+    A file is lost when it leaves the remote (deleted, or replaced by a directory or a link)
+    and its content (digest) is nowhere in the tree once the plan has run: moves and renames
+    lose nothing, and a copy kept elsewhere keeps the content. A loss stays counted until the
+    user confirms or the content comes back (at its path or elsewhere; after that, editing the
+    moved file is an edit). Losses add up over every plan judged since the confirmation, so a
+    change split into many live batches is judged as one push of the whole change. Refused
+    when more than ``minimum`` distinct contents are lost and more than ``ratio`` of the files
+    the remote held at the confirmation.
+
+    Args:
+        p: the plan, as ``plan()`` made it against ``remote``.
+        remote: the remote tree the plan applies to.
+        ledger: the losses so far; None: ``remote`` is the confirmed tree.
+        allow: the user confirmed (``--allow-mass-delete``): never refused.
+
+    Returns:
+        A Verdict; its ``ledger`` is the one to keep once the plan is applied.
+    """
+    ledger = ledger or Ledger.confirmed(remote)
+    deleted = {d.path for d in p.deletes}
+    gone = dict(ledger.lost)
+    for path in deleted:
+        e = _file(remote, path)
+        if e is not None:
+            gone[path] = e.digest
+    for u in p.uploads:  # a file at its path again: restored
+        gone.pop(u.path, None)
+    for path in [q for q in gone if q not in deleted and _file(remote, q) is not None]:
+        del gone[path]  # back on the remote by other means (another command)
+    lost = {}
+    if gone:
+        uploaded = {u.path for u in p.uploads}
+        after = {u.digest for u in p.uploads}
+        after.update(e.digest for path, e in remote.items()
+                     if e.kind == "f" and path not in deleted and path not in uploaded)
+        lost = {path: digest for path, digest in gone.items()
+                if digest is None or digest not in after}
+    count = _contents(lost)
+    allowed = allow or not (count > minimum and count > ratio * ledger.base)
+    return Verdict(allowed, lost, count, ledger.base, Ledger(lost, ledger.base))

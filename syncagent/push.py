@@ -13,19 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import agent
+from . import agent, guard
 from .config import Project, Target
 from .errors import (MassDeleteError, OperationalError, PathEscapeError, SyncAgentError,
                      WorkerStartError)
 from .ignore import Rules, restart_matcher
 from .manifest import Entry, LocalScan, local_rules, scan_local
-from .plan import Plan, apply_plan, escaping_links, plan, revision
+from .plan import (MASS_DELETE_MIN, Ledger, Plan, Verdict, apply_plan, escaping_links,
+                   judge, plan, revision)
 from .session import RemoteTree, Session
 
-__all__ = ["PushOptions", "PushResult", "FleetResult", "Syncer", "push", "push_many",
-           "MASS_DELETE_MIN"]
+__all__ = ["PushOptions", "PushResult", "FleetResult", "Syncer", "push", "push_many"]
 
-MASS_DELETE_MIN = 20
 MAX_PASSES = 3  # files that change while being sent get another pass
 Progress = Callable[[int, int, int, int], None]  # bytes sent, bytes total, files sent, total
 
@@ -96,6 +95,14 @@ class Syncer:
         self.revision: str | None = None
         self.provisioned = False
         self.needs_restart = restart_matcher(project.restart_on)
+        # The safety policy's memory: losses since the last confirmation (opened with the
+        # first remote manifest; see ``plan.judge``), and the confirmation the options carry,
+        # spent by the first reconcile (a watch's flag covers its initial reconcile only).
+        self.ledger: Ledger | None = None
+        self.allow = options.allow_mass_delete
+        self.started = False  # the first reconcile has run: the session has started
+        self.lost: dict[str, str | None] = {}  # applied losses not yet confirmed
+        self._recorded: frozenset[str] = frozenset()  # the losses guard's record holds
 
     # ---------------------------------------------------------------- connection
 
@@ -184,6 +191,8 @@ class Syncer:
             result.warnings.append("files kept changing during the push; push again when "
                                    "they settle")
         result.warnings[:0] = warnings
+        if not self.options.dry_run:
+            self._start_session()
         durations.setdefault("transfer", 0.0)
         durations["transfer"] += result.durations.get("transfer", 0.0)
         durations["total"] = time.perf_counter() - t_start
@@ -209,6 +218,19 @@ class Syncer:
         t_start = time.perf_counter()
         paths = set(paths)
         problems = [] if problems is None else list(problems)
+        p = self.note_paths(paths, fresh, problems)
+        result = self._apply(p, None, dry_run=False, force_marker=False)
+        result.warnings[:0] = [f"skipped {path}: {why}" for path, why in problems]
+        result.durations["total"] = time.perf_counter() - t_start
+        if result.unsettled and _pass < MAX_PASSES:
+            result = _merge(result, self.sync_paths(paths, None, None, _pass + 1))
+        agent.save_digest_cache(self.root, self.cache)
+        return result
+
+    def note_paths(self, paths: set[str], fresh: dict | None, problems: list) -> Plan:
+        """Take what the filesystem holds at ``paths`` into the local manifest; return the
+        plan that brings the remote there (applying it is the caller's business: a halted
+        target only takes note)."""
         if fresh is None:
             fresh = agent.scan_paths(self.root, self._compiled, paths, self.cache, problems)
         subtrees = {p for p in paths
@@ -230,13 +252,7 @@ class Syncer:
             if path not in unreadable:
                 self.local.pop(path, None)
         self.local.update(fresh)
-        result = self._apply(p, None, dry_run=False, force_marker=False)
-        result.warnings[:0] = [f"skipped {path}: {why}" for path, why in problems]
-        result.durations["total"] = time.perf_counter() - t_start
-        if result.unsettled and _pass < MAX_PASSES:
-            result = _merge(result, self.sync_paths(paths, None, None, _pass + 1))
-        agent.save_digest_cache(self.root, self.cache)
-        return result
+        return p
 
     # ---------------------------------------------------------------- applying
 
@@ -247,10 +263,72 @@ class Syncer:
                 f"symlink points outside the project root: {bad[0]}"
                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
                 hint="make it relative and inside the tree, or exclude it")
-        remote_files = sum(1 for e in self.remote.values() if e.kind != "d")
-        if (not self.options.allow_mass_delete and p.file_deletes > MASS_DELETE_MIN
-                and p.file_deletes > self.project.mass_delete_ratio * remote_files):
-            raise MassDeleteError(p.file_deletes, remote_files)
+
+    # ---------------------------------------------------------------- the safety policy
+
+    def open_ledger(self) -> Ledger:
+        """The losses not yet confirmed: this machine's record (left by an earlier command),
+        counted against the remote as it is now."""
+        if self.ledger is None:
+            record = guard.load(self.root, self.target) or {}
+            lost = record.get("lost") or {}
+            self.ledger = Ledger.confirmed(self.remote, lost, int(record.get("base") or 0))
+            self.lost = {p: d for p, d in lost.items() if p in self.ledger.lost}
+            self._recorded = frozenset(lost)
+        return self.ledger
+
+    def judge(self, p: Plan) -> Verdict:
+        """``plan.judge`` on ``p`` against the remote as known.
+
+        Raises:
+            MassDeleteError: refused (exit 3).
+        """
+        verdict = judge(p, self.remote, self.open_ledger(),
+                        ratio=self.project.mass_delete_ratio, minimum=MASS_DELETE_MIN,
+                        allow=self.allow)
+        if verdict.refused:
+            raise MassDeleteError(verdict.count, verdict.base, self.target.name,
+                                  hint=guard.way_out(self.target.name),
+                                  paths=tuple(sorted(verdict.lost)[:10]))
+        return verdict
+
+    def judge_whole(self) -> Verdict:
+        """The verdict on the whole difference between the trees as known (no I/O): what
+        a halted watch asks after each batch to know whether the files are back."""
+        return judge(plan(self.local, self.remote), self.remote, self.open_ledger(),
+                     ratio=self.project.mass_delete_ratio, minimum=MASS_DELETE_MIN)
+
+    def _start_session(self) -> None:
+        """After the first reconcile: a confirmation is spent (what follows is judged again),
+        and a tree that now holds no unconfirmed loss is the confirmed one (the ratio's base
+        becomes its file count, fixed for the rest of the session)."""
+        if not self.started:
+            self.started, self.allow = True, False
+            if not self.lost:
+                self.ledger = Ledger.confirmed(self.remote)
+
+    def _settle(self, verdict: Verdict) -> None:
+        """Keep the ledger of an applied plan, and the record when its losses changed."""
+        if self.allow:  # the user confirmed: the remote as it is now is the new baseline,
+            self.ledger, self.lost = Ledger.confirmed(self.remote), {}
+            self.record()  # and a halt (a watch's, elsewhere) is lifted
+        else:
+            self.ledger, self.lost = verdict.ledger, dict(verdict.lost)
+            if frozenset(self.lost) != self._recorded:
+                self.record()
+
+    def record(self, halted: dict | None = None) -> None:
+        """Write (or clear) this target's record: the unconfirmed losses, and a halt."""
+        if self.lost or halted:
+            guard.save(self.root, self.target, self.open_ledger().base, self.lost, halted)
+        else:
+            guard.clear(self.root, self.target)
+        self._recorded = frozenset(self.lost)
+
+    def unconfirm(self) -> None:
+        """Forget the ledger: the next reconcile opens it again from the record and the
+        remote, as a session start (after the user confirmed elsewhere)."""
+        self.ledger, self.lost, self.started = None, {}, False
 
     def _apply(self, p: Plan, progress: Progress | None, dry_run: bool,
                force_marker: bool) -> PushResult:
@@ -258,8 +336,11 @@ class Syncer:
         result = PushResult(target=self.target.name, remote_root=self.remote_root, revision=rev,
                             changed=not p.empty, dry_run=dry_run, local_files=len(self.local),
                             plan=p, paths=_changed_paths(p))
+        verdict = self.judge(p)
         if dry_run or (p.empty and not force_marker):
             self.revision = rev
+            if not dry_run:
+                self._settle(verdict)
             return result
         # where links lead changes only with links, or directories where something was deleted
         bad = escaping_links(self.local) if p.links or (p.dirs and p.deletes) else []
@@ -277,6 +358,7 @@ class Syncer:
         result.durations["transfer"] = time.perf_counter() - t0
         self.remote = apply_plan(self.remote, p, self.local)
         self.revision = rev
+        self._settle(verdict)
         result.files_sent, result.bytes_sent, result.deleted = (
             out["written"], out["bytes"], out["deleted"])
         result.links, result.dirs, result.chmods = len(p.links), len(p.dirs), len(p.chmods)

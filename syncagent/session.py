@@ -161,6 +161,10 @@ class Session:
         session = cls(target, client, endpoint)
         try:
             session.start_agent()
+        except (EOFError, OSError, paramiko.SSHException) as e:  # dropped while starting
+            session.close()
+            raise ConnectError(f"{target.name}: connection lost while starting the agent: "
+                               f"{e or type(e).__name__}") from e
         except BaseException:
             session.close()
             raise

@@ -4,7 +4,13 @@ The watcher (syncagent.watcher) yields batches and nothing else; this consumer s
 restarts the worker after a committed batch, and reports each step as an event dict:
 
     {"event": "connected" | "synced" | "disconnected" | "error" | "restart" | "ready"
-              | "warning" | "stopped", "target": ..., ...}
+              | "warning" | "halted" | "resumed" | "stopped", "target": ..., ...}
+
+A target whose plan the safety policy refuses (``plan.judge``: too many files would lose
+their content) is *halted*: nothing more is applied there, one "halted" event says so with the
+counts and the way out, and this machine's record (``guard``) tells ``syncagent status``. The
+loop keeps reading the local tree; once the files are back, or once the user confirmed with
+``push --allow-mass-delete`` (which clears the record), it says "resumed" and reconciles.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import agent
+from . import agent, guard
 from .config import Project, Target
-from .errors import ConnectError, SyncAgentError, WorkerStartError
+from .errors import ConnectError, MassDeleteError, SyncAgentError, WorkerStartError
 from .manifest import local_rules
 from .push import PushOptions, PushResult, Syncer
 from .watcher import Batch, Watcher
@@ -178,8 +184,8 @@ class TargetLoop(threading.Thread):
 
     The watch's main thread hands it batches (paths plus what the local scan found there, read
     once for all targets). A target that is down keeps no backlog: it reconciles in full once
-    it is back. A refusal at the start (unknown host key, mass delete...) ends this target's
-    loop and is kept in ``fatal``.
+    it is back. A refusal at the start (unknown host key, path escape...) ends this target's
+    loop and is kept in ``fatal``; a mass delete, at the start or later, halts it instead.
     """
 
     def __init__(self, syncer: Syncer, emit: Emit, stop: threading.Event,
@@ -189,6 +195,7 @@ class TargetLoop(threading.Thread):
         self.inbox: queue.Queue = queue.Queue()
         self.restarter = Restarter(syncer, emit, stop, gate)
         self.fatal: SyncAgentError | None = None
+        self.halted: dict | None = None  # the "halted" event, while the target is halted
 
     def submit(self, batch: Batch, fresh: dict | None, problems: list) -> None:
         self.inbox.put((batch, fresh, problems))
@@ -210,6 +217,50 @@ class TargetLoop(threading.Thread):
             problems = [p for p in problems if p[0] not in more.paths] + more_problems
             batch = Batch(batch.paths | more.paths, full, batch.first_event,
                           batch.held_for_git or more.held_for_git)
+
+    # ---------------------------------------------------------------- halted
+
+    def _halt(self, e: MassDeleteError) -> None:
+        """Stop applying anything to this target; say so once, and record it for status."""
+        if self.halted is not None:
+            return
+        name = self.syncer.target.name
+        self.halted = {"event": "halted", "target": name, "lost": e.deletes,
+                       "files": e.remote_files, "paths": list(e.paths),
+                       "since": round(time.time(), 3),
+                       "message": f"halted: {e.message}; nothing is applied to {name} until "
+                                  f"the files are back or you confirm",
+                       "way_out": guard.way_out(name)}
+        self.syncer.record(halted={k: self.halted[k] for k in
+                                   ("lost", "files", "paths", "since", "way_out")})
+        self.emit(self.halted)
+
+    def _resume(self, reason: str) -> None:
+        self.halted = None
+        self.emit({"event": "resumed", "target": self.syncer.target.name, "reason": reason})
+
+    def _confirmed_elsewhere(self) -> bool:
+        """A `push --allow-mass-delete` (any process) cleared the halt from the record."""
+        record = guard.load(self.syncer.root, self.syncer.target)
+        return record is None or not record.halted
+
+    def _while_halted(self, item) -> bool:
+        """Take note of a batch while halted (nothing is sent). True: resume now."""
+        syncer = self.syncer
+        if item is None:
+            return False
+        batch, fresh, problems = item
+        if batch.full:
+            syncer.local = dict(syncer.scan_all().entries)
+        else:
+            syncer.note_paths(set(batch.paths), fresh, list(problems))
+        if syncer.judge_whole().allowed:
+            syncer.record()  # the losses as before the halt; the halt is over
+            self._resume("files restored")
+            return True
+        return False
+
+    # ---------------------------------------------------------------- the loop
 
     def run(self) -> None:
         self.restarter.start()
@@ -249,12 +300,29 @@ class TargetLoop(threading.Thread):
                 emit({"event": "connected", "target": name, "remote_root": syncer.remote_root})
                 self.restarter.wake()
             try:
+                if self.halted is not None and self._confirmed_elsewhere():
+                    syncer.unconfirm()  # the next reconcile starts from the confirmed remote
+                    self._resume("confirmed")
+                    need_full = True
+                if self.halted is not None and not need_full:
+                    item = self._next()
+                    if self._while_halted(item):
+                        need_full = True
+                    elif item is None and time.monotonic() - last_contact >= options.ping_every:
+                        syncer.session.ping(options.ping_timeout)
+                        last_contact = time.monotonic()
+                    continue
                 if need_full:
                     while not self.inbox.empty():  # the full reconcile covers them
                         self.inbox.get_nowait()
                     t0 = time.monotonic()
-                    result = syncer.reconcile()
-                    need_full = False
+                    try:
+                        result = syncer.reconcile()
+                    finally:
+                        need_full = False  # refused: halted, no retry until something changes
+                    if self.halted is not None:
+                        syncer.record()
+                        self._resume("files restored")
                     backoff.reset()
                     emit(_synced(result, time.monotonic() - t0, full=True))
                     last_contact = time.monotonic()
@@ -294,6 +362,8 @@ class TargetLoop(threading.Thread):
                 connected = False
                 syncer.close()
                 emit({"event": "disconnected", "target": name, "error": str(e), "retry_in": 0})
+            except MassDeleteError as e:
+                self._halt(e)
             except SyncAgentError as e:
                 if syncer.revision is None and e.exit_code != 1:
                     raise  # refused before anything was synced (safety, config): user acts
@@ -313,7 +383,8 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
 
     Raises:
         SafetyError, ConfigError: every target was refused at its start (unknown host key,
-            mass delete, ...). Connection failures are retried with backoff, never raised.
+            path escape, ...). Connection failures are retried with backoff, never raised; a
+            mass delete halts its target (see above), it does not end the watch.
     """
     targets = [targets] if isinstance(targets, Target) else list(targets)
     rules = local_rules(str(project.root), project.exclude, project.protect)

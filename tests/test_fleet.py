@@ -151,3 +151,45 @@ def test_a_target_that_goes_down_is_reconciled_on_return(fleet, project):
         stop.set()
         thread.join(timeout=20)
         (project / "notes.txt").unlink(missing_ok=True)
+
+
+def test_a_mass_delete_halts_only_its_own_target(fleet, project):
+    """g2's remote holds 80 files the local tree does not: a push refuses g2 alone (exit 3),
+    a watch halts g2 alone while g1 and g3 keep syncing, and confirming g2 lifts its halt."""
+    proj = load_project(project)
+    targets = [resolve_target(n, proj) for n in NAMES]
+    assert not push_many(proj, targets, PushOptions(restart=False)).errors
+    junk = remote(fleet[1]) / "junk"
+    junk.mkdir()
+    for i in range(80):
+        (junk / f"j{i}.txt").write_text(f"only on g2 {i}\n")
+    set_version(project, "halt-1")
+    result = push_many(proj, targets, PushOptions(restart=False))
+    assert set(result.errors) == {"g2"} and result.exit_code == 3
+    assert "refusing to delete 80 of" in str(result.errors["g2"])
+    assert same_tree(fleet[0], project) and same_tree(fleet[2], project)
+    assert len(list(junk.iterdir())) == 80
+    events, stop = [], threading.Event()
+    thread = threading.Thread(target=watch, daemon=True, args=(
+        proj, targets, events.append, stop, PushOptions(restart=False), WatchOptions()))
+    thread.start()
+    try:
+        wait_until(lambda: [e for e in events if e["event"] == "halted"], 30, "g2 halted")
+        (project / "notes.txt").write_text("written while g2 is halted\n")
+        for box in (fleet[0], fleet[2]):
+            wait_until(lambda b=box: same_tree(b, project), 15, f"notes.txt on {box.name}")
+        assert not (remote(fleet[1]) / "notes.txt").exists()
+        assert [e["target"] for e in events if e["event"] == "halted"] == ["g2"]
+        confirmed = push_many(proj, [targets[1]], PushOptions(restart=False,
+                                                             allow_mass_delete=True))
+        assert not confirmed.errors
+        wait_until(lambda: any(e["event"] == "resumed" and e["target"] == "g2"
+                               for e in events), 15, "g2 resumed")
+        (project / "notes.txt").write_text("and after\n")
+        wait_until(lambda: all(same_tree(b, project) for b in fleet), 30,
+                   "every target equal to the local tree")
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+        (project / "notes.txt").unlink(missing_ok=True)
+        shutil.rmtree(junk, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""The pure planner: table-driven cases and the invariant that applying a plan yields local."""
+"""The pure planner and its safety policy: table-driven cases, and the invariants (applying a
+plan yields local; moves never count as losses; live batches are judged as one push of the same
+change, and cannot walk past the mass-delete threshold however the change is split)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncagent.agent import Entry
-from syncagent.plan import (Chmod, Delete, Link, Mkdir, Upload, apply_plan, content_view,
-                            escaping_links, plan, revision)
+from syncagent.plan import (Chmod, Delete, Ledger, Link, Mkdir, Upload, apply_plan,
+                            content_view, escaping_links, judge, plan, revision)
 
 
 def F(digest, mode=0o644, size=1, mtime=1):
@@ -120,3 +122,220 @@ def test_applying_the_plan_yields_the_local_tree(local, remote):
 @given(manifests())
 def test_plan_of_equal_trees_is_empty(tree):
     assert plan(tree, dict(tree)).empty
+
+
+# ---------------------------------------------------------------- the safety policy: judge()
+
+
+def tree(n, prefix="app", digest="c"):
+    """``n`` files of distinct content under ``prefix``/."""
+    out = {prefix: D()}
+    out.update({f"{prefix}/m{i}.py": F(f"{digest}{i}") for i in range(n)})
+    return out
+
+
+def moved(m, old, new):
+    return {(new + p[len(old):] if p == old or p.startswith(old + "/") else p): e
+            for p, e in m.items()}
+
+
+def without(m, *prefixes):
+    return {p: e for p, e in m.items()
+            if not any(p == x or p.startswith(x + "/") for x in prefixes)}
+
+
+JUDGE_CASES = [
+    # (id, remote, local, lost, allowed)
+    ("rename the only package", tree(81), moved(tree(81), "app", "src"), 0, True),
+    ("rm -rf the only package", tree(40), {}, 40, False),
+    ("21 of 40 lost", tree(40), without(tree(40), *[f"app/m{i}.py" for i in range(21)]),
+     21, False),
+    ("20 of 30 lost: not more than 20", tree(30),
+     without(tree(30), *[f"app/m{i}.py" for i in range(20)]), 20, True),
+    ("21 of 50 lost: not more than half", tree(50),
+     without(tree(50), *[f"app/m{i}.py" for i in range(21)]), 21, True),
+    ("content kept in a copy is not lost", {**tree(40), "keep": D(),
+                                            **{f"keep/{i}": F(f"c{i}") for i in range(40)}},
+     {"keep": D(), **{f"keep/{i}": F(f"c{i}") for i in range(40)}}, 0, True),
+    ("move plus an edit of every file: content gone", tree(30),
+     {p.replace("app", "src"): F(e.digest + "'") if e.kind == "f" else e
+      for p, e in tree(30).items()}, 30, False),
+    ("file turned into a directory loses its content", {f"m{i}": F(f"c{i}") for i in range(30)},
+     {**{f"m{i}": D() for i in range(30)}}, 30, False),
+    ("identical copies are one content", {f"m{i}": F("same") for i in range(40)}, {}, 1, True),
+    ("edits are not deletes", tree(40), {p: F(e.digest + "'") if e.kind == "f" else e
+                                         for p, e in tree(40).items()}, 0, True),
+]
+
+
+@pytest.mark.parametrize("remote,local,lost,allowed", [c[1:] for c in JUDGE_CASES],
+                         ids=[c[0] for c in JUDGE_CASES])
+def test_judge_cases(remote, local, lost, allowed):
+    verdict = judge(plan(local, remote), remote)
+    assert (verdict.count, verdict.allowed) == (lost, allowed)
+
+
+def test_judge_allow_confirms_anything():
+    assert judge(plan({}, tree(40)), tree(40), allow=True).allowed
+
+
+def test_judge_ratio_is_the_projects():
+    remote = tree(100)
+    local = without(remote, *[f"app/m{i}.py" for i in range(30)])
+    assert judge(plan(local, remote), remote).allowed
+    assert judge(plan(local, remote), remote, ratio=0.25).refused
+
+
+def test_a_storm_of_small_batches_cannot_walk_past():
+    """40 files deleted one per batch: the 21st loss is refused, as one push of the 21."""
+    remote, ledger = tree(40), None
+    for i in range(40):
+        local = without(remote, f"app/m{i}.py")
+        verdict = judge(plan(local, remote), remote, ledger)
+        if verdict.refused:
+            break
+        remote, ledger = apply_plan(remote, plan(local, remote), local), verdict.ledger
+    assert i == 20 and verdict.count == 21 and verdict.base == 40
+
+
+def test_files_that_arrived_since_the_confirmation_are_guarded_too():
+    """A remote confirmed empty, filled by live batches, then rm -rf: all 40 count."""
+    remote, ledger = {}, None
+    local = tree(40)
+    for path in sorted(local):  # one file per batch, as a watch would send them
+        p = plan({path: local[path]}, {})
+        verdict = judge(p, remote, ledger)
+        remote, ledger = apply_plan(remote, p, local), verdict.ledger
+    verdict = judge(plan({}, remote), remote, ledger)
+    assert verdict.refused and (verdict.count, verdict.base) == (40, 0)
+
+
+def test_restoring_the_files_takes_the_losses_back():
+    remote = tree(40)
+    local = without(remote, *[f"app/m{i}.py" for i in range(15)])
+    v1 = judge(plan(local, remote), remote)
+    remote = apply_plan(remote, plan(local, remote), local)
+    assert len(v1.lost) == 15
+    back = tree(40)  # the same content at the same paths again
+    v2 = judge(plan(back, remote), remote, v1.ledger)
+    assert v2.allowed and not v2.lost and not v2.ledger.lost
+
+
+def test_losses_are_carried_over_from_an_earlier_command():
+    """A new command opens its ledger from the record: 15 lost earlier + 10 now > 20."""
+    remote = without(tree(40), *[f"app/m{i}.py" for i in range(15)])
+    earlier = {f"app/m{i}.py": f"c{i}" for i in range(15)}
+    local = without(remote, *[f"app/m{i}.py" for i in range(15, 25)])
+    assert judge(plan(local, remote), remote).allowed  # without the record: 10 of 25
+    verdict = judge(plan(local, remote), remote, Ledger.confirmed(remote, earlier, 40))
+    assert verdict.refused and verdict.count == 25 and verdict.base == 40
+
+
+# ---------------------------------------------------------------- properties of judge()
+
+@st.composite
+def changes(draw):
+    """A remote tree of files with distinct content, and a local tree made from it by
+    keeping, deleting, moving (file or whole directory), editing and creating files."""
+    n = draw(st.integers(1, 70))
+    dirs = draw(st.integers(1, 4))
+    remote = {f"d{i}": D() for i in range(dirs)}
+    remote.update({f"d{i % dirs}/f{i}": F(f"c{i}") for i in range(n)})
+    local = dict(remote)
+    deleting = draw(st.sampled_from([0.1, 0.6, 0.9]))  # share of files deleted, roughly
+    for i in range(n):
+        path = f"d{i % dirs}/f{i}"
+        what = "delete" if draw(st.floats(0, 1)) < deleting else draw(
+            st.sampled_from(["keep", "move", "edit"]))
+        if what == "delete":
+            del local[path]
+        elif what == "move":
+            local[f"moved/{path}"] = local.pop(path)
+        elif what == "edit":
+            local[path] = F(f"c{i}'")
+    for i in draw(st.sets(st.integers(0, dirs - 1))):  # whole directories moved
+        local = moved(local, f"d{i}", f"r{i}")
+    local.update({f"new{i}": F(f"n{i}") for i in range(draw(st.integers(0, 5)))})
+    if any(p.startswith("moved/") for p in local):
+        local["moved"] = D()
+        local.update({f"moved/d{i}": D() for i in range(dirs)})
+    return remote, local
+
+
+def batches_of(draw, remote, local):
+    """The changed paths of the change, split at random into batches."""
+    changed = sorted(p for p in set(remote) | set(local) if remote.get(p) != local.get(p))
+    order = draw(st.permutations(changed))
+    cuts = sorted(draw(st.sets(st.integers(0, len(order)), max_size=6)))
+    edges = [0] + cuts + [len(order)]
+    return [set(order[a:b]) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def batch_plan(local, remote, paths):
+    """The plan of a live batch naming ``paths`` (what the watcher hands over)."""
+    return plan({p: e for p, e in local.items() if p in paths},
+                {p: e for p, e in remote.items() if p in paths})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 60), st.data())
+def test_moves_never_count(n, data):
+    remote = tree(n)
+    remote.update({"lib": D(), **{f"lib/x{i}": F(f"x{i}") for i in range(n)}})
+    local = dict(remote)
+    for path in data.draw(st.lists(st.sampled_from(sorted(remote)), unique=True)):
+        if path in local and local[path].kind == "f":
+            local[f"elsewhere/{path.replace('/', '_')}"] = local.pop(path)
+    local["elsewhere"] = D()
+    if data.draw(st.booleans()):
+        local = moved(local, "app", "src")  # the top package renamed, too
+    verdict = judge(plan(local, remote), remote)
+    assert verdict.allowed and not verdict.lost
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes(), st.data())
+def test_a_live_batch_is_judged_as_a_one_shot_push_of_the_same_change(change, data):
+    remote, local = change
+    paths = batches_of(data.draw, remote, local)[0] if remote != local else set()
+    live = batch_plan(local, remote, paths)
+    after = apply_plan(remote, live, local)  # the tree the batch leads to
+    one_shot = plan(after, remote)
+    a, b = judge(live, remote), judge(one_shot, remote)
+    assert (a.allowed, dict(a.lost)) == (b.allowed, dict(b.lost))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes(), st.data())
+def test_losses_over_the_threshold_are_refused_whatever_the_split(change, data):
+    remote, local = change
+    whole = judge(plan(local, remote), remote)
+    current, ledger, refused = remote, None, False
+    for paths in batches_of(data.draw, remote, local):
+        p = batch_plan(local, current, paths)
+        verdict = judge(p, current, ledger)
+        if verdict.refused:
+            refused = True
+            break
+        current, ledger = apply_plan(current, p, local), verdict.ledger
+    if whole.refused:
+        assert refused
+    if not refused:  # every batch ran: the losses are exactly the one-shot push's
+        assert content_view(current) == content_view(local)
+        final = judge(plan(local, current), current, ledger)
+        assert dict(final.lost) == dict(whole.lost)
+
+
+def test_a_file_moved_then_edited_is_not_lost():
+    """Seen live, a rename resolves the loss; editing the moved file later is an edit."""
+    remote = tree(40)
+    local = moved(remote, "app", "src")
+    v1 = judge(plan(without(local, "src"), remote), remote)  # the deletes' batch first
+    assert v1.count == 40 and v1.refused
+    half = without(remote, "app")  # had it run: the creates' batch brings the content back
+    v2 = judge(plan(local, half), half, v1.ledger)
+    assert v2.allowed and not v2.lost
+    after = apply_plan(half, plan(local, half), local)
+    edited = {p: F(e.digest + "'") if e.kind == "f" else e for p, e in local.items()}
+    v3 = judge(plan(edited, after), after, v2.ledger)
+    assert v3.allowed and v3.count == 0

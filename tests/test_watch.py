@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -21,11 +22,13 @@ import pytest
 import redis
 
 from syncagent import agent
+from syncagent.cli import main
 from syncagent.config import load_project, resolve_target
 from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
+from tests.helpers.faultproxy import FaultProxy
 from tests.helpers.procs import provisioned_sandbox, sandbox_broker, children_of, wait_until
 
 RULES = build_rules().compiled()
@@ -273,3 +276,213 @@ def test_status_restart_logs_and_doctor_commands(lbx, broker, capsys):
     names = {c["name"]: c["status"] for c in report["checks"]}
     assert names["redis broker"] == "ok" and names["celery app"] == "ok"
     assert code == 1  # the demo has no Flask API: that check fails, and says so
+
+
+# ---------------------------------------------------------------- the safety policy, live
+# These use the plain sandbox (sshd only, no worker): the policy judges plans, not restarts.
+
+SYNCAGENT = str(Path(sys.executable).parent / "syncagent")
+
+
+def packages(root: Path, **sizes: int) -> Path:
+    """A project of packages with ``sizes[name]`` files each, every file its own content."""
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"m{i}.py").write_text(f"# {name} module {i}\nVALUE = {i}\n")
+    (root / "README.txt").write_text("the project\n")
+    return root
+
+
+@pytest.fixture
+def live(box, tmp_path):
+    """A local project and its remote path in the plain sandbox, as target 'sbx'."""
+    root = tmp_path / "proj"
+    remote = Path(box.remote_root) / f"live-{tmp_path.name}"
+    yield root, remote
+    shutil.rmtree(remote, ignore_errors=True)
+
+
+def sbx(root: Path, remote: Path):
+    project = load_project(root)
+    return project, resolve_target("sbx", project, remote_path=str(remote))
+
+
+def status_elsewhere(root: Path, remote: Path) -> dict:
+    """`syncagent status --json` run as another process, as a user in a second terminal."""
+    out = subprocess.run([SYNCAGENT, "status", "sbx", "--path", str(root), "--remote-path",
+                          str(remote), "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def remote_files(remote: Path) -> int:
+    return sum(1 for p in remote.rglob("*") if p.is_file() and ".syncagent" not in p.parts)
+
+
+def test_moves_then_a_dropped_connection_converge(box, tmp_path, live):
+    """The regression: directory moves, then a reconnect whose reconcile sees 56 of 81
+    files 'deleted' (all of them moved). It used to refuse every reconcile, every 10 s,
+    for good; moves lose nothing, so it converges."""
+    from tests.test_faults import Watching as ProxiedWatching, settled_equal, via
+
+    root, remote = live
+    packages(root, app=30, lib=26, tools=24)  # 81 files with README.txt
+    with FaultProxy(box.port, lifetime=120) as proxy:
+        target = via(box, proxy, tmp_path, str(remote))
+        with ProxiedWatching(load_project(root), target, ping_every=0.3,
+                             ping_timeout=1.0) as w:
+            (root / "app").rename(root / "src")  # a live move, connected
+            wait_until(lambda: settled_equal(remote, root), 15, "the live move")
+            proxy.refuse()
+            proxy.drop()
+            wait_until(lambda: w.of("disconnected"), 15, "the drop to be noticed")
+            (root / "src").rename(root / "core")  # moves while the link is down
+            (root / "pkg").mkdir()
+            (root / "lib").rename(root / "pkg" / "lib")
+            proxy.refuse(False)
+            wait_until(lambda: settled_equal(remote, root), 30,
+                       "the reconcile after the reconnect")
+            assert len(w.of("connected")) >= 2
+            assert not w.of("error") and not w.of("halted"), w.of("error")
+
+
+def test_renaming_the_only_package_passes_live_and_one_shot(live, capsys):
+    root, remote = live
+    packages(root, app=40)
+    project, target = sbx(root, remote)
+    assert push(project, target, PushOptions(restart=False)).changed
+    (root / "app").rename(root / "src")
+    code = main(["push", "sbx", "--path", str(root), "--remote-path", str(remote),
+                 "--no-restart"])
+    assert code == 0, capsys.readouterr().err
+    assert remote_equals(remote, root)
+    with Watching2(project, target) as w:
+        (root / "src").rename(root / "app")
+        wait_until(lambda: remote_equals(remote, root), 15, "the rename, live")
+        assert not w.of("halted") and not w.of("error")
+
+
+def test_rm_rf_during_watch_halts_the_target_until_the_files_are_back(live, tmp_path, box):
+    root, remote = live
+    packages(root, src=40)
+    project, target = sbx(root, remote)
+    with Watching2(project, target, ping_every=0.3, ping_timeout=1.0) as w:
+        backup = tmp_path / "backup"
+        shutil.copytree(root / "src", backup)
+        shutil.rmtree(root / "src")
+        halted = wait_until(lambda: w.of("halted"), 15, "the halt")[0]
+        assert (halted["lost"], halted["files"]) == (40, 41)
+        assert "syncagent push sbx --allow-mass-delete" in halted["way_out"]
+        assert remote_files(remote) == 41  # nothing deleted
+        (root / "notes.txt").write_text("written while halted\n")
+        status = status_elsewhere(root, remote)  # another process sees the halt
+        assert status["halted"]["lost"] == 40 and status["halted"]["files"] == 41
+        assert "--allow-mass-delete" in status["halted"]["way_out"]
+        human = subprocess.run([SYNCAGENT, "status", "sbx", "--path", str(root),
+                                "--remote-path", str(remote)], capture_output=True, text=True,
+                               timeout=60).stdout
+        assert "HALTED" in human and "refused to delete 40 of 41" in human
+        assert not (remote / "notes.txt").exists()  # nothing more is applied there
+        for pid in children_of(box.sshd_pid):  # a reconnect while halted: no new message
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(w.of("connected")) >= 2, 30, "the reconnect")
+        shutil.copytree(backup, root / "src")  # the files are back
+        wait_until(lambda: w.of("resumed"), 15, "the resume")
+        wait_until(lambda: remote_equals(remote, root), 15, "notes.txt after the resume")
+        assert len(w.of("halted")) == 1 and w.of("resumed")[0]["reason"] == "files restored"
+    assert status_elsewhere(root, remote)["halted"] is None
+
+
+def test_a_halt_is_lifted_by_push_allow_mass_delete_from_another_terminal(live):
+    root, remote = live
+    packages(root, src=30, keep=2)
+    project, target = sbx(root, remote)
+    with Watching2(project, target) as w:
+        shutil.rmtree(root / "src")
+        wait_until(lambda: w.of("halted"), 15, "the halt")
+        out = subprocess.run([SYNCAGENT, "push", "sbx", "--path", str(root), "--remote-path",
+                              str(remote), "--no-restart"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 3 and "refusing to delete 30 of 33" in out.stderr
+        out = subprocess.run([SYNCAGENT, "push", "sbx", "--path", str(root), "--remote-path",
+                              str(remote), "--no-restart", "--allow-mass-delete"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: w.of("resumed"), 15, "the resume")
+        assert w.of("resumed")[0]["reason"] == "confirmed"
+        (root / "after.txt").write_text("live again\n")
+        wait_until(lambda: remote_equals(remote, root), 15, "live syncing again")
+        assert len(w.of("halted")) == 1
+
+
+def test_a_storm_of_single_deletes_cannot_walk_past_the_guard(live):
+    """Deleting 40 files one batch at a time: the 21st loss halts the target."""
+    root, remote = live
+    packages(root, src=40)
+    project, target = sbx(root, remote)
+    with Watching2(project, target) as w:
+        for i in range(40):
+            (root / "src" / f"m{i}.py").unlink()
+            wait_until(lambda: w.of("halted") or not (remote / "src" / f"m{i}.py").exists(),
+                       15, f"the delete of m{i}.py")
+            if w.of("halted"):
+                break
+        assert i == 20 and w.of("halted")[0]["lost"] == 21
+        assert len(list((remote / "src").iterdir())) == 20  # 20 went, the rest is kept
+
+
+def remote_equals(remote: Path, root: Path) -> bool:
+    return content_view(agent.scan(str(remote), RULES)) == content_view(
+        agent.scan(str(root), RULES))
+
+
+class Watching2:
+    """`watch` on a plain target (no worker) in a thread, its events in a list."""
+
+    def __init__(self, project, target, **options):
+        self.project, self.target, self.options = project, target, options
+        self.events: list[dict] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            watch(self.project, self.target, self.events.append, self.stop,
+                  PushOptions(restart=False), WatchOptions(**self.options))
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def __enter__(self):
+        self.thread.start()
+        wait_until(lambda: self.error or self.of("synced"), 30, "the initial reconcile")
+        assert self.error is None, self.error
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()
+        if self.error and exc[0] is None:
+            raise self.error
+
+    def of(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+
+def test_halted_and_resumed_events_render_as_one_line_and_a_status_line():
+    from syncagent.cli import _render_event, _StatusBoard
+
+    event = {"event": "halted", "target": "gpu", "lost": 40, "files": 41, "paths": [],
+             "message": "halted: refusing to delete 40 of 41 remote files on gpu",
+             "way_out": "run `syncagent push gpu --allow-mass-delete`"}
+    line = _render_event(event)
+    assert "HALTED" in line and "40 of 41" in line and "--allow-mass-delete" in line
+    board = _StatusBoard(["gpu"], live=False)
+    board.state["gpu"]["state"] = "watching"
+    board.show(event, line)
+    board.show({"event": "disconnected", "target": "gpu"}, "")
+    assert board.state["gpu"]["state"].startswith("HALTED (40 of 41")
+    board.show({"event": "resumed", "target": "gpu", "reason": "files restored"}, "")
+    assert board.state["gpu"]["state"] == "watching"
