@@ -334,7 +334,8 @@ def test_supervisord_killed_is_a_clear_error_and_provision_brings_it_back(capsys
     assert main(["provision", "fbx", *argv, "--venv", sys.prefix]) == 0
     assert broker.send_task("app.tasks.demo.version").get(timeout=20) == "v-after-supervisord"
     fbx_state = sandbox.status("fbx", fbx.dir)
-    assert sandbox._supervisord_pid(fbx_state) != pid  # `sandbox down` stops the new one
+    new = sandbox._recorded_supervisord(fbx_state)
+    assert new != pid and new in sandbox.started_through(fbx.dir)  # `down` stops it
 
 
 def restart_redis(box, port: int) -> None:
