@@ -1149,6 +1149,32 @@ def _marker(root, colour):
     return read_state(root, "ready-%s.json" % colour)
 
 
+def _failed_start(root, colour):
+    """The slot's failed-start record (worker/ready.py writes it), or None."""
+    try:
+        with open(os.path.join(root, STATE_DIR, "failed-%s.json" % colour)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def failing(programs, live, pushed):
+    """The failed start that matters now, or None: the newest one of the pushed revision,
+    made after the live worker got ready (a failure of a revision no longer pushed, or one
+    a later start has overtaken, is history)."""
+    found = None
+    for colour, p in programs.items():
+        failed = p.get("failed")
+        if not failed or p.get("ready") or failed.get("revision") != pushed:
+            continue
+        if live and failed.get("time", 0) <= live.get("time", 0):
+            continue
+        if found is None or failed.get("time", 0) > found.get("time", 0):
+            found = dict(failed, colour=colour)
+    return found
+
+
 # ---------------------------------------------------------------- secrets
 # The secret rule set is worker/secret_rules.py; the agent must stay one file, so the block
 # below is a verbatim copy (tests/test_secrets.py checks it). .env.worker is read the way
@@ -1361,7 +1387,8 @@ def worker_state(root, group="worker"):
         marker = _marker(root, colour)
         ready = bool(marker and marker.get("pid") == info["pid"] and info["pid"])
         programs[colour] = {"state": info["statename"], "pid": info["pid"],
-                            "ready": ready, "marker": marker if ready else None}
+                            "ready": ready, "marker": marker if ready else None,
+                            "failed": _failed_start(root, colour)}
         if ready and info["statename"] in ("STARTING", "RUNNING"):
             if live is None or marker.get("time", 0) > live.get("time", 0):
                 live = dict(marker, colour=colour)
@@ -1369,6 +1396,7 @@ def worker_state(root, group="worker"):
     last = read_state(root, "last-restart.json")
     return {"supervisord": "running", "programs": programs, "live": live, "conf": conf,
             "last_restart": last,
+            "failing": failing(programs, live, (read_revision(root) or {}).get("revision")),
             "supervisorctl": "%s -c %s status" % (_supervisorctl(root, group), conf)}
 
 
@@ -1402,6 +1430,11 @@ class _Restart(object):
         return self.proxy.supervisor.getProcessInfo(self.name(colour))
 
     def start(self, colour):
+        """Start a slot on purpose: its earlier failed starts no longer count."""
+        try:
+            os.unlink(os.path.join(self.root, STATE_DIR, "failed-%s.json" % colour))
+        except OSError:
+            pass
         try:
             self.proxy.supervisor.startProcess(self.name(colour), False)
         except xmlrpc.client.Fault as e:
@@ -1451,6 +1484,11 @@ class _Restart(object):
                     and marker.get("pid") == info["pid"]
                     and marker.get("revision") in (self.revision, _pushed(self.root))):
                 return marker
+            failed = _failed_start(self.root, colour)
+            if failed:  # the launcher exited before it was ready (whatever its exit code)
+                self.stop(colour)  # no retry loop on code that cannot start
+                raise _StartFailed(colour, "failing", log_tail(self.root, self.group, colour,
+                                                              log_offset), failed.get("error"))
             if info["statename"] in ("BACKOFF", "EXITED", "FATAL"):
                 self.stop(colour)  # no retry loop on code that cannot start
                 raise _StartFailed(colour, info["statename"],
@@ -1485,9 +1523,9 @@ def _pushed(root):
 
 
 class _StartFailed(Exception):
-    def __init__(self, colour, state, tail):
+    def __init__(self, colour, state, tail, error=None):
         Exception.__init__(self, state)
-        self.colour, self.state, self.tail = colour, state, tail
+        self.colour, self.state, self.tail, self.error = colour, state, tail, error
 
 
 def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
@@ -1552,8 +1590,10 @@ def _restart(r, mode, grace):
             new = current
             marker = r.launch(new)
     except _StartFailed as e:
-        out.update(colour=e.colour, failure="the new code did not start (%s)" % e.state.lower(),
-                   log_tail=e.tail, serving=[c for c in live if mode == "blue-green"])
+        failure = ("the new code did not start: %s" % e.error if e.error else
+                   "the new code did not start (%s)" % e.state.lower())
+        out.update(colour=e.colour, failure=failure, failing=e.error, log_tail=e.tail,
+                   serving=[c for c in live if mode == "blue-green"])
         r.timings["total"] = time.monotonic() - t0
         out["timings"] = r.timings
         return out

@@ -483,6 +483,8 @@ def _status_detail(r: dict) -> None:
                   "(older than the push: no restart-worthy change since, or not restarted)"))
     for colour, p in sorted(r["programs"].items()):
         click.echo(f"  {colour:<6}  {p['state']:<9} pid {p['pid'] or '-'}")
+    if r.get("failing"):
+        click.echo(_failing_line(r["failing"]))
     last = r.get("last_restart")
     if last:
         click.echo(f"  last restart: {last['mode']} onto {last['revision'][:7]}, "
@@ -496,6 +498,12 @@ def _status_detail(r: dict) -> None:
     click.echo(f"  on the remote: {r['supervisorctl']}")
 
 
+def _failing_line(failing: dict) -> str:
+    return (f"  worker failing: {failing.get('error')} ({failing.get('colour')}, "
+            f"{failing.get('count')} failed start{'s' if failing.get('count') != 1 else ''} "
+            f"of {(failing.get('revision') or '-')[:7]})")
+
+
 def _status_table(results: list[dict]) -> None:
     """One line per target, and whether they all run the same code."""
     click.echo(f"{'TARGET':<14} {'STATE':<13} {'PUSHED':<8} {'LIVE':<8} {'RESTART':>8}  NODE")
@@ -505,11 +513,14 @@ def _status_table(results: list[dict]) -> None:
                        f"{r['error']}")
             continue
         state = ("HALTED" if r.get("halted") else "no worker" if not r["provisioned"] else
+                 "failing" if r.get("failing") else
                  "live" if r["live"] else "stale")
         last = (r.get("last_restart") or {}).get("timings", {}).get("total")
         click.echo(f"{r['target']:<14} {state:<13} {(r['pushed_revision'] or '-')[:7]:<8} "
                    f"{(r['live_revision'] or '-')[:7]:<8} "
                    f"{f'{last:.1f} s' if last is not None else '-':>8}  {r['live_node'] or ''}")
+        if r.get("failing"):
+            click.echo(f"{'':<14}" + _failing_line(r["failing"]))
     for r in results:
         if r.get("halted"):
             click.echo(f"{r['target']}: halted, {r['halted']['lost']} of "

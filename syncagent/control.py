@@ -39,7 +39,11 @@ def _boot_state(session: Session, target: Target) -> dict:
 
 def status(project: Project, target: Target) -> dict:
     """Local vs pushed vs live revision, the worker's programs, whether it comes back after a
-    reboot, and the remote's paths."""
+    reboot, and the remote's paths.
+
+    ``failing`` holds the failed start of the pushed revision (its ``error`` line, ``count``,
+    ``colour``), and ``exit_code`` is then 1.
+    """
     rules = local_rules(str(project.root), project.exclude)
     local = revision(scan_local(str(project.root), rules).entries)
     with Session.open(target) as session:
@@ -48,6 +52,7 @@ def status(project: Project, target: Target) -> dict:
     pushed = (body.get("revision") or {}).get("revision")
     worker = body.get("worker")
     live = (worker or {}).get("live") or {}
+    failing = (worker or {}).get("failing")
     return {
         "target": target.name,
         "remote_root": target.remote_path,
@@ -68,6 +73,9 @@ def status(project: Project, target: Target) -> dict:
         "boot": boot.get("boot"),
         "boot_unit": boot.get("unit"),
         "halted": halted(project, target),
+        # the pushed revision failed to start (the launcher's error line, secrets masked)
+        "failing": failing,
+        "exit_code": 1 if failing else 0,
     }
 
 

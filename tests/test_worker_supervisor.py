@@ -1,23 +1,28 @@
 """worker.supervisor_conf: reference files, and a real supervisord running the demo worker."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import supervisor
 
+from syncagent.cli import main
+from tests.helpers.old_redis import install_old_redis
 from tests.helpers.procs import (
     RedisServer, redis_server, start_process, stop_process, supervisor_rpc, wait_until,
 )
 from worker import env as envmod
-from worker import ready
+from worker import launch, ready
 from worker import supervisor_conf as sc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +53,11 @@ def test_rendered_settings() -> None:
                  "redirect_stderr=true", "command=/srv/p/venv/bin/python -m worker run"):
         assert programs.count(line) == 3, line
     assert programs.count("autostart=true") == 1
+    # an exit before the readiness marker is a failed start: two retries, then the slot stays
+    # down (the launcher's GAVE_UP_EXIT is the one expected code); any other exit restarts
+    for line in ("autorestart=unexpected", f"exitcodes={launch.GAVE_UP_EXIT}",
+                 f"startretries={launch.MAX_STARTS - 1}"):
+        assert programs.count(line) == 3, line
     assert sc.supervisorctl_command("/srv/p/.syncagent/supervisord.conf") == (
         "supervisorctl -c /srv/p/.syncagent/supervisord.conf status")
     unit = sc.render_systemd_unit(layout)
@@ -138,3 +148,87 @@ def test_write_configs_refuses_an_unrepresentable_root_before_writing(tmp_path: 
     with pytest.raises(ValueError, match="over the 107 a unix socket allows"):
         sc.write_configs(sc.Layout(root=str(deep), venv=sys.prefix))
     assert not deep.exists()
+
+
+@contextlib.contextmanager
+def supervised(tmp_path: Path, root: Path, pythonpath: str) -> Iterator[tuple[sc.Layout, object]]:
+    """supervisord (in the foreground, stopped at the end) running ``root``'s worker slots."""
+    layout = sc.Layout(root=str(root), venv=sys.prefix, name="worker", stopwaitsecs=30)
+    conf = sc.write_configs(layout, extra_env={"PYTHONPATH": pythonpath})
+    env = {k: v for k, v in os.environ.items() if k not in envmod.KNOWN_VARIABLES}
+    log = tmp_path / "supervisord.out"
+    proc = start_process([layout.bin("supervisord"), "-n", "-c", str(conf)], log, env=env)
+    rpc = supervisor_rpc(layout.socket_path)
+    try:
+        wait_until(lambda: rpc.supervisor.getState()["statename"] == "RUNNING", 15,
+                   "supervisord RUNNING")
+        yield layout, rpc
+    except BaseException:
+        print(log.read_text(errors="replace"))
+        worker_log = Path(layout.state) / "logs" / "worker-blue.log"
+        if worker_log.exists():
+            print(worker_log.read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        rpc("close")()
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def old_redis(tmp_path_factory) -> Path:
+    return install_old_redis(tmp_path_factory.mktemp("pins"))
+
+
+def test_worker_that_cannot_start_stops_and_status_says_why(tmp_path: Path, box, old_redis,
+                                                            capsys) -> None:
+    """The real case of issue 10: redis 5.0.1 beside kombu 5.7. Celery exits 0 when kombu
+    refuses its transport; supervisord used to restart it forever while status said RUNNING."""
+    with redis_server(tmp_path / "redis") as redis_srv:
+        root = _project(tmp_path / "p", redis_srv)
+        with supervised(tmp_path, root, f"{old_redis}:{REPO}") as (layout, rpc):
+            def given_up():
+                info = rpc.supervisor.getProcessInfo("worker:worker-blue")
+                failed = ready.read_failed_start(root, "blue") or {}
+                return info if (info["statename"] in ("EXITED", "FATAL")
+                                and failed.get("count") == launch.MAX_STARTS) else None
+
+            info = wait_until(given_up, 90, "worker-blue down after its failed starts")
+            assert info["statename"] == "FATAL" or info["exitstatus"] == launch.GAVE_UP_EXIT
+            text = (Path(layout.state) / "logs" / "worker-blue.log").read_text()
+            assert text.count("starting tundra-gpu-blue-") == launch.MAX_STARTS, text[-3000:]
+            assert "Redis transport requires redis-py versions 6.1.0" in text
+            failed = ready.read_failed_start(root, "blue")
+            assert failed["error"] == ("kombu.exceptions.VersionMismatch: Redis transport "
+                                       "requires redis-py versions 6.1.0 or later. "
+                                       "You have 5.0.1")
+            assert failed["revision"] == REVISION
+
+            local = tmp_path / "local"
+            local.mkdir()
+            code = main(["status", "sbx", "--path", str(local), "--remote-path", str(root)])
+            out = capsys.readouterr().out
+            assert code == 1, out
+            assert ("worker failing: kombu.exceptions.VersionMismatch: Redis transport requires "
+                    "redis-py versions 6.1.0 or later. You have 5.0.1") in out
+            assert main(["status", "sbx", "--path", str(local), "--remote-path", str(root),
+                         "--json"]) == 1
+            status = json.loads(capsys.readouterr().out)
+            assert status["failing"]["count"] == launch.MAX_STARTS
+            assert status["programs"]["blue"]["state"] in ("EXITED", "FATAL")
+            # still down after all that: supervisord did not start it again meanwhile
+            assert given_up()
+            text = (Path(layout.state) / "logs" / "worker-blue.log").read_text()
+            assert text.count("starting tundra-gpu-blue-") == launch.MAX_STARTS
+
+
+def test_worker_killed_after_ready_is_restarted(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "redis") as redis_srv:
+        root = _project(tmp_path / "p", redis_srv)
+        with supervised(tmp_path, root, str(REPO)) as (_layout, rpc):
+            first = wait_until(lambda: ready.read_marker(root, "blue"), 30, "blue marker")
+            os.kill(first["pid"], signal.SIGKILL)
+            second = wait_until(lambda: (m := ready.read_marker(root, "blue")) and
+                                m["pid"] != first["pid"] and m, 30, "blue ready again")
+            info = rpc.supervisor.getProcessInfo("worker:worker-blue")
+            assert info["statename"] == "RUNNING" and info["pid"] == second["pid"]
+            assert ready.read_failed_start(root, "blue") is None

@@ -4,6 +4,12 @@ Enters the env built for the current requirements (:mod:`worker.envs`, by re-exe
 a unique node name carrying the pushed revision, connects the readiness marker, and runs the user's Celery app unmodified
 in this process (this process IS the Celery main process) with settings that lose no task.
 Secrets never go into argv: broker and backend URLs travel through the app config.
+
+A worker that exits before its readiness marker, whatever its exit code (Celery exits 0 when
+kombu refuses its transport), has failed to start: the launcher records the error line and
+exits with :data:`FAILED_START_EXIT`, which supervisord restarts; after :data:`MAX_STARTS`
+failed starts in a row it exits with :data:`GAVE_UP_EXIT`, the one code the program conf
+lists as expected, so the slot stays down.
 """
 from __future__ import annotations
 
@@ -11,16 +17,21 @@ import logging
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from worker import envs, ready
-from worker.env import WorkerEnv, redact_url
+from worker.env import WorkerEnv, load_values, redact_text, redact_url, secrets_of
 
 __all__ = [
+    "FAILED_START_EXIT",
+    "GAVE_UP_EXIT",
+    "MAX_STARTS",
     "VISIBILITY_MARGIN",
     "apply_settings",
     "enter_requirements_env",
+    "error_line",
     "load_app",
     "node_name",
     "run_worker",
@@ -29,6 +40,9 @@ __all__ = [
 
 log = logging.getLogger("worker.launch")
 VISIBILITY_MARGIN = 300
+MAX_STARTS = 3  # a start and two retries
+FAILED_START_EXIT = 1  # supervisord restarts it (autorestart=unexpected)
+GAVE_UP_EXIT = 78  # listed in the program's exitcodes: supervisord leaves the slot down
 
 
 def enter_requirements_env(root: str | os.PathLike[str], full_start: bool = False) -> int:
@@ -125,6 +139,68 @@ def _term_with_parent() -> None:
         pass  # not Linux: nothing to ask
 
 
+class _StartWatch(logging.Handler):
+    """Whether the worker got ready or was asked to stop, and the last error Celery logged
+    (Celery logs an unrecoverable error and returns instead of raising)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.ready = self.stopping = self.from_exception = False
+        self.error = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:  # the exception says most
+            self.error, self.from_exception = error_line(record.exc_info[1]), True
+        elif not self.from_exception:
+            self.error = (record.getMessage().strip().splitlines() or [""])[0]
+
+    def connect(self) -> None:
+        from celery import signals
+
+        def on_ready(**_: Any) -> None:
+            self.ready = True
+
+        def on_stopping(**_: Any) -> None:
+            self.stopping = True
+
+        def on_logging(**_: Any) -> None:  # Celery empties the root and celery handlers
+            logging.getLogger("celery").addHandler(self)
+
+        signals.worker_ready.connect(on_ready, weak=False)
+        signals.worker_shutting_down.connect(on_stopping, weak=False)
+        signals.after_setup_logger.connect(on_logging, weak=False)
+        on_logging()
+
+
+def error_line(exc: BaseException) -> str:
+    """``module.Type: message``, as a traceback's last line says it."""
+    lines = traceback.format_exception_only(type(exc), exc)
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _gave_up(root: str | os.PathLike[str], colour: str) -> dict | None:
+    """The slot's failed-start record when it has used up its starts under this supervisord."""
+    failed = ready.read_failed_start(root, colour)
+    if failed and failed.get("supervisor") == os.getppid() and \
+            int(failed.get("count") or 0) >= MAX_STARTS:
+        return failed
+    return None
+
+
+def _failed_start(env: WorkerEnv, root: str | os.PathLike[str], colour: str, revision: str,
+                  error: str) -> int:
+    """Record a start that ended before the readiness marker; return the exit code."""
+    secrets = set(env.secrets) | set(secrets_of(load_values(root)))  # every .env.worker secret
+    error = redact_text(error or "the worker exited before it was ready", secrets)
+    count = ready.record_failed_start(root, colour, revision, error, os.getppid())
+    if count >= MAX_STARTS:
+        log.error("worker failing: %s (failed start %d of %d: the slot stays down until the "
+                  "next restart)", error, count, MAX_STARTS)
+        return GAVE_UP_EXIT
+    log.error("worker failing: %s (failed start %d of %d)", error, count, MAX_STARTS)
+    return FAILED_START_EXIT
+
+
 def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = True,
                full_start: bool = False, colour: str = "blue") -> int:
     """Install requirements if needed, then run the Celery worker in this process.
@@ -134,21 +210,38 @@ def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = 
         root: project root (the cwd).
         install: False skips the requirements step (already in the env).
         full_start: True keeps mingle and gossip on.
-        colour: blue or green (readiness marker name).
+        colour: blue, green or red (readiness marker name).
 
     Returns:
-        The worker's exit code.
+        The worker's exit code; :data:`FAILED_START_EXIT` or :data:`GAVE_UP_EXIT` when it
+        ended before it was ready (see the module docstring).
     """
     ready.ensure_state_dir(root)
     _term_with_parent()
-    if install and enter_requirements_env(root, full_start) != 0:
-        return 1
+    gave_up = _gave_up(root, colour)
+    if gave_up:  # supervisord retries a quick exit once more: no start, no install
+        log.error("not starting: %d failed starts in a row, the last: %s", gave_up["count"],
+                  gave_up.get("error"))
+        return GAVE_UP_EXIT
     revision = ready.read_revision(root)
+    if install and enter_requirements_env(root, full_start) != 0:
+        return _failed_start(env, root, colour, revision, "requirements install FAILED: fix "
+                             "requirements*.txt and push again (the log has its last lines)")
     node = node_name(env.worker_name, colour, revision)
     log.info("starting %s revision %s broker %s queues %s", node, revision,
              redact_url(env.broker_url), ",".join(env.queues))
-    app = load_app(env.celery_app, root)
-    apply_settings(app, env)
-    ready.connect_signals(root, colour, revision, default_node=node)
-    code = app.start(argv=worker_argv(env, node, full_start))
+    watch = _StartWatch()
+    try:
+        app = load_app(env.celery_app, root)
+        apply_settings(app, env)
+        ready.connect_signals(root, colour, revision, default_node=node)
+        watch.connect()
+        code = app.start(argv=worker_argv(env, node, full_start))
+    except Exception as exc:  # the user's code or a dependency: a failed start, not a crash
+        if watch.ready:
+            raise
+        log.exception("the worker did not start")
+        return _failed_start(env, root, colour, revision, error_line(exc))
+    if not watch.ready and not watch.stopping:
+        return _failed_start(env, root, colour, revision, watch.error)
     return int(code or 0)

@@ -5,7 +5,10 @@ The state directory is ``<root>/.syncagent/`` (mode 0700). It holds:
 * ``revision``: JSON ``{"revision", "time", "files"}`` written by the push;
 * ``requirements.sha256``: hash of the last successfully installed requirements;
 * ``ready-<colour>.json``: readiness marker ``{"revision", "pid", "node", "time", "colour"}``,
-  written atomically from Celery's ``worker_ready`` signal and removed on ``worker_shutdown``.
+  written atomically from Celery's ``worker_ready`` signal and removed on ``worker_shutdown``;
+* ``failed-<colour>.json``: the slot's failed starts ``{"revision", "error", "count",
+  "supervisor", "time", "colour"}``: written by the launcher when it exits before the marker,
+  removed when the slot gets ready or is started on purpose (a restart, a provision).
 """
 from __future__ import annotations
 
@@ -23,9 +26,13 @@ __all__ = [
     "UNKNOWN_REVISION",
     "colour_from_env",
     "connect_signals",
+    "clear_failed_start",
     "ensure_state_dir",
+    "failed_start_path",
     "marker_path",
+    "read_failed_start",
     "read_marker",
+    "record_failed_start",
     "read_revision",
     "remove_marker",
     "requirements_state_path",
@@ -74,6 +81,48 @@ def requirements_state_path(root: str | os.PathLike[str]) -> Path:
 def marker_path(root: str | os.PathLike[str], colour: str) -> Path:
     """Return the readiness marker path ``<root>/.syncagent/ready-<colour>.json``."""
     return state_dir(root) / f"ready-{colour}.json"
+
+
+def failed_start_path(root: str | os.PathLike[str], colour: str) -> Path:
+    """Return ``<root>/.syncagent/failed-<colour>.json`` (the slot's failed starts)."""
+    return state_dir(root) / f"failed-{colour}.json"
+
+
+def read_failed_start(root: str | os.PathLike[str], colour: str) -> dict[str, Any] | None:
+    """Return the slot's failed-start record, or None when it has none."""
+    try:
+        data = json.loads(failed_start_path(root, colour).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_failed_start(root: str | os.PathLike[str], colour: str, revision: str, error: str,
+                        supervisor: int) -> int:
+    """Count one more failed start of ``colour`` and keep its error line.
+
+    The count goes on only under the same supervisord (``supervisor``, its pid): a new
+    supervisord (a reboot, a provision) starts counting afresh.
+
+    Returns:
+        The number of failed starts in a row, this one included.
+    """
+    previous = read_failed_start(root, colour) or {}
+    count = int(previous.get("count") or 0) + 1 if previous.get("supervisor") == supervisor \
+        else 1
+    ensure_state_dir(root)
+    write_json_atomic(failed_start_path(root, colour), {
+        "revision": revision, "error": error, "count": count, "supervisor": supervisor,
+        "time": time.time(), "colour": colour})
+    return count
+
+
+def clear_failed_start(root: str | os.PathLike[str], colour: str) -> None:
+    """Forget the slot's failed starts (it got ready, or it is started on purpose)."""
+    try:
+        failed_start_path(root, colour).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def colour_from_env(environ: dict[str, str] | None = None) -> str:
@@ -203,6 +252,7 @@ def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
     def on_ready(sender: Any = None, **_: Any) -> None:
         node = getattr(sender, "hostname", None) or fallback
         write_marker(root, colour, revision, node, pid=main_pid)
+        clear_failed_start(root, colour)
 
     def on_shutdown(sender: Any = None, **_: Any) -> None:
         if os.getpid() == main_pid:

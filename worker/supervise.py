@@ -4,7 +4,8 @@ Writes the supervisord configs (only when their text changed), starts supervisor
 not answer on its unix socket (it daemonizes and outlives the SSH session) or reloads it when
 the configs changed, starts the worker if it is not running (restarts it if it runs another
 revision), then waits for the readiness marker of the pushed revision. Prints one JSON object.
-A worker that fails to start is reported with the redacted tail of its log.
+A worker that fails to start is reported at once with its error line (the launcher records it
+when it exits before the readiness marker) and the redacted tail of its log.
 """
 from __future__ import annotations
 
@@ -128,12 +129,23 @@ def _reload(proxy: xmlrpc.client.ServerProxy) -> None:
         proxy.supervisor.addProcessGroup(group)
 
 
-def _start(proxy: xmlrpc.client.ServerProxy, name: str) -> None:
+def _start(proxy: xmlrpc.client.ServerProxy, layout: sc.Layout, colour: str) -> None:
+    """Start a slot on purpose: its earlier failed starts no longer count."""
+    ready.clear_failed_start(layout.root, colour)
     try:
-        proxy.supervisor.startProcess(name, False)
+        proxy.supervisor.startProcess(f"{layout.name}:{layout.name}-{colour}", False)
     except xmlrpc.client.Fault as fault:
         if fault.faultCode != _ALREADY_STARTED:
             raise
+
+
+def _failed_since(layout: sc.Layout, colour: str, supervisor: int, since: float
+                  ) -> dict[str, Any] | None:
+    """The slot's failed-start record written under this supervisord after ``since``."""
+    failed = ready.read_failed_start(layout.root, colour)
+    if failed and failed.get("supervisor") == supervisor and failed.get("time", 0) >= since:
+        return failed
+    return None
 
 
 def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
@@ -156,6 +168,7 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
         failure ``ok`` is False with ``error`` and ``log_tail`` (redacted).
     """
     deadline = time.monotonic() + timeout
+    began = time.time()
     actions: list[str] = []
     out: dict[str, Any] = {"ok": False, "actions": actions, "conf": layout.conf_path,
                            "supervisorctl": sc.supervisorctl_command(layout.conf_path,
@@ -178,7 +191,7 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
     colour = live[0] if live else "blue"
     name = f"{group}:{group}-{colour}"
     if not live:
-        _start(proxy, name)
+        _start(proxy, layout, colour)
         actions.append(f"started worker ({colour})")
     else:
         marker = ready.read_marker(layout.root, colour)
@@ -186,7 +199,7 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
                  and marker.get("revision") != revision)
         if stale or (restart and "started supervisord" not in actions):
             proxy.supervisor.stopProcess(name, True)
-            _start(proxy, name)
+            _start(proxy, layout, colour)
             actions.append(f"restarted worker ({colour})" + (" on the new revision" if stale
                                                              else " on the new runtime"))
     out["colour"] = colour
@@ -200,6 +213,10 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
             out.update(ok=True, pid=info["pid"], node=marker.get("node"),
                        revision=marker.get("revision"))
             return out
+        failed = _failed_since(layout, colour, out["supervisord_pid"], began)
+        if failed:  # it exited before it was ready: no waiting for supervisord's retries
+            out.update(error=f"worker failing: {failed.get('error')}", failing=failed)
+            break
         if info["statename"] in ("FATAL", "EXITED", "STOPPED"):
             out.update(error=f"the worker did not start ({info['statename'].lower()})")
             break

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from worker.launch import GAVE_UP_EXIT, MAX_STARTS
 from worker.ready import COLOURS, STATE_DIR_NAME, ensure_state_dir
 
 __all__ = [
@@ -201,8 +202,10 @@ command={_value(shlex.quote(layout.python))} -m worker run
 directory={_value(layout.root)}
 environment={_environment(colour, layout, extra)}
 autostart={'true' if colour == 'blue' else 'false'}
-autorestart=true
+autorestart=unexpected
+exitcodes={GAVE_UP_EXIT}
 startsecs=1
+startretries={MAX_STARTS - 1}
 stopsignal=TERM
 stopwaitsecs={layout.stopwaitsecs}
 stopasgroup=false
