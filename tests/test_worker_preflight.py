@@ -14,6 +14,7 @@ import pytest
 from flask import Flask, request
 from werkzeug.serving import make_server
 
+from tests.helpers.old_redis import install_old_redis
 from tests.helpers.procs import RedisServer, free_port, redis_server
 from worker import env as envmod
 from worker import preflight
@@ -28,6 +29,11 @@ DEMO = REPO / "examples" / "demo_app"
 def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     with redis_server(tmp_path_factory.mktemp("redis"), password=REDIS_PW) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def old_redis(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install_old_redis(tmp_path_factory.mktemp("pins"))
 
 
 def _api() -> Flask:
@@ -222,3 +228,111 @@ def test_doctor_json_end_to_end(tmp_path: Path, redis_srv: RedisServer, api_url:
     for proc in (good, bad):
         assert KEY not in proc.stdout + proc.stderr
         assert REDIS_PW not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- the start probe (issue 10)
+
+KOMBU_REFUSES = ("kombu.exceptions.VersionMismatch: Redis transport requires redis-py versions "
+                 "6.1.0 or later. You have 5.0.1")
+
+
+@pytest.mark.parametrize("error, versions, pins, expected", [
+    (KOMBU_REFUSES, {"kombu": "5.7.0"}, {"redis": ("requirements.txt", "==5.0.1")},
+     "requirements.txt pins redis==5.0.1 but kombu 5.7.0 needs redis>=6.1.0: raise the redis "
+     "pin (redis>=6.1.0) or pin kombu<5.7 (an older kombu that accepts redis 5.0.1)"),
+    (KOMBU_REFUSES, {"kombu": "5.7.2"}, {"redis": ("requirements-gpu.txt", "")},
+     "requirements-gpu.txt names redis but kombu 5.7.2 needs redis>=6.1.0: raise the redis "
+     "pin (redis>=6.1.0) or pin kombu<5.7 (an older kombu that accepts redis 5.0.1)"),
+    (KOMBU_REFUSES, {}, {},
+     "redis 5.0.1 is installed (no requirements pin names it) but kombu (installed) needs "
+     "redis>=6.1.0: raise the redis pin (redis>=6.1.0) or pin an older kombu (an older kombu "
+     "that accepts redis 5.0.1)"),
+    ("ModuleNotFoundError: No module named 'flask'", {"kombu": "5.7.0"}, {}, None),
+    ("Error 111 connecting to 127.0.0.1:6379. Connection refused.", {}, {}, None),
+], ids=["pinned", "named-unpinned", "not-in-requirements", "other-import-error", "redis-down"])
+def test_conflict_fix(error: str, versions: dict, pins: dict, expected: str | None) -> None:
+    assert preflight.conflict_fix(error, versions, pins) == expected
+
+
+def test_requirement_pins(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text(
+        "# web\nFlask==3.0.0\ncelery[redis]==5.3.4  # the worker\nRedis == 5.0.1\n"
+        "-r requirements-gpu.txt\nkombu>=5.3; python_version >= '3.8'\n\nsqlalchemy\n")
+    (tmp_path / "requirements-gpu.txt").write_text("torch_audio>=2\n")
+    assert preflight.requirement_pins(tmp_path) == {
+        "flask": ("requirements.txt", "==3.0.0"), "celery": ("requirements.txt", "==5.3.4"),
+        "redis": ("requirements.txt", "== 5.0.1"), "kombu": ("requirements.txt", ">=5.3"),
+        "sqlalchemy": ("requirements.txt", ""), "torch-audio": ("requirements-gpu.txt", ">=2")}
+
+
+def _checks(proc: subprocess.CompletedProcess[str]) -> dict[str, dict]:
+    return {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+
+
+def _doctor_env(tmp_path: Path, api_url: str, broker: str) -> str:
+    inst = tmp_path / "instance"
+    inst.mkdir(exist_ok=True)
+    return (f"CELERY_BROKER_URL={broker}\nCELERY_RESULT_BACKEND={broker[:-1]}1\n"
+            f"FLASK_APP_URL={api_url}\nWORKER_API_KEY={KEY}\nMEDIA_BASE_URL=http://m.example\n"
+            f"CLIPPY_INSTANCE_PATH={inst}\nTMPDIR={tmp_path}\n")
+
+
+def test_doctor_imports_the_include_modules(tmp_path: Path, redis_srv: RedisServer,
+                                            api_url: str) -> None:
+    root = tmp_path / "proj"
+    shutil.copytree(DEMO, root)
+    # the app imports; a module of its `include` does not (the worker would not start)
+    (root / "app" / "tasks" / "demo.py").write_text("import no_such_dep_xyz\n")
+    proc = _doctor(root, _doctor_env(tmp_path, api_url, redis_srv.url(0)), os.environ["PATH"])
+    checks = _checks(proc)
+    assert proc.returncode == 1, proc.stdout
+    assert checks["celery app"]["status"] == "ok"
+    assert checks["app modules"]["status"] == "fail"
+    assert checks["app modules"]["detail"] == (
+        "cannot import app.tasks.demo: ModuleNotFoundError: No module named 'no_such_dep_xyz'")
+    assert "broker transport" not in checks  # the probe stops at the first failure
+
+
+def test_doctor_connects_the_broker_transport(tmp_path: Path, redis_srv: RedisServer,
+                                              api_url: str) -> None:
+    root = tmp_path / "proj"
+    shutil.copytree(DEMO, root)
+    good = _checks(_doctor(root, _doctor_env(tmp_path, api_url, redis_srv.url(0)),
+                           os.environ["PATH"]))
+    assert good["app modules"]["status"] == "ok" and "app.tasks.demo" in good["app modules"][
+        "detail"]
+    assert good["broker transport"]["status"] == "ok"
+    assert "kombu.transport.redis" in good["broker transport"]["detail"]
+    down = f"redis://:{REDIS_PW}@127.0.0.1:{free_port()}/0"
+    proc = _doctor(root, _doctor_env(tmp_path, api_url, down), os.environ["PATH"])
+    bad = _checks(proc)
+    assert proc.returncode == 1
+    assert bad["broker transport"]["status"] == "fail"
+    assert "Connection refused" in bad["broker transport"]["detail"]
+    assert REDIS_PW not in proc.stdout + proc.stderr
+
+
+def test_doctor_names_the_pin_when_kombu_refuses_redis(tmp_path: Path, redis_srv: RedisServer,
+                                                       api_url: str, old_redis: Path) -> None:
+    """Issue 10's project: its pins give kombu 5.7 with redis 5.0.1. The broker answers PING
+    (redis-py 5 can PING), yet the worker cannot start: the doctor says so and which pin."""
+    root = tmp_path / "proj"
+    shutil.copytree(DEMO, root)
+    (root / "requirements.txt").write_text("celery==5.3.4\nredis==5.0.1\n")
+    text = _doctor_env(tmp_path, api_url, redis_srv.url(0))
+    (root / ".env.worker").write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in envmod.KNOWN_VARIABLES}
+    env.update(PYTHONPATH=f"{old_redis}:{REPO}")
+    proc = subprocess.run([sys.executable, "-m", "worker", "doctor", "--json"], cwd=root,
+                          capture_output=True, text=True, timeout=60, env=env)
+    checks = _checks(proc)
+    assert proc.returncode == 1
+    assert checks["redis broker"]["status"] == "ok"  # what the old doctor looked at
+    transport = checks["broker transport"]
+    assert transport["status"] == "fail"
+    assert transport["detail"].endswith(KOMBU_REFUSES)
+    kombu = preflight._installed_versions("kombu")["kombu"]
+    assert transport["fix"] == (
+        f"requirements.txt pins redis==5.0.1 but kombu {kombu} needs redis>=6.1.0: raise the "
+        f"redis pin (redis>=6.1.0) or pin kombu<{'.'.join(kombu.split('.')[:2])} (an older "
+        "kombu that accepts redis 5.0.1)")

@@ -3,11 +3,17 @@
 Each check is a small function taking the validated :class:`~worker.env.WorkerEnv` and
 returning a :class:`Check`; tests call them directly. Every network call has a timeout.
 No check output ever contains a secret (API key, URL passwords).
+
+The start probe (:func:`check_worker_start`) does what ``python -m worker run`` does, short of
+consuming, in a subprocess: import the app and its ``include`` modules, apply the launcher's
+settings, import and connect the broker transport, release. For a conflict it recognises
+(:func:`conflict_fix`: kombu refusing the installed redis-py) it names the pin to change.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +32,8 @@ __all__ = [
     "NVENC_TEST_ARGS",
     "check_api_key",
     "check_celery_app",
+    "check_worker_start",
+    "conflict_fix",
     "check_env_file",
     "check_flask_api",
     "check_gpu",
@@ -36,6 +44,9 @@ __all__ = [
     "check_result_backend",
     "check_broker",
     "check_tmpdir_filesystem",
+    "probe_main",
+    "probe_start",
+    "requirement_pins",
     "render_json",
     "render_table",
     "run_checks",
@@ -240,36 +251,186 @@ def check_nvenc(env: WorkerEnv) -> Check:
     return Check("nvenc", OK, "test encode passed (h264_nvenc)")
 
 
-_IMPORT_SNIPPET = (
-    "import sys; sys.path.insert(0, sys.argv[1]);"
-    "from celery.app.utils import find_app; app = find_app(sys.argv[2]);"
-    "print(type(app).__name__, app.main or '')"
-)
+_REDIS_PY_TOO_OLD = re.compile(r"requires redis-py versions? ([0-9.]+) or later\. "
+                               r"You have ([0-9A-Za-z.+-]+)")
+_PIN_LINE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([<>=!~][^;#]*)?")
 
 
-def check_celery_app(env: WorkerEnv, root: str | os.PathLike[str] | None = None) -> Check:
-    """Import CELERY_APP in a subprocess with the project root on sys.path.
+def requirement_pins(root: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
+    """``{normalised name: (file name, version spec)}`` of the ``requirements*.txt`` lines in
+    ``root`` (the files ``python -m worker run`` installs)."""
+    pins: dict[str, tuple[str, str]] = {}
+    for path in sorted(Path(root).glob("requirements*.txt")):
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            match = _PIN_LINE.match(line)
+            if match and not line.lstrip().startswith(("-", "#")):
+                name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+                pins[name] = (path.name, (match.group(3) or "").strip())
+    return pins
+
+
+def conflict_fix(error: str, versions: dict[str, str],
+                 pins: dict[str, tuple[str, str]]) -> str | None:
+    """Name the fix for a dependency conflict that ``error`` shows, or None.
+
+    Pure. Recognised: kombu's Redis transport refusing the installed redis-py.
+
+    Args:
+        error: the error line.
+        versions: installed versions, e.g. ``{"kombu": "5.7.0", "redis": "5.0.1"}``.
+        pins: :func:`requirement_pins` of the project.
+
+    Returns:
+        One line: which pin to change and to what.
+    """
+    match = _REDIS_PY_TOO_OLD.search(error)
+    if not match:
+        return None
+    needed, have = match.groups()
+    kombu = versions.get("kombu", "")
+    major_minor = ".".join(kombu.split(".")[:2])
+    older_kombu = f"pin kombu<{major_minor}" if major_minor else "pin an older kombu"
+    if "redis" in pins:
+        where, spec = pins["redis"]
+        pinned = f"{where} pins redis{spec}" if spec else f"{where} names redis"
+    else:
+        pinned = f"redis {have} is installed (no requirements pin names it)"
+    return (f"{pinned} but kombu {kombu or '(installed)'} needs redis>={needed}: raise the "
+            f"redis pin (redis>={needed}) or {older_kombu} (an older kombu that accepts "
+            f"redis {have})")
+
+
+def _installed_versions(*names: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _fail(name: str, detail: str, fix: str, env: WorkerEnv, root: str | os.PathLike[str]
+          ) -> Check:
+    conflict = conflict_fix(detail, _installed_versions("kombu", "redis", "celery"),
+                            requirement_pins(root))
+    return Check(name, FAIL, redact_text(detail, env.secrets), conflict or fix)
+
+
+def probe_start(env: WorkerEnv, root: str | os.PathLike[str]) -> list[Check]:
+    """What the worker's start does, short of consuming (in this process: run it in a child).
+
+    Returns:
+        Checks ``celery app``, ``app modules`` and ``broker transport``; the first that fails
+        ends the list.
+    """
+    from worker import launch
+
+    try:
+        app = launch.load_app(env.celery_app, root)
+    except Exception as exc:  # whatever the user's import raises
+        return [_fail("celery app", f"cannot import {env.celery_app}: "
+                      f"{launch._error_line(exc)}", "fix the error above; install requirements "
+                      "(python -m worker run does)", env, root)]
+    checks = [Check("celery app", OK, f"{env.celery_app} imports")]
+    launch.apply_settings(app, env)
+    modules = list(app.loader.default_modules)
+    for module in modules:
+        try:
+            app.loader.import_task_module(module)
+        except Exception as exc:
+            return checks + [_fail("app modules", f"cannot import {module}: "
+                                   f"{launch._error_line(exc)}", f"fix {module} (the app's "
+                                   "include/imports): the worker would not start", env, root)]
+    checks.append(Check("app modules", OK, f"{len(modules)} imported"
+                        + (f" ({', '.join(modules[:4])}{' ...' if len(modules) > 4 else ''})"
+                           if modules else "")))
+    conn = app.connection_for_read(connect_timeout=NET_TIMEOUT)
+    shown = redact_url(env.broker_url)
+    try:
+        transport = type(conn.transport).__module__
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                               timeout=NET_TIMEOUT)
+    except Exception as exc:  # the transport import, its version checks, the connection
+        return checks + [_fail("broker transport", f"{shown}: {launch._error_line(exc)}",
+                               "start the broker or fix CELERY_BROKER_URL; check firewall and "
+                               "bind address", env, root)]
+    finally:
+        conn.release()
+    checks.append(Check("broker transport", OK, f"{shown}: connected with {transport}"))
+    return checks
+
+
+def probe_main(argv: list[str]) -> int:
+    """Child entry of :func:`check_worker_start`: ``probe_main([root])`` prints the checks as
+    one JSON list (the env comes from ``.env.worker`` and the process, as for the worker)."""
+    from worker import env as envmod
+
+    root = argv[0]
+    report = envmod.validate(envmod.load_values(root))
+    if report.env is None:
+        print(json.dumps([asdict(Check("worker start", FAIL, "; ".join(report.problems),
+                                       "fix .env.worker"))]))
+        return 1
+    logging_quiet()
+    print(json.dumps([asdict(c) for c in probe_start(report.env, root)]))
+    return 0
+
+
+def logging_quiet() -> None:
+    """Keep kombu's and the app's import-time logging off the probe's JSON stdout."""
+    import logging
+
+    logging.basicConfig(level=logging.CRITICAL, stream=sys.stderr)
+
+
+_PROBE_SNIPPET = ("import sys; sys.path.insert(0, sys.argv[1]);"
+                  "from worker.preflight import probe_main; sys.exit(probe_main(sys.argv[1:]))")
+
+
+def check_worker_start(env: WorkerEnv, root: str | os.PathLike[str] | None = None
+                       ) -> list[Check]:
+    """Run :func:`probe_start` in a child process with the project root on sys.path.
 
     Args:
         env: validated env.
         root: project root (default: cwd).
 
     Returns:
-        ok when the app imports, fail with the exception's last line otherwise.
+        The probe's checks (a single failed ``worker start`` check when the child dies).
     """
     root_dir = str(Path(root) if root is not None else Path.cwd())
+    # the child builds the same env from these (never from its command line)
+    environ = {**os.environ, "CELERY_BROKER_URL": env.broker_url,
+               "CELERY_RESULT_BACKEND": env.result_backend, "FLASK_APP_URL": env.flask_app_url,
+               "WORKER_API_KEY": env.worker_api_key, "CELERY_APP": env.celery_app,
+               "SYNCAGENT_STOPWAITSECS": str(env.stopwaitsecs)}
     try:
-        proc = subprocess.run([sys.executable, "-c", _IMPORT_SNIPPET, root_dir, env.celery_app],
+        proc = subprocess.run([sys.executable, "-c", _PROBE_SNIPPET, root_dir],
                               capture_output=True, text=True, timeout=60, cwd=root_dir,
-                              stdin=subprocess.DEVNULL, check=False)
+                              stdin=subprocess.DEVNULL, check=False, env=environ)
     except subprocess.TimeoutExpired:
-        return Check("celery app", FAIL, f"importing {env.celery_app} took over 60 s",
-                     "check for blocking work at import time")
-    if proc.returncode != 0:
+        return [Check("worker start", FAIL, "the start probe took over 60 s",
+                      "check for blocking work at import time")]
+    try:
+        return [Check(**c) for c in json.loads(proc.stdout.strip().splitlines()[-1])]
+    except (ValueError, IndexError, TypeError):
         reason = redact_text(_last_line(proc.stderr) or f"exit {proc.returncode}", env.secrets)
-        return Check("celery app", FAIL, f"cannot import {env.celery_app}: {reason}",
-                     "fix the error above; install requirements (python -m worker run does)")
-    return Check("celery app", OK, f"{env.celery_app} imports")
+        return [Check("worker start", FAIL, f"the start probe failed: {reason}",
+                      "run python -m worker run by hand to see the traceback")]
+
+
+def check_celery_app(env: WorkerEnv, root: str | os.PathLike[str] | None = None) -> Check:
+    """Import CELERY_APP (and its modules) as the worker does; the ``celery app`` check of
+    :func:`check_worker_start`, or the first failure before it."""
+    checks = check_worker_start(env, root)
+    return next((c for c in checks if c.name == "celery app"), checks[0])
 
 
 def check_env_file(root: str | os.PathLike[str]) -> Check:
@@ -294,7 +455,7 @@ def run_checks(env: WorkerEnv, root: str | os.PathLike[str]) -> list[Check]:
     ]
     results = [check_env_file(root)]
     results += [fn(env) for fn in checks]
-    results.append(check_celery_app(env, root))
+    results += check_worker_start(env, root)
     return [Check(c.name, c.status, redact_text(c.detail, env.secrets),
                   redact_text(c.fix, env.secrets)) for c in results]
 
