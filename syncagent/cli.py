@@ -235,6 +235,8 @@ def _render_event(event: dict) -> str:
         return f"{stamp} {name}: stopped watching (remote left running)"
     if kind == "restart":
         return f"{stamp} {name}: restarting the worker onto {event['revision'][:7]}"
+    if kind == "restart-skipped":
+        return f"{stamp} {name}: no restart: {event['why']}"
     if kind == "ready":
         return (f"{stamp} " + _live_line(name, event["revision"], event["timings"])
                 + f"; save -> live {event['latency']:.1f} s, node {event.get('node')}")

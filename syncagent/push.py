@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import agent, guard
+from . import restart as restart_mod
 from .config import Project, Target
 from .errors import (MassDeleteError, OperationalError, PathEscapeError, SyncAgentError,
                      WorkerStartError)
@@ -122,10 +123,24 @@ class Syncer:
 
     # ---------------------------------------------------------------- the worker
 
+    def restart_decision(self, result: PushResult, live: str | None = None,
+                         nothing_serving: bool = False) -> restart_mod.Decision:
+        """Whether ``result`` restarts the worker (``syncagent/restart.py`` decides), given the
+        revision the serving worker runs (None: unknown)."""
+        return restart_mod.decide(result.paths if result.changed else (), self.needs_restart,
+                                  result.revision, live, enabled=self.options.restart,
+                                  provisioned=self.provisioned, nothing_serving=nothing_serving)
+
     def restart_wanted(self, result: PushResult) -> bool:
-        """A committed change that matches ``restart_on``, on a provisioned target."""
-        return (self.options.restart and self.provisioned and result.changed
-                and any(self.needs_restart(p) for p in result.paths))
+        """One-shot: the decision, asking the remote for its live revision only when a restart
+        is otherwise due (a push that returns the tree to the live revision restarts nothing)."""
+        if not self.restart_decision(result).restart:
+            return False
+        try:
+            worker = self.session.worker(self.remote_root).get("worker") or {}
+        except SyncAgentError:  # unknown: the restart step reports the target's trouble
+            return True
+        return self.restart_decision(result, (worker.get("live") or {}).get("revision")).restart
 
     def restart(self, revision: str, session: Session | None = None) -> dict:
         """Restart the worker onto ``revision`` and wait until it is live.

@@ -4,7 +4,8 @@ The watcher (syncagent.watcher) yields batches and nothing else; this consumer s
 restarts the worker after a committed batch, and reports each step as an event dict:
 
     {"event": "connected" | "synced" | "disconnected" | "error" | "restart" | "ready"
-              | "warning" | "halted" | "resumed" | "stopped", "target": ..., ...}
+              | "restart-skipped" | "warning" | "halted" | "resumed" | "stopped",
+     "target": ..., ...}
 
 A target whose plan the safety policy refuses (``plan.judge``: too many files would lose
 their content) is *halted*: nothing more is applied there, one "halted" event says so with the
@@ -76,6 +77,7 @@ class Restarter(threading.Thread):
         self.cond = threading.Condition()
         self.pending: tuple[str, float] | None = None  # (revision, time of the save)
         self.busy = False
+        self.live: str | None = None  # the revision the serving worker runs, as last seen
         self.session = None
         self.parent = None
 
@@ -84,6 +86,24 @@ class Restarter(threading.Thread):
             # keep the oldest save time: latency is measured from the first unserved save
             self.pending = (revision, self.pending[1] if self.pending else since)
             self.cond.notify_all()
+
+    def set_live(self, revision: str | None) -> None:
+        with self.cond:
+            self.live = revision
+
+    def settled_live(self) -> str | None:
+        """The live revision, or None while a restart may be changing it."""
+        with self.cond:
+            return None if self.busy else self.live
+
+    def drop_pending(self) -> bool:
+        """Forget a queued restart (the tree is back at the live revision); False when a
+        restart is running: it may change what is live, so one more must follow."""
+        with self.cond:
+            if self.busy:
+                return False
+            self.pending = None
+            return True
 
     def idle(self) -> bool:
         with self.cond:
@@ -126,6 +146,7 @@ class Restarter(threading.Thread):
                     out = self.syncer.restart(revision, session=session)
                 done = time.monotonic()
                 with self.cond:  # it came up on a newer push already: no need to go again
+                    self.live = out["revision"]
                     if self.pending and self.pending[0] == out["revision"]:
                         self.pending = None
                 self.emit({"event": "ready", "target": name, "revision": out["revision"],
@@ -330,9 +351,9 @@ class TargetLoop(threading.Thread):
                     if syncer.options.restart and syncer.provisioned:
                         live = (syncer.session.worker(syncer.remote_root)["worker"] or {}).get(
                             "live")
+                        self.restarter.set_live((live or {}).get("revision"))
                         # code changed while we were away, or no worker is serving at all
-                        if syncer.restart_wanted(result) or not live:
-                            self.restarter.request(result.revision, t0)
+                        self._restart_after(result, t0, nothing_serving=not live)
                     elif syncer.options.restart and not told_unprovisioned:
                         told_unprovisioned = True
                         emit({"event": "warning", "target": name,
@@ -354,8 +375,7 @@ class TargetLoop(threading.Thread):
                 backoff.reset()
                 if result.changed or batch.full:
                     emit(_synced(result, time.monotonic() - batch.first_event, batch.full))
-                if syncer.restart_wanted(result):
-                    self.restarter.request(result.revision, batch.first_event)
+                self._restart_after(result, batch.first_event)
                 for w in result.warnings:
                     emit({"event": "warning", "target": name, "message": w})
             except ConnectError as e:
@@ -370,6 +390,21 @@ class TargetLoop(threading.Thread):
                 emit({"event": "error", "target": name, "error": str(e)})
                 need_full = True
                 stop.wait(backoff.next())
+
+    def _restart_after(self, result: PushResult, since: float,
+                       nothing_serving: bool = False) -> None:
+        """Queue a restart if the batch calls for one (``syncagent/restart.py`` decides); a
+        batch that returns the tree to the live revision restarts nothing, and says why."""
+        decision = self.syncer.restart_decision(result, self.restarter.settled_live(),
+                                                nothing_serving)
+        if decision.restart:
+            self.restarter.request(result.revision, since)
+        elif decision.back_at_live:
+            if self.restarter.drop_pending():
+                self.emit({"event": "restart-skipped", "target": self.syncer.target.name,
+                           "revision": result.revision, "why": decision.why})
+            else:  # a restart is running onto another revision: come back to this one
+                self.restarter.request(result.revision, since)
 
 
 def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: threading.Event,

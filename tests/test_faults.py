@@ -30,6 +30,7 @@ from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
 from syncagent.watch import WatchOptions, watch
 from tests.helpers.faultproxy import FaultProxy
+from tests.helpers.old_redis import install_old_redis
 from tests.helpers.procs import (pid_running, provisioned_sandbox, sandbox_broker, supervisor_rpc,
                                  wait_until)
 
@@ -381,6 +382,53 @@ def test_redis_down_during_a_restart_keeps_the_old_colour(fbx, broker):
     out = main(["restart", "fbx", "--path", str(root), "--remote-path", str(demo_remote(fbx))])
     assert out == 0
     assert broker.send_task("app.tasks.demo.version").get(timeout=30) == "v-no-redis"
+
+
+KOMBU_REFUSES = ("kombu.exceptions.VersionMismatch: Redis transport requires redis-py "
+                 "versions 6.1.0 or later. You have 5.0.1")
+
+
+def test_worker_that_exits_0_before_ready_is_reported_at_once(fbx, broker, tmp_path, capsys):
+    """Issue 10's conflict brought in by a push: the app's new code puts redis 5.0.1 first on
+    sys.path, kombu refuses it and Celery exits 0. The restart says so with the error line at
+    once, the old colour serves, `status` exits 1; pushing the fix back restarts nothing."""
+    old_redis = install_old_redis(tmp_path)
+    root = Path(fbx.project)
+    project, target = load_project(root), demo_target(fbx)
+    argv = ["--path", str(root), "--remote-path", str(demo_remote(fbx))]
+    set_version(root, "v-before-pin")
+    assert push(project, target, PushOptions(restart_timeout=60)).restart["ok"]
+    old = live_colour(fbx)
+    old_pid = programs(fbx)[old]["pid"]
+    app = root / "app" / "tasks" / "celery_app.py"
+    good = app.read_text()
+    app.write_text(f"import sys\nsys.path.insert(0, {str(old_redis)!r})\n" + good)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerStartError) as e:
+            push(project, target, PushOptions(restart_timeout=60))
+        took = time.monotonic() - t0
+        print(f"push -> failed start reported in {took:.2f} s")
+        message = str(e.value)
+        assert f"the new code did not start: {KOMBU_REFUSES}" in message
+        assert f"previous worker still serving: {old}" in message
+        assert took < 30, took  # told when it exits, not after the 60 s timeout
+        assert live_colour(fbx) == old and programs(fbx)[old]["pid"] == old_pid
+        assert broker.send_task("app.tasks.demo.version").get(timeout=20) == "v-before-pin"
+        wait_until(lambda: all(p["statename"] in agent.DOWN_STATES
+                               for c, p in programs(fbx).items() if c != old), 30,
+                   "the failed colour to stay down")
+        capsys.readouterr()
+        assert main(["status", "fbx", *argv]) == 1
+        assert f"worker failing: {KOMBU_REFUSES}" in capsys.readouterr().out
+    finally:
+        app.write_text(good)
+    # the fix returns the tree to the live revision: nothing to restart, nothing failing
+    assert push(project, target, PushOptions(restart_timeout=60)).restart is None
+    assert programs(fbx)[old]["pid"] == old_pid
+    capsys.readouterr()
+    assert main(["status", "fbx", *argv]) == 0
+    assert "worker failing" not in capsys.readouterr().out
 
 
 def test_worker_killed_9_mid_task_is_redelivered(fbx, broker):

@@ -123,22 +123,38 @@ def test_save_restarts_the_worker_onto_the_new_code(lbx, broker):
         assert len(w.of("restart")) == restarts
 
 
-def test_broken_code_shows_its_traceback_and_the_old_worker_keeps_serving(lbx, broker):
+def test_broken_code_then_its_fix_restarts_nothing(lbx, broker):
+    """A broken save fails to start (the old colour serves, status says why); saving the fix
+    returns the tree to the live revision: nothing restarts, and the output says why."""
+    remote = str(Path(lbx.remote_root) / "project")
     with Watching(lbx) as w:
         set_version(w.root, "v-good")
         wait_until(lambda: broker.send_task("app.tasks.demo.version").get(timeout=10)
                    == "v-good", 30, "v-good live")
+        live = wait_until(lambda: agent.worker_state(remote)["live"], 10, "the live worker")
         demo = w.root / "app" / "tasks" / "demo.py"
         good = demo.read_text()
         demo.write_text(good + "\ndef broken(:\n")
         wait_until(lambda: w.of("error"), 30, "the start failure")
         error = w.of("error")[-1]["error"]
-        assert "SyntaxError" in error and "did not start" in error
+        assert "did not start: SyntaxError" in error and "still serving" in error
         # still served, by the previous colour, on the previous code
         assert broker.send_task("app.tasks.demo.version").get(timeout=10) == "v-good"
+        failing = agent.worker_state(remote)["failing"]
+        assert failing["revision"] == w.of("synced")[-1]["revision"] != live["revision"]
+        assert failing["error"].startswith("SyntaxError")
+
+        restarts = len(w.of("restart"))
         demo.write_text(good)
-        n = len(w.of("ready"))
-        wait_until(lambda: len(w.of("ready")) > n, 30, "recovery after the fix")
+        skipped = wait_until(lambda: w.of("restart-skipped"), 30, "the fix, not restarted")[-1]
+        assert skipped["revision"] == live["revision"] == w.of("synced")[-1]["revision"]
+        assert skipped["why"] == (f"the tree is back at {live['revision'][:7]}, the revision "
+                                  "that is live")
+        assert len(w.of("restart")) == restarts
+        state = agent.worker_state(remote)
+        assert (state["live"]["pid"], state["live"]["revision"]) == (live["pid"],
+                                                                      live["revision"])
+        assert state["failing"] is None  # the revision that failed is no longer the pushed one
         assert broker.send_task("app.tasks.demo.add", args=(20, 22)).get(timeout=10) == 42
 
 

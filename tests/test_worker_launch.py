@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 from celery import Celery
 
+from tests.helpers.old_redis import install_old_redis
 from tests.helpers.procs import RedisServer, redis_server, start_process, stop_process, wait_until
 from worker import env as envmod
 from worker import envs, launch, ready
@@ -213,6 +214,7 @@ def test_launcher_runs_tasks_and_marks_ready(tmp_path: Path, redis_srv: RedisSer
         wait_until(lambda: proc.poll() is not None, 20, "worker exit after SIGTERM")
         assert proc.returncode == 0
         assert ready.read_marker(root, "green") is None
+        assert ready.read_failed_start(root, "green") is None  # stopped after ready: no failure
     except BaseException:
         print(log.read_text(errors="replace"))
         raise
@@ -238,3 +240,74 @@ def test_launcher_with_uninstallable_requirements_does_not_start(tmp_path: Path,
     text = log.read_text(errors="replace")
     assert "requirements install FAILED (pip" in text and "no-such-local-package" in text
     assert ready.read_marker(root, "green") is None
+
+
+# ---------------------------------------------------------------- failed starts (issue 10)
+
+
+@pytest.fixture(scope="module")
+def old_redis(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install_old_redis(tmp_path_factory.mktemp("pins"))
+
+
+@pytest.mark.parametrize("case", ["include-import-error", "kombu-refuses-redis"])
+def test_exit_before_ready_is_a_failed_start(tmp_path: Path, redis_srv: RedisServer,
+                                             old_redis: Path, case: str) -> None:
+    """Whatever Celery's own exit code (0 when kombu refuses its transport), a worker that
+    ends before its readiness marker exits FAILED_START_EXIT and records the error line."""
+    root = make_project(tmp_path / "proj", redis_srv, "")
+    env = worker_env()
+    if case == "include-import-error":
+        (root / "app" / "tasks" / "demo.py").write_text(f"import no_such_dep_xyz  # {KEY}\n")
+        expected = "ModuleNotFoundError: No module named 'no_such_dep_xyz'"
+    else:
+        env["PYTHONPATH"] = f"{old_redis}:{REPO}"
+        expected = ("kombu.exceptions.VersionMismatch: Redis transport requires redis-py "
+                    "versions 6.1.0 or later. You have 5.0.1")
+    log = tmp_path / "worker.log"
+    proc = start_process([sys.executable, "-m", "worker", "run", "--no-install"], log, cwd=root,
+                         env=env)
+    try:
+        wait_until(lambda: proc.poll() is not None, 60, "the worker to exit")
+    finally:
+        stop_process(proc)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == launch.FAILED_START_EXIT, text[-3000:]
+    failed = ready.read_failed_start(root, "green")
+    assert failed is not None, text[-3000:]
+    assert (failed["error"], failed["count"], failed["revision"]) == (expected, 1, REVISION)
+    assert failed["supervisor"] == os.getpid()  # the parent: supervisord, here the test
+    assert f"worker failing: {expected} (failed start 1 of 3)" in text
+    assert ready.read_marker(root, "green") is None
+    assert REDIS_PW not in text + json.dumps(failed)
+
+
+def test_failed_starts_count_then_give_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    env = make_env_for_count()
+    monkeypatch.setattr(os, "getppid", lambda: 4242)  # supervisord's pid, as the launcher sees it
+    codes = [launch._failed_start(env, tmp_path, "red", REVISION, f"boom {REDIS_PW}")
+             for _ in range(launch.MAX_STARTS)]
+    assert codes == [launch.FAILED_START_EXIT] * (launch.MAX_STARTS - 1) + [launch.GAVE_UP_EXIT]
+    failed = ready.read_failed_start(tmp_path, "red")
+    assert failed["count"] == launch.MAX_STARTS and failed["error"] == "boom ***"
+    # supervisord starts it once more anyway (a quick exit is retried): it does not start
+    assert launch.run_worker(env, tmp_path, install=False, colour="red") == launch.GAVE_UP_EXIT
+    assert ready.read_failed_start(tmp_path, "red")["count"] == launch.MAX_STARTS
+    # another supervisord (a reboot, a provision) counts afresh
+    monkeypatch.setattr(os, "getppid", lambda: 4343)
+    assert launch._failed_start(env, tmp_path, "red", REVISION, "boom") == \
+        launch.FAILED_START_EXIT
+    assert ready.read_failed_start(tmp_path, "red")["count"] == 1
+    # a start on purpose (restart, provision) and a ready worker forget them
+    ready.clear_failed_start(tmp_path, "red")
+    assert ready.read_failed_start(tmp_path, "red") is None
+
+
+def make_env_for_count() -> envmod.WorkerEnv:
+    report = envmod.validate({
+        "CELERY_BROKER_URL": f"redis://:{REDIS_PW}@127.0.0.1:1/0",
+        "CELERY_RESULT_BACKEND": "redis://127.0.0.1:1/1", "FLASK_APP_URL": "http://127.0.0.1:1",
+        "WORKER_API_KEY": KEY, "CELERY_APP": "no_such_app_xyz.tasks"})
+    assert report.env is not None, report.problems
+    return report.env

@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +23,7 @@ from tests.helpers.procs import (
     RedisServer, redis_server, start_process, stop_process, supervisor_rpc, wait_until,
 )
 from worker import env as envmod
-from worker import launch, ready
+from worker import launch, ready, supervise
 from worker import supervisor_conf as sc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,3 +233,33 @@ def test_worker_killed_after_ready_is_restarted(tmp_path: Path) -> None:
             info = rpc.supervisor.getProcessInfo("worker:worker-blue")
             assert info["statename"] == "RUNNING" and info["pid"] == second["pid"]
             assert ready.read_failed_start(root, "blue") is None
+
+
+def test_configure_reports_a_failed_first_start_at_once(tmp_path: Path, old_redis) -> None:
+    """provision's first start (python -m worker configure): the worker that exits before it
+    is ready is reported when it exits, with its error line, not after the timeout."""
+    with redis_server(tmp_path / "redis") as redis_srv:
+        root = _project(tmp_path / "p", redis_srv)
+        layout = sc.Layout(root=str(root), venv=sys.prefix, name="worker", stopwaitsecs=30)
+        rpc = supervisor_rpc(layout.socket_path)
+        t0 = time.monotonic()
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                for key in envmod.KNOWN_VARIABLES:  # supervisord must not inherit the test's
+                    mp.delenv(key, raising=False)
+                out = supervise.configure(layout, {"PYTHONPATH": f"{old_redis}:{REPO}"},
+                                          REVISION, timeout=60)
+            took = time.monotonic() - t0
+            print(f"configure -> failed start reported in {took:.2f} s")
+            assert out["ok"] is False and "started supervisord" in out["actions"]
+            assert out["error"] == ("worker failing: kombu.exceptions.VersionMismatch: Redis "
+                                    "transport requires redis-py versions 6.1.0 or later. "
+                                    "You have 5.0.1")
+            assert took < 30, took
+            assert any("VersionMismatch" in line for line in out["log_tail"])
+        finally:
+            with contextlib.suppress(OSError):
+                pid = rpc.supervisor.getPID()
+                rpc.supervisor.shutdown()
+                wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "supervisord to exit")
+            rpc("close")()

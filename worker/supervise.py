@@ -168,16 +168,25 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
         failure ``ok`` is False with ``error`` and ``log_tail`` (redacted).
     """
     deadline = time.monotonic() + timeout
-    began = time.time()
-    actions: list[str] = []
-    out: dict[str, Any] = {"ok": False, "actions": actions, "conf": layout.conf_path,
+    out: dict[str, Any] = {"ok": False, "actions": [], "conf": layout.conf_path,
                            "supervisorctl": sc.supervisorctl_command(layout.conf_path,
                                                                      layout.venv)}
+    proxy = rpc(layout.socket_path)
+    try:
+        return _configure(layout, extra_env, revision, timeout, restart, proxy, out, deadline)
+    finally:
+        proxy("close")()
+
+
+def _configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str, timeout: float,
+               restart: bool, proxy: xmlrpc.client.ServerProxy, out: dict[str, Any],
+               deadline: float) -> dict[str, Any]:
+    began = time.time()
+    actions = out["actions"]
     changed = configs_differ(layout, extra_env)
     if changed:
         sc.write_configs(layout, extra_env)
         actions.append("wrote supervisord config")
-    proxy = rpc(layout.socket_path)
     if _state(proxy) is None:
         _start_supervisord(layout, proxy, deadline)
         actions.append("started supervisord")
