@@ -258,7 +258,7 @@ def test_exit_before_ready_is_a_failed_start(tmp_path: Path, redis_srv: RedisSer
     root = make_project(tmp_path / "proj", redis_srv, "")
     env = worker_env()
     if case == "include-import-error":
-        (root / "app" / "tasks" / "demo.py").write_text(f"import no_such_dep_xyz  # {KEY}\n")
+        (root / "app" / "tasks" / "demo.py").write_text("import no_such_dep_xyz\n")
         expected = "ModuleNotFoundError: No module named 'no_such_dep_xyz'"
     else:
         env["PYTHONPATH"] = f"{old_redis}:{REPO}"
