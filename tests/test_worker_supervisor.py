@@ -230,8 +230,9 @@ def test_worker_killed_after_ready_is_restarted(tmp_path: Path) -> None:
             os.kill(first["pid"], signal.SIGKILL)
             second = wait_until(lambda: (m := ready.read_marker(root, "blue")) and
                                 m["pid"] != first["pid"] and m, 30, "blue ready again")
-            info = rpc.supervisor.getProcessInfo("worker:worker-blue")
-            assert info["statename"] == "RUNNING" and info["pid"] == second["pid"]
+            info = wait_until(lambda: (i := rpc.supervisor.getProcessInfo("worker:worker-blue"))
+                              ["statename"] == "RUNNING" and i, 20, "worker-blue RUNNING")
+            assert info["pid"] == second["pid"]
             assert ready.read_failed_start(root, "blue") is None
 
 
@@ -263,3 +264,31 @@ def test_configure_reports_a_failed_first_start_at_once(tmp_path: Path, old_redi
                 rpc.supervisor.shutdown()
                 wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "supervisord to exit")
             rpc("close")()
+
+
+def _failed(revision: str, at: float, count: int = 1) -> dict:
+    return {"revision": revision, "time": at, "count": count, "error": f"E{at:g}"}
+
+
+A, B = "a" * 40, "b" * 40
+
+
+@pytest.mark.parametrize("programs, live, pushed, expected", [
+    ({"blue": {"failed": _failed(B, 5)}}, None, B, ("blue", "E5")),
+    ({"blue": {"ready": True}, "green": {"failed": _failed(B, 5)}}, {"time": 3}, B,
+     ("green", "E5")),
+    ({"blue": {"ready": True}, "green": {"failed": _failed(B, 5)}}, {"time": 7}, B, None),
+    ({"blue": {"ready": True}, "green": {"failed": _failed(B, 5)}}, {"time": 3}, A, None),
+    ({"blue": {"failed": _failed(B, 5), "ready": True}}, {"time": 3}, B, None),
+    ({"blue": {"failed": _failed(B, 5)}, "red": {"failed": _failed(B, 9)}}, None, B,
+     ("red", "E9")),
+    ({"blue": {}, "green": {}}, None, B, None),
+], ids=["nothing-live", "newer-than-live", "older-than-live", "not-the-pushed-revision",
+        "slot-ready-since", "newest-of-two", "no-failure"])
+def test_which_failure_status_reports(programs, live, pushed, expected) -> None:
+    """``status`` says "worker failing" for the pushed revision's newest failed start that no
+    later ready worker has overtaken (syncagent/agent.py, stdlib-only, so tested here)."""
+    from syncagent import agent
+
+    found = agent.failing(programs, live, pushed)
+    assert (found and (found["colour"], found["error"])) == (expected or None)
