@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-install", action="store_true", help="skip the requirements step")
     run.add_argument("--full-start", action="store_true",
                      help="keep Celery mingle and gossip on (slower start)")
-    doctor = sub.add_parser("doctor", help="check broker, API, storage, GPU/NVENC, app import")
+    doctor = sub.add_parser("doctor", help="check broker, API, storage, GPU/NVENC, and the "
+                            "worker's start short of consuming (app, include modules, transport)")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     conf = sub.add_parser("configure", help="write supervisord configs, start or reload "
                           "supervisord, wait for the worker (prints one JSON object)")

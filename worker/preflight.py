@@ -20,7 +20,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import requests
 
@@ -336,35 +336,50 @@ def probe_start(env: WorkerEnv, root: str | os.PathLike[str]) -> list[Check]:
         app = launch.load_app(env.celery_app, root)
     except Exception as exc:  # whatever the user's import raises
         return [_fail("celery app", f"cannot import {env.celery_app}: "
-                      f"{launch._error_line(exc)}", "fix the error above; install requirements "
+                      f"{launch.error_line(exc)}", "fix the error above; install requirements "
                       "(python -m worker run does)", env, root)]
-    checks = [Check("celery app", OK, f"{env.celery_app} imports")]
     launch.apply_settings(app, env)
+    checks = [Check("celery app", OK, f"{env.celery_app} imports")]
+    for step in (_import_modules, _connect_transport):
+        checks.append(step(app, env, root))
+        if checks[-1].status == FAIL:
+            break
+    return checks
+
+
+def _import_modules(app: Any, env: WorkerEnv, root: str | os.PathLike[str]) -> Check:
+    """Import the app's ``include`` and ``imports`` modules, as the worker does at its start."""
+    from worker.launch import error_line
+
     modules = list(app.loader.default_modules)
     for module in modules:
         try:
             app.loader.import_task_module(module)
-        except Exception as exc:
-            return checks + [_fail("app modules", f"cannot import {module}: "
-                                   f"{launch._error_line(exc)}", f"fix {module} (the app's "
-                                   "include/imports): the worker would not start", env, root)]
-    checks.append(Check("app modules", OK, f"{len(modules)} imported"
-                        + (f" ({', '.join(modules[:4])}{' ...' if len(modules) > 4 else ''})"
-                           if modules else "")))
-    conn = app.connection_for_read(connect_timeout=NET_TIMEOUT)
+        except Exception as exc:  # whatever the user's import raises
+            return _fail("app modules", f"cannot import {module}: {error_line(exc)}",
+                         f"fix {module} (the app's include/imports): the worker would not "
+                         "start", env, root)
+    listed = f" ({', '.join(modules[:4])}{' ...' if len(modules) > 4 else ''})" if modules else ""
+    return Check("app modules", OK, f"{len(modules)} imported{listed}")
+
+
+def _connect_transport(app: Any, env: WorkerEnv, root: str | os.PathLike[str]) -> Check:
+    """Import the broker transport and connect it with the worker's settings, then release."""
+    from worker.launch import error_line
+
     shown = redact_url(env.broker_url)
+    conn = app.connection_for_read(connect_timeout=NET_TIMEOUT)
     try:
         transport = type(conn.transport).__module__
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
                                timeout=NET_TIMEOUT)
     except Exception as exc:  # the transport import, its version checks, the connection
-        return checks + [_fail("broker transport", f"{shown}: {launch._error_line(exc)}",
-                               "start the broker or fix CELERY_BROKER_URL; check firewall and "
-                               "bind address", env, root)]
+        return _fail("broker transport", f"{shown}: {error_line(exc)}",
+                     "start the broker or fix CELERY_BROKER_URL; check firewall and bind "
+                     "address", env, root)
     finally:
         conn.release()
-    checks.append(Check("broker transport", OK, f"{shown}: connected with {transport}"))
-    return checks
+    return Check("broker transport", OK, f"{shown}: connected with {transport}")
 
 
 def probe_main(argv: list[str]) -> int:
@@ -378,12 +393,12 @@ def probe_main(argv: list[str]) -> int:
         print(json.dumps([asdict(Check("worker start", FAIL, "; ".join(report.problems),
                                        "fix .env.worker"))]))
         return 1
-    logging_quiet()
+    _quiet_logging()
     print(json.dumps([asdict(c) for c in probe_start(report.env, root)]))
     return 0
 
 
-def logging_quiet() -> None:
+def _quiet_logging() -> None:
     """Keep kombu's and the app's import-time logging off the probe's JSON stdout."""
     import logging
 
