@@ -1150,13 +1150,17 @@ def _marker(root, colour):
 
 
 def _failed_start(root, colour):
-    """The slot's failed-start record (worker/ready.py writes it), or None."""
+    """The slot's failed-start record (worker/ready.py writes it), or None; its error line is
+    masked here too, as every text the agent sends back."""
     try:
         with open(os.path.join(root, STATE_DIR, "failed-%s.json" % colour)) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    data["error"] = mask(str(data.get("error") or ""), _secrets(root))
+    return data
 
 
 def failing(programs, live, pushed):

@@ -250,7 +250,8 @@ def old_redis(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return install_old_redis(tmp_path_factory.mktemp("pins"))
 
 
-@pytest.mark.parametrize("case", ["include-import-error", "kombu-refuses-redis"])
+@pytest.mark.parametrize("case", ["include-import-error", "kombu-refuses-redis",
+                                  "secret-in-the-error"])
 def test_exit_before_ready_is_a_failed_start(tmp_path: Path, redis_srv: RedisServer,
                                              old_redis: Path, case: str) -> None:
     """Whatever Celery's own exit code (0 when kombu refuses its transport), a worker that
@@ -260,6 +261,14 @@ def test_exit_before_ready_is_a_failed_start(tmp_path: Path, redis_srv: RedisSer
     if case == "include-import-error":
         (root / "app" / "tasks" / "demo.py").write_text("import no_such_dep_xyz\n")
         expected = "ModuleNotFoundError: No module named 'no_such_dep_xyz'"
+    elif case == "secret-in-the-error":  # any secret of .env.worker, not only the known ones
+        token = "extra-token-launch-9c2e"
+        with (root / ".env.worker").open("a") as fh:
+            fh.write(f"EXTRA_TOKEN={token}\n")
+        (root / "app" / "tasks" / "demo.py").write_text(
+            "import os\nraise RuntimeError('boom ' + os.environ.get('EXTRA_TOKEN', "
+            f"{token!r}))\n")
+        expected = "RuntimeError: boom ***"
     else:
         env["PYTHONPATH"] = f"{old_redis}:{REPO}"
         expected = ("kombu.exceptions.VersionMismatch: Redis transport requires redis-py "
@@ -280,6 +289,7 @@ def test_exit_before_ready_is_a_failed_start(tmp_path: Path, redis_srv: RedisSer
     assert f"worker failing: {expected} (failed start 1 of 3)" in text
     assert ready.read_marker(root, "green") is None
     assert REDIS_PW not in text + json.dumps(failed)
+    assert "extra-token-launch-9c2e" not in json.dumps(failed)
 
 
 def test_failed_starts_count_then_give_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
