@@ -173,14 +173,16 @@ def configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str,
                                                                      layout.venv)}
     proxy = rpc(layout.socket_path)
     try:
-        return _configure(layout, extra_env, revision, timeout, restart, proxy, out, deadline)
+        return _configure(layout, extra_env, revision, timeout, restart, on_started, proxy,
+                          out, deadline)
     finally:
         proxy("close")()
 
 
 def _configure(layout: sc.Layout, extra_env: Mapping[str, str], revision: str, timeout: float,
-               restart: bool, proxy: xmlrpc.client.ServerProxy, out: dict[str, Any],
-               deadline: float) -> dict[str, Any]:
+               restart: bool, on_started: Callable[[list[str]], None] | None,
+               proxy: xmlrpc.client.ServerProxy, out: dict[str, Any], deadline: float
+               ) -> dict[str, Any]:
     began = time.time()
     actions = out["actions"]
     changed = configs_differ(layout, extra_env)
