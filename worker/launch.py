@@ -40,9 +40,8 @@ __all__ = [
 
 log = logging.getLogger("worker.launch")
 VISIBILITY_MARGIN = 300
-MAX_STARTS = 3  # a start and two retries
-FAILED_START_EXIT = 1  # supervisord restarts it (autorestart=unexpected)
-GAVE_UP_EXIT = 78  # listed in the program's exitcodes: supervisord leaves the slot down
+MAX_STARTS, FAILED_START_EXIT, GAVE_UP_EXIT = (ready.MAX_STARTS, ready.FAILED_START_EXIT,
+                                               ready.GAVE_UP_EXIT)
 
 
 def enter_requirements_env(root: str | os.PathLike[str], full_start: bool = False) -> int:

@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 __all__ = [
     "COLOURS",
+    "FAILED_START_EXIT",
+    "GAVE_UP_EXIT",
+    "MAX_STARTS",
     "STATE_DIR_NAME",
     "UNKNOWN_REVISION",
     "colour_from_env",
@@ -47,6 +50,12 @@ STATE_DIR_NAME = ".syncagent"
 # Three slots: a restart starts an idle one while the last replaced one may still be finishing
 # its tasks (a warm stop), so back-to-back restarts never wait for a drain.
 COLOURS = ("blue", "green", "red")
+# A worker that exits before its readiness marker has failed to start (worker/launch.py): a
+# start and two retries, then the slot stays down. The exit codes, here because the program
+# conf (worker/supervisor_conf.py, stdlib only) names them too.
+MAX_STARTS = 3
+FAILED_START_EXIT = 1  # supervisord restarts it (autorestart=unexpected)
+GAVE_UP_EXIT = 78  # listed in the program's exitcodes: supervisord leaves the slot down
 UNKNOWN_REVISION = "unknown"
 _SHORT_UNKNOWN = "0000000"
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from worker.launch import GAVE_UP_EXIT, MAX_STARTS
-from worker.ready import COLOURS, STATE_DIR_NAME, ensure_state_dir
+from worker.ready import COLOURS, GAVE_UP_EXIT, MAX_STARTS, STATE_DIR_NAME, ensure_state_dir
 
 __all__ = [
     "DEFAULT_STOPWAITSECS",
