@@ -191,7 +191,10 @@ def _build(root: Path, path: Path, files: Sequence[Path], base_python: str,
     purelib = subprocess.run([str(env_python), "-c", "import sysconfig; "
                               "print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, BASE_PTH).write_text(_site_packages(base_python) + "\n", encoding="utf-8")
+    # addsitedir, not a bare path: the base's own .pth files (editable installs, a venv layered
+    # over another) must count in the env as they do in the base
+    Path(purelib, BASE_PTH).write_text(
+        f"import site; site.addsitedir({_site_packages(base_python)!r})\n", encoding="utf-8")
     requirement_args = [arg for f in files for arg in ("-r", str(f))]
     if uv:
         argv = [uv, "pip", "install", "--python", str(env_python), *requirement_args]
