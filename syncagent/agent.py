@@ -705,6 +705,7 @@ class _Dirs:
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self.fds = {(): self.root_fd}
         self.created = []
+        self.umask = _umask()  # once a batch, not twice a file (reading it means setting it)
 
     def open(self, parts, create):
         key = tuple(parts)
@@ -968,7 +969,7 @@ def _stage(dirs, n, up, chunks, staged, digests):
             _write_all(fd, block)
             h.update(block)
             size += len(block)
-        if mode & _umask():
+        if mode & dirs.umask:
             os.fchmod(fd, mode)
         os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
     finally:
