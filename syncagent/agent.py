@@ -294,38 +294,59 @@ def hash_file(path_or_fd):
     return h.hexdigest()
 
 
+class DigestCache(dict):
+    """{relpath: Entry}: the files' records as last hashed, which vouch for their digests
+    (see :meth:`Entry.vouches`). It knows whether it changed since it was loaded or saved,
+    so a no-op scan writes nothing."""
+
+    unchanged = True
+
+    def __setitem__(self, key, value):
+        if self.get(key) != value:
+            self.unchanged = False
+        dict.__setitem__(self, key, value)
+
+    def pop(self, key, *default):
+        if key in self:
+            self.unchanged = False
+        return dict.pop(self, key, *default)
+
+
 def load_digest_cache(root):
-    """{relpath: Entry} from the state dir: the files' records as last hashed (their mode is
-    not kept on disk: -1 until a scan sees them)."""
+    """The DigestCache kept in the state dir (empty if none or unreadable)."""
     data = read_state(root, "digests.json")
+    cache = DigestCache()
     if not isinstance(data, dict):
-        return {}
-    cache = {}
+        return cache
     for path, row in data.items():
         try:
-            size, mtime_ns, ctime_ns, ino, digest, hashed_ns = row
-            cache[path] = Entry("f", size, mtime_ns, -1, digest, None, ctime_ns, ino, hashed_ns)
+            size, mtime_ns, ctime_ns, ino, digest, hashed_ns = row[:6]
+            mode = row[6] if len(row) > 6 else -1  # -1: unknown until a scan sees the file
+            dict.__setitem__(cache, path, Entry("f", size, mtime_ns, mode, digest, None,
+                                                ctime_ns, ino, hashed_ns))
         except (TypeError, ValueError, AttributeError, struct.error):
             continue  # a damaged row costs one re-hash
     return cache
 
 
 def _cache_row(v):
-    """An on-disk row, [size, mtime_ns, ctime_ns, ino, digest, hashed_ns], or None if racy:
-    hashed so soon after its last change that a write later in the same timestamp tick would
-    go unseen (as git does)."""
+    """An on-disk row, [size, mtime_ns, ctime_ns, ino, digest, hashed_ns(, mode)], or None if
+    racy: hashed so soon after its last change that a write later in the same timestamp tick
+    would go unseen (as git does)."""
     if isinstance(v, Entry):
-        v = [v.size, v.mtime_ns, v.ctime_ns, v.ino, v.digest, v.hashed_ns]
-    if len(v) != 6 or v[4] is None or v[5] - max(v[1], v[2]) < RACY_NS:
+        v = [v.size, v.mtime_ns, v.ctime_ns, v.ino, v.digest, v.hashed_ns, v.mode]
+    if len(v) < 6 or v[4] is None or v[5] - max(v[1], v[2]) < RACY_NS:
         return None
     return v
 
 
 def save_digest_cache(root, cache):
-    """Write the cache atomically, leaving out racy records (see :func:`_cache_row`); a cache
-    that a scan found unchanged is not written again."""
+    """Write the cache atomically, leaving out racy records (see :func:`_cache_row`); a
+    DigestCache that has not changed since it was loaded or saved is not written again."""
     if getattr(cache, "unchanged", False):
         return
+    if isinstance(cache, DigestCache):
+        cache.unchanged = True  # before the copy: a change made meanwhile marks it again
     keep = {}
     for p, v in list(cache.items()):  # a copy: a watch's threads share the cache
         row = _cache_row(v)
@@ -582,7 +603,7 @@ def scan_root(root, wire_rules, protect=()):
 
     Returns:
         (entries, problems, held): held lists the protected paths the rules let through."""
-    cache = _CacheRecords(load_digest_cache(root))
+    cache = load_digest_cache(root)
     problems = []
     held = []
     temps = []
@@ -596,25 +617,6 @@ def scan_root(root, wire_rules, protect=()):
             pass
     _LINK_INDEX.pop(root, None)  # the tree may have changed since this agent last saw it
     return entries, problems, held
-
-
-class _CacheRecords(dict):
-    """A loaded digest cache that knows whether a scan changed it: a no-op manifest request
-    writes nothing (``unchanged`` is True while no record was added, replaced or dropped;
-    a record whose mode became known does not count, the file keeps no modes)."""
-
-    unchanged = True
-
-    def __setitem__(self, key, value):
-        old = self.get(key)
-        if old is None or old[:2] + old[6:] != value[:2] + value[6:]:
-            self.unchanged = False
-        dict.__setitem__(self, key, value)
-
-    def pop(self, key, *default):
-        if key in self:
-            self.unchanged = False
-        return dict.pop(self, key, *default)
 
 
 # ---------------------------------------------------------------- path safety

@@ -3,6 +3,7 @@ the digest cache; the rules' quick-reject regex; no rewrite of an unchanged cach
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -89,6 +90,8 @@ def test_a_noop_manifest_does_not_rewrite_the_cache(tmp_path):
                                                      st_.st_ctime_ns, st_.st_ino, "d" * 40,
                                                      st_.st_ctime_ns + 10**10]})
     cache_file = tmp_path / ".syncagent" / "digests.json"
+    agent.scan_root(str(tmp_path), build_rules([]).to_wire())  # learns the mode: written
+    assert json.loads(cache_file.read_text())["a.py"][6] == st_.st_mode & 0o777
     before = cache_file.stat()
     agent.scan_root(str(tmp_path), build_rules([]).to_wire())
     assert cache_file.stat().st_ino == before.st_ino  # written atomically: a new inode
