@@ -113,8 +113,12 @@ def main() -> int:
     ap.add_argument("--per-dir", type=int, default=100)
     ap.add_argument("--idle", type=float, default=10.0)
     ap.add_argument("--dir", default=None, help="where the tree and the remote live")
+    ap.add_argument("--syncagent", default=None,
+                    help="the syncagent command to measure (default: this venv's)")
     ap.add_argument("--json", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
+    global SYNCAGENT
+    SYNCAGENT = args.syncagent or SYNCAGENT
     with tempfile.TemporaryDirectory(prefix="syncagent-scale-", dir=args.dir) as tmp:
         tmp = Path(tmp)
         home = tmp / "home"

@@ -101,31 +101,32 @@ class Entry(bytes):
         if link is not None:
             form |= _HAS_LINK
             tail += link.encode("utf-8", "surrogateescape")
-        return bytes.__new__(cls, _HEAD.pack(_KIND_CODE[kind], form, mode, n, size, mtime_ns,
-                                             ctime_ns, ino, hashed_ns) + tail)
+        return bytes.__new__(cls, _HEAD.pack(_KIND_CODE[kind], form, mode + 1, n, size,
+                                             mtime_ns, ctime_ns, ino, hashed_ns) + tail)
 
+    # planning reads kind, mode and digest of every entry: those three are the fast ones
     kind = property(lambda self: _KIND_NAME[self[0]])
-    mode = property(lambda self: _MODE.unpack_from(self, 2)[0])
-    size = property(lambda self: _I64.unpack_from(self, 8)[0])
-    mtime_ns = property(lambda self: _I64.unpack_from(self, 16)[0])
-    ctime_ns = property(lambda self: _I64.unpack_from(self, 24)[0])
-    ino = property(lambda self: _U64.unpack_from(self, 32)[0])
-    hashed_ns = property(lambda self: _I64.unpack_from(self, 40)[0])
+    mode = property(lambda self: (self[2] | self[3] << 8) - 1)
+    size = property(lambda self: _I64.unpack_from(self, 6)[0])
+    mtime_ns = property(lambda self: _I64.unpack_from(self, 14)[0])
+    ctime_ns = property(lambda self: _I64.unpack_from(self, 22)[0])
+    ino = property(lambda self: _U64.unpack_from(self, 30)[0])
+    hashed_ns = property(lambda self: _I64.unpack_from(self, 38)[0])
 
     @property
     def digest(self):
         form = self[1] & 3
+        if form == 1:
+            return self[46:66].hex()
         if not form:
             return None
-        n = _DLEN.unpack_from(self, 6)[0]
-        raw = self[_HEAD.size:_HEAD.size + n]
-        return raw.hex() if form == 1 else raw.decode("utf-8", "surrogateescape")
+        return self[46:46 + _DLEN.unpack_from(self, 4)[0]].decode("utf-8", "surrogateescape")
 
     @property
     def link(self):
         if not self[1] & _HAS_LINK:
             return None
-        start = _HEAD.size + _DLEN.unpack_from(self, 6)[0]
+        start = _HEAD.size + _DLEN.unpack_from(self, 4)[0]
         return bytes(self[start:]).decode("utf-8", "surrogateescape")
 
     def vouches(self, st):
@@ -139,7 +140,7 @@ class Entry(bytes):
 
     def with_mode(self, mode):
         """The same record with another mode."""
-        return bytes.__new__(type(self), self[:2] + _MODE.pack(mode) + self[6:])
+        return bytes.__new__(type(self), self[:2] + _MODE.pack(mode + 1) + self[4:])
 
     def __repr__(self):
         return "Entry(%r, size=%r, mode=%o, digest=%r, link=%r)" % (
@@ -153,10 +154,10 @@ class Entry(bytes):
 
 
 # kind, form (digest: 0 none, 1 20 raw bytes of a 40-hex digest, 2 text; | 4 if a link target
-# follows the digest), mode, digest length,
-# size, mtime_ns, ctime_ns, inode, hashed_ns; then the digest, then a link's target
-_HEAD = struct.Struct("<BBiHqqqQq")
-_MODE, _DLEN, _I64, _U64 = (struct.Struct("<i"), struct.Struct("<H"), struct.Struct("<q"),
+# follows the digest), mode + 1 (-1: not known yet), digest length, size, mtime_ns, ctime_ns,
+# inode, hashed_ns; then the digest, then a link's target
+_HEAD = struct.Struct("<BBHHqqqQq")
+_MODE, _DLEN, _I64, _U64 = (struct.Struct("<H"), struct.Struct("<H"), struct.Struct("<q"),
                             struct.Struct("<Q"))
 _HAS_LINK = 4
 _KIND_CODE = {"f": 1, "d": 2, "l": 3}
