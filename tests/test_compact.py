@@ -129,3 +129,31 @@ def test_the_factored_alternation_matches_where_any_rule_does(pats, path, is_dir
     name = path + "/" if is_dir else path
     factored = agent._alternation(rx for rx, _ in wire)
     assert bool(factored.match(name)) == any(re.match(rx, name) for rx, _ in wire)
+
+
+def test_what_a_batch_wrote_needs_no_rehash_on_the_next_manifest(tmp_path, monkeypatch):
+    """The agent records what it just wrote: the no-op push after an initial one reads no
+    file on the remote, and its manifest request writes no cache."""
+    from pathlib import Path
+
+    from syncagent.plan import plan, revision
+
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    (local / "pkg").mkdir(parents=True)
+    for i in range(5):
+        (local / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+    os.chmod(local / "pkg" / "m0.py", 0o755)
+    remote.mkdir()
+    mine = agent.scan(str(local), RULES)
+
+    def chunks(up):
+        yield Path(local, up["path"]).read_bytes()
+
+    agent.apply_batch(str(remote), plan(mine, {}).to_wire(revision(mine), len(mine)), chunks)
+    cache_file = remote / ".syncagent" / "digests.json"
+    written = cache_file.stat().st_ino
+    monkeypatch.setattr(agent, "hash_file", lambda p: pytest.fail("re-hashed " + p))
+    theirs, _, _ = agent.scan_root(str(remote), build_rules([]).to_wire())
+    assert {p: (e.kind, e.mode, e.digest) for p, e in theirs.items()} == {
+        p: (e.kind, e.mode, e.digest) for p, e in mine.items()}
+    assert cache_file.stat().st_ino == written
