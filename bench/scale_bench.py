@@ -6,8 +6,9 @@ Measures, against a local sandbox (real sshd on 127.0.0.1):
     (utime+stime from /proc/<pid>/stat), and the inotify watches it holds.
 Targets (issue): watcher start <= 10 s, RSS <= 150 MB, idle CPU ~0.
 
-Usage: python bench/scale_bench.py [--files 100000] [--per-dir 100] [--json OUT]
-Everything lives in a temp dir with its own HOME; every process started is stopped by pid.
+Usage: python bench/scale_bench.py [--files 100000] [--per-dir 100] [--dir /dev/shm] [--json OUT]
+Everything (tree, remote, HOME) lives in a temp dir under --dir (default: the system temp dir,
+on disk here; /dev/shm for tmpfs); every process started is stopped by pid.
 """
 from __future__ import annotations
 
@@ -111,14 +112,20 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--per-dir", type=int, default=100)
     ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument("--dir", default=None, help="where the tree and the remote live")
+    ap.add_argument("--syncagent", default=None,
+                    help="the syncagent command to measure (default: this venv's)")
     ap.add_argument("--json", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="syncagent-scale-") as tmp:
+    global SYNCAGENT
+    SYNCAGENT = args.syncagent or SYNCAGENT
+    with tempfile.TemporaryDirectory(prefix="syncagent-scale-", dir=args.dir) as tmp:
         tmp = Path(tmp)
         home = tmp / "home"
         home.mkdir()
         env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
                "XDG_STATE_HOME": str(home / ".local" / "state")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its bytecode
         os.environ.update({k: env[k] for k in ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME")})
         sys.path.insert(0, str(HERE.parent))
         from syncagent import sandbox
@@ -131,7 +138,10 @@ def main() -> int:
             gen = time.perf_counter() - t0
             argv = ["scale", "--path", str(root), "--remote-path", f"{box.remote_root}/tree"]
             results = {"files": args.files, "dirs": args.files // args.per_dir,
-                       "generate_s": round(gen, 1)}
+                       "generate_s": round(gen, 1), "dir": str(tmp),
+                       "filesystem": subprocess.run(["stat", "-f", "-c", "%T", str(tmp)],
+                                                    capture_output=True, text=True
+                                                    ).stdout.strip()}
             results["push_initial"] = timed_push(argv, env)
             results["push_noop"] = timed_push(argv, env)
             results["watch"] = watch_figures(argv, env, args.idle)

@@ -2,6 +2,12 @@
 
 Typed errors become exit codes here and only here: 0 ok, 1 operational, 2 usage or config,
 3 refused for safety.
+
+Start-up is part of every command's time, so this module imports only click and the light
+modules that declare options (config, errors). Each command imports what it uses (paramiko via
+push/transport, watchdog via watch, rich for rendering) inside its own body: ``--help`` and
+``--version`` load none of them, and a command that needs no SSH never loads paramiko
+(``tests/test_push.py::test_version_and_help_import_nothing_heavy`` keeps it so).
 """
 
 from __future__ import annotations
@@ -12,14 +18,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from . import __version__
 from .config import (CONFIG_NAME, INIT_TEMPLATE, RESTART_MODES, RESTART_POLICIES, Project,
                      Target, expand_specs, find_root, load_project, resolve_target)
 from .errors import ConfigError, SyncAgentError
-from .push import PushOptions, PushResult, push_many
-from .transport import connect
+
+if TYPE_CHECKING:  # imported by the commands that use them (see the module docstring)
+    from .push import PushResult
 
 __all__ = ["cli", "main"]
 
@@ -145,7 +154,7 @@ def _provision_summary(r) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="syncagent")
+@click.version_option(__version__, prog_name="syncagent")
 def cli() -> None:
     """Push code to a remote Celery GPU worker over one SSH connection."""
 
@@ -165,6 +174,8 @@ def cli() -> None:
 def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run, no_restart,
              allow_mass_delete, mode, policy, as_json):
     """Make the remote tree equal to the local one (one-shot), on each TARGET at once."""
+    from .push import PushOptions, push_many
+
     project = _project(path)
     options = PushOptions(dry_run=dry_run, restart=not no_restart,
                           allow_mass_delete=allow_mass_delete, trust_new_host=trust_new_host,
@@ -266,13 +277,14 @@ def _render_event(event: dict) -> str:
 def watch_cmd(targets, path, remote_path, identity, all_, trust_new_host, no_restart,
               allow_mass_delete, quiet_ms, max_wait_ms, polling, mode, policy, as_json):
     """Initial reconcile, then push every change as it happens."""
+    from .push import PushOptions
+    from .watch import WatchOptions, watch
+
     project = _project(path)
     resolved = _targets(project, targets, all_, remote_path, identity)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-
-    from .watch import WatchOptions, watch
 
     board = _StatusBoard([t.name for t in resolved], live=not as_json and sys.stdout.isatty())
     lock = threading.Lock()  # each target's threads report too
@@ -611,6 +623,8 @@ def init_cmd(path, force):
 @click.option("--path", type=click.Path(file_okay=False), default=None)
 def trust_cmd(target, path):
     """Show TARGET's host key fingerprint and record it in known_hosts."""
+    from .transport import connect
+
     resolved = resolve_target(target, _project(path))
     client, ep, recorded = connect(resolved, trust_new=True)
     client.close()

@@ -3,6 +3,10 @@
 The scan itself is the agent's (``syncagent.agent.scan``), so both sides see a tree the same way;
 this module adds what only the dev side does: finding .gitignore files and keeping the local
 digest cache under ``<root>/.syncagent/``.
+
+A manifest maps paths to :class:`Entry` records, one packed ``bytes`` object per entry; for a
+file it is also the digest cache's record (the same object: one per file, shared by every
+target of a fleet or watch).
 """
 
 from __future__ import annotations

@@ -107,10 +107,12 @@ class Syncer:
 
     # ---------------------------------------------------------------- connection
 
-    def connect(self) -> RemoteTree:
-        """Open the session and read the remote manifest."""
+    def connect(self, session: Session | None = None) -> RemoteTree:
+        """Open the session (or take ``session``, opened already) and read the remote
+        manifest."""
         self.close()
-        self.session = Session.open(self.target, trust_new=self.options.trust_new_host)
+        self.session = session or Session.open(self.target,
+                                               trust_new=self.options.trust_new_host)
         return self._read_remote()
 
     def _read_remote(self) -> RemoteTree:
@@ -391,14 +393,18 @@ class Syncer:
 
 
 def _share_equal(remote: dict[str, Entry], local: dict[str, Entry]) -> dict[str, Entry]:
-    """The remote manifest, holding the local Entry object wherever both sides agree (planning
-    compares kind, mode, digest and link only): a 100k-file watch keeps one copy, not two."""
+    """The remote manifest, holding the local Entry object, and the local path string,
+    wherever both sides agree (planning compares kind, mode, digest and link only): a
+    100k-file watch keeps one copy of each, not two."""
     out = {}
-    for path, e in remote.items():
-        mine = local.get(path)
-        same = mine is not None and (mine.kind, mine.mode, mine.digest, mine.link) == (
-            e.kind, e.mode, e.digest, e.link)
-        out[path] = mine if same else e
+    for path, mine in local.items():
+        e = remote.get(path)
+        if e is not None:
+            same = (mine.kind, mine.mode, mine.digest, mine.link) == (
+                e.kind, e.mode, e.digest, e.link)
+            out[path] = mine if same else e
+    if len(out) != len(remote):  # remote-only paths keep their own
+        out.update((p, e) for p, e in remote.items() if p not in local)
     return out
 
 
@@ -440,15 +446,19 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
         progress: called as for :func:`push`; only used with a single target.
     """
     t_start = time.perf_counter()
-    rules = local_rules(str(project.root), project.exclude, project.protect)
-    cache = agent.load_digest_cache(str(project.root))
-    syncers = [Syncer(project, t, options, rules, cache) for t in targets]
     fleet = FleetResult()
     trees: dict[str, tuple[RemoteTree, float]] = {}
+    syncers: list[Syncer] = []
+    handed: set[str] = set()  # targets whose opened session a Syncer owns (and closes)
+    pool = ThreadPoolExecutor(max_workers=len(targets))
+    # The handshake and the agent start need no rules: they begin before anything local.
+    opening = {t.name: pool.submit(Session.open, t, trust_new=options.trust_new_host)
+               for t in targets}
 
     def connect(s: Syncer) -> None:
-        t0 = time.perf_counter()
-        trees[s.target.name] = (s.connect(), time.perf_counter() - t0)
+        session = opening[s.target.name].result()
+        handed.add(s.target.name)
+        trees[s.target.name] = (s.connect(session), time.perf_counter() - t_start)
 
     def reconcile(s: Syncer) -> None:
         tree, t_connect = trees[s.target.name]
@@ -464,7 +474,10 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
         result.durations["restart"] = time.perf_counter() - t0
 
     try:
-        with ThreadPoolExecutor(max_workers=len(syncers)) as pool:
+        with pool:
+            rules = local_rules(str(project.root), project.exclude, project.protect)
+            cache = agent.load_digest_cache(str(project.root))
+            syncers += [Syncer(project, t, options, rules, cache) for t in targets]
             connecting = _each(pool, connect, syncers)
             t0 = time.perf_counter()
             local = syncers[0].scan_all()  # once, while the connections come up
@@ -496,6 +509,9 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
     finally:
         for s in syncers:
             s.close()
+        for name, future in opening.items():  # opened, but never handed to a Syncer
+            if name not in handed and future.done() and not future.exception():
+                future.result().close()
     total = time.perf_counter() - t_start
     for result in fleet.results.values():
         result.durations["total"] = total
