@@ -33,7 +33,7 @@ from pathlib import Path
 from .config import Project, Target, user_state_dir
 
 __all__ = ["Answer", "forward", "spawn", "ping", "socket_path", "runtime_dir", "enabled",
-           "serve", "COMMANDS"]
+           "serve", "serve_watch", "COMMANDS"]
 
 COMMANDS = ("push", "status", "restart", "logs")  # what a holder runs for a client
 MAX_MESSAGE = 64 << 20
@@ -147,6 +147,8 @@ def forward(root: str | os.PathLike, target: Target, argv: list[str]) -> Answer 
             return None
         reply = _ask(path, {"op": "run", "argv": list(argv), "cwd": os.getcwd(),
                             "env": dict(os.environ)}, timeout=None)
+        if reply.get("decline"):  # a watch that cannot answer this one
+            return None
         return Answer(int(reply["code"]), str(reply["out"]), str(reply["err"]))
     except (OSError, ValueError, KeyError, TypeError, UnsafeDir, struct.error):
         return None
@@ -354,6 +356,80 @@ def serve(root: str, target: Target, idle: float) -> None:
         sock.close()
         Session.provider = None
         held.drop()
+
+
+# ------------------------------------------------------------------ a watch serves the socket
+
+def serve_watch(project: Project, target: Target, flush, options, stop) -> bool:
+    """Serve the target's socket from a running ``watch`` (in a thread): a plain ``push`` of
+    that target there is a flush, answered with the result of the watch's next full
+    reconcile (the restart, if any, follows in the watch). Anything else is declined, and
+    the client runs it on its own.
+
+    Args:
+        flush: ``TargetLoop.flush``; options: the watch's PushOptions; stop: ends serving.
+
+    Returns:
+        False when the socket could not be taken (unsafe directory, a holder serves it).
+    """
+    import threading
+
+    try:
+        path = socket_path(project.root, target)
+        sock, lock, inode = _listen(path)
+    except (OSError, UnsafeDir, SystemExit):
+        return False
+    sock.settimeout(0.25)
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    conn, _ = sock.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    conn.settimeout(None)
+                    try:
+                        if _peer_is_me(conn):
+                            request = _recv(conn)
+                            _send(conn, {"pid": os.getpid(), "served": 0, "connected": True}
+                                  if request.get("op") == "ping" else
+                                  _flush_answer(request, flush, options))
+                    except (OSError, ValueError, KeyError, struct.error):
+                        pass
+        finally:
+            if path.exists() and os.stat(path).st_ino == inode:
+                path.unlink()
+            sock.close()
+            os.close(lock)
+
+    threading.Thread(target=loop, name="syncagent-holder", daemon=True).start()
+    return True
+
+
+def _flush_answer(request: dict, flush, options) -> dict:
+    """A push's answer from the watch, rendered as the push command renders it."""
+    from .cli import _summary, push_cmd
+    from .errors import SyncAgentError
+
+    argv = [str(a) for a in request["argv"]]
+    try:
+        params = push_cmd.make_context("push", argv[1:], resilient_parsing=True).params
+    except Exception:
+        return {"decline": True}
+    if (argv[:1] != ["push"] or params.get("dry_run") or params.get("allow_mass_delete")
+            or params.get("mode") or params.get("no_restart") != (not options.restart)):
+        return {"decline": True}
+    try:
+        result = flush()
+    except SyncAgentError as e:
+        return {"code": e.exit_code, "out": "", "err": f"syncagent: error: {e}\n"}
+    if result is None:
+        return {"decline": True}
+    warnings = "".join(f"warning: {w}\n" for w in result.warnings)
+    out = json.dumps(result.to_json()) if params.get("as_json") else _summary(result)
+    return {"code": 0, "out": out + "\n", "err": warnings}
 
 
 def main(argv: list[str]) -> int:

@@ -60,9 +60,21 @@ def proj(tmp_path, box, monkeypatch):
     for i in range(30):
         (root / f"m{i:02}.py").write_text(f"x = {i}\n")
     yield root, remote
-    info = holder.ping(root, target_of(root))
-    if info:
-        os.kill(info["pid"], signal.SIGKILL)
+    for pid in holders_of(root):
+        os.kill(pid, signal.SIGKILL)
+
+
+def holders_of(root) -> list[int]:
+    """The holder processes started for this test's project (found by their command line)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"syncagent.holder" in cmd and str(root).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
 
 
 def target_of(root):
@@ -276,3 +288,31 @@ def test_bad_holder_settings(capsys, tmp_path, line):
     (tmp_path / "syncagent.toml").write_text(line + "\n")
     code, _, err = run(capsys, "status", "--path", str(tmp_path))
     assert code == 2 and "holder" in err
+
+
+def test_a_push_during_watch_is_a_flush_of_the_watch(capsys, proj):
+    root, remote = proj
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+    w = subprocess.Popen([sys.executable, "-c", CLIENT, "watch", "t", "--path", str(root),
+                          "--no-restart", "--json"], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=Path(__file__).parent.parent)
+    try:
+        assert json.loads(w.stdout.readline())["event"] == "connected"
+        assert json.loads(w.stdout.readline())["event"] == "synced"
+        assert holder.ping(root, target_of(root))["pid"] == w.pid  # the watch serves it
+        for i in range(5):
+            (root / f"m{i:02}.py").write_text(f"x = 'burst {i}'\n")
+        (root / "m05.py").unlink()
+        code, out, err = push(capsys, root, "--json")
+        assert code == 0, err
+        assert view(remote) == view(root)  # answered once the watch had sent it all
+        assert json.loads(out)["revision"] == json.loads(
+            push(capsys, root, "--json", "--no-holder")[1])["revision"]
+        # what the watch cannot answer for (here --dry-run) runs on its own
+        code, out, _ = push(capsys, root, "--dry-run")
+        assert code == 0 and "dry run" in out
+    finally:
+        w.send_signal(signal.SIGINT)
+        w.communicate(timeout=30)
+    assert not holder.socket_path(root, target_of(root)).exists()
