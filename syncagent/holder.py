@@ -350,6 +350,9 @@ def serve(root: str, target: Target, idle: float) -> None:
                         _send(conn, answer)
                 except (OSError, ValueError, KeyError, struct.error) as e:
                     print(f"holder: client dropped: {e}", file=sys.stderr, flush=True)
+                except Exception as e:  # no answer: the client runs the command itself
+                    print(f"holder: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    held.drop()
     finally:
         if path.exists() and os.stat(path).st_ino == inode:  # not a successor's
             path.unlink()
