@@ -75,7 +75,9 @@ def _leave_holder(project: Project, resolved: list[Target], no_holder: bool) -> 
     """After a direct run for one target: start its holder for the commands that follow."""
     if (len(resolved) == 1 and holder.enabled(project, no_holder)
             and (click.get_current_context().obj or {}).get("argv") is not None):
-        holder.spawn(project, resolved[0])
+        why = holder.spawn(project, resolved[0])
+        if why:
+            _warn(f"no holder for the next commands: {why}")
 
 
 class _LazyProgress:

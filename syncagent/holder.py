@@ -162,16 +162,16 @@ def ping(root: str | os.PathLike, target: Target, timeout: float = 2.0) -> dict 
         return None
 
 
-def spawn(project: Project, target: Target) -> bool:
+def spawn(project: Project, target: Target) -> str | None:
     """Start the target's holder in the background (it detaches, then connects on its own).
 
     Returns:
-        False when the runtime directory is not safe to use (no holder then).
+        None once started; else why not (the runtime directory is not this user's alone...).
     """
     try:
         path = socket_path(project.root, target)
-    except (OSError, UnsafeDir):
-        return False
+    except (OSError, UnsafeDir) as e:
+        return str(e)
     log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
                   0o600)
     try:
@@ -180,11 +180,11 @@ def spawn(project: Project, target: Target) -> bool:
              json.dumps(dataclasses.asdict(target)), str(project.holder_idle)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             close_fds=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
     finally:
         os.close(log)
-    return True
+    return None
 
 
 # ------------------------------------------------------------------ the holder process
