@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -32,8 +33,8 @@ from pathlib import Path
 
 from .config import Project, Target, user_state_dir
 
-__all__ = ["Answer", "forward", "spawn", "ping", "socket_path", "runtime_dir", "enabled",
-           "serve", "serve_watch", "COMMANDS"]
+__all__ = ["Answer", "Taken", "UnsafeDir", "forward", "spawn", "ping", "socket_path",
+           "runtime_dir", "enabled", "serve", "serve_watch", "COMMANDS"]
 
 COMMANDS = ("push", "status", "restart", "logs")  # what a holder runs for a client
 MAX_MESSAGE = 64 << 20
@@ -42,6 +43,10 @@ SERVING = False  # true inside a holder process: its commands never forward nor 
 
 class UnsafeDir(Exception):
     """The runtime directory or the socket is not this user's alone."""
+
+
+class Taken(Exception):
+    """Another process (a holder, a watch) serves this socket already."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +251,7 @@ def _still_trusted(session) -> bool:
                            .get_remote_server_key()))
 
 
+@functools.lru_cache(maxsize=None)
 def _held_session_class():
     from .session import Session
 
@@ -298,7 +304,7 @@ def _listen(path: Path) -> tuple[socket.socket, int, int]:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(lock)
-        raise SystemExit(0)  # another holder serves this target
+        raise Taken(str(path)) from None
     if path.exists() or path.is_symlink():
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -380,7 +386,7 @@ def serve_watch(project: Project, target: Target, flush, options, stop) -> bool:
     try:
         path = socket_path(project.root, target)
         sock, lock, inode = _listen(path)
-    except (OSError, UnsafeDir, SystemExit):
+    except (OSError, UnsafeDir, Taken):
         return False
     sock.settimeout(0.25)
 
@@ -443,7 +449,10 @@ def main(argv: list[str]) -> int:
     if os.fork():  # the command that started us waits for this exit only, and reaps it
         os._exit(0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # tidy up the socket on the way
-    serve(root, target, float(idle))
+    try:
+        serve(root, target, float(idle))
+    except Taken:  # another holder was quicker, or a watch serves the target
+        pass
     return 0
 
 
