@@ -14,6 +14,11 @@ flips every repetition):
 * noop:    pushed again, nothing changed;
 * change:  one file's content is modified in the (shared) source, then pushed.
 
+A third column, ``holder`` (``--no-holder-column`` leaves it out), pushes the same source to
+its own destination with the warm path on: the first push leaves a holder (syncagent.holder),
+which every later push of that column goes through. The ``syncagent`` column runs with
+``SYNCAGENT_HOLDER=0``: the one-shot command as it is without a holder.
+
 Times are the wall clock of the whole CLI command (``subprocess`` + ``time.perf_counter``), which
 is what a user waits for. syncagent's local digest cache (``<source>/.syncagent/``) is kept
 between runs as a user would have it; one cold first push (no cache) is timed separately before
@@ -53,7 +58,7 @@ REPO = HERE.parent
 DEFAULT_SYNCAGENT = REPO / ".venv" / "bin" / "syncagent"
 TARGETS = {"initial": 1.0, "noop": 0.5, "change": 0.5}  # issue 12
 CASES = ("initial", "noop", "change")
-TOOLS = ("syncagent", "rsync")
+TOOLS = ("syncagent", "rsync")  # plus "holder" unless --no-holder-column
 
 # The same list as syncagent's DEFAULT_EXCLUDES (syncagent/ignore.py), in rsync syntax.
 # A pattern with a slash inside (bin/ffmpeg) is anchored to the root, as in gitignore.
@@ -234,20 +239,60 @@ class Bench:
 
     def run(self, tool: str, tree: str, src: Path) -> tuple[float, dict | None]:
         dest = self.dest(tool, tree)
-        if tool == "syncagent":
+        env = self.env
+        if tool in ("syncagent", "holder"):
             cmd = [self.syncagent, "push", self.box["name"], "--path", str(src),
                    "--remote-path", str(dest), "--json", "--no-restart"]
+            env = dict(self.env, SYNCAGENT_HOLDER="1" if tool == "holder" else "0")
         else:
             cmd = ["rsync", "-a", "--delete", "-e", self.ssh, *RSYNC_FILTERS,
                    f"{src}/", f"{self.box['name']}:{dest}/"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, env=self.env)
+        proc = subprocess.run(cmd, capture_output=True, env=env)
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{tool} failed ({proc.returncode}): {' '.join(cmd)}\n"
                                f"{proc.stderr.decode(errors='replace')}")
         info = json.loads(proc.stdout) if tool == "syncagent" else None
+        if tool == "holder":
+            self.wait_holder()
         return elapsed, info
+
+    def holder_sockets(self) -> list[Path]:
+        return list((self.work / "state" / "syncagent" / "run").glob("*.sock"))
+
+    def wait_holder(self, timeout: float = 30.0) -> None:
+        """Untimed: until a holder answers on its socket (the first push only starts it)."""
+        import socket as socketlib
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in self.holder_sockets():
+                with socketlib.socket(socketlib.AF_UNIX) as sock:
+                    try:
+                        sock.connect(str(path))
+                        return
+                    except OSError:
+                        pass
+            time.sleep(0.05)
+        raise RuntimeError("no holder came up")
+
+    def stop_holders(self) -> None:
+        """The holders this run left: stopped by the pid their ping answers."""
+        sys.path.insert(0, str(REPO))
+        import signal
+        import socket as socketlib
+        import struct
+        for path in self.holder_sockets():
+            try:
+                with socketlib.socket(socketlib.AF_UNIX) as sock:
+                    sock.settimeout(5)
+                    sock.connect(str(path))
+                    data = json.dumps({"op": "ping"}).encode()
+                    sock.sendall(struct.pack(">I", len(data)) + data)
+                    (n,) = struct.unpack(">I", sock.recv(4))
+                    os.kill(json.loads(sock.recv(n))["pid"], signal.SIGTERM)
+            except (OSError, ValueError, KeyError, struct.error):
+                pass
 
 
 def code_version() -> dict:
@@ -266,19 +311,20 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0.0) -> dict:
-    res: dict = {"samples": {t: {c: [] for c in CASES} for t in TOOLS},
+def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0.0,
+               tools: tuple = TOOLS) -> dict:
+    res: dict = {"samples": {t: {c: [] for c in CASES} for t in tools},
                  "stages": {c: [] for c in CASES}, "cold": {}, "correctness": []}
     change_file = pick_change_file(src)
     res["change_file"] = str(change_file.relative_to(src))
     src_view = tree_view(src) if tree == "gen" else None
 
     def check(label: str):
-        views = {t: tree_view(b.dest(t, tree)) for t in TOOLS}
+        views = {t: tree_view(b.dest(t, tree)) for t in tools}
         diffs = diff_views(views["syncagent"], views["rsync"], "syncagent", "rsync")
         if src_view is not None:
             now = tree_view(src)
-            for t in TOOLS:
+            for t in tools:
                 diffs += diff_views(now, views[t], "source", t)
         ok = not [d for d in diffs if "mtime" not in d]
         res["correctness"].append({"when": label, "ok": ok, "diffs": diffs,
@@ -288,7 +334,7 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
 
     # Cold first push: no local digest cache, destinations absent.
     shutil.rmtree(src / ".syncagent", ignore_errors=True)
-    for t in TOOLS:
+    for t in tools:
         shutil.rmtree(b.dest(t, tree), ignore_errors=True)
         b.dest(t, tree).parent.mkdir(parents=True, exist_ok=True)
         secs, info = b.run(t, tree, src)
@@ -298,7 +344,7 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
     check("cold initial")
 
     for rep in range(reps):
-        order = TOOLS if rep % 2 == 0 else TOOLS[::-1]
+        order = tools if rep % 2 == 0 else tools[::-1]
         # initial
         for t in order:
             shutil.rmtree(b.dest(t, tree), ignore_errors=True)
@@ -329,8 +375,11 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
             f"{c} sa={res['samples']['syncagent'][c][-1]:.3f} rs={res['samples']['rsync'][c][-1]:.3f}"
             for c in CASES))
     check("after last change")
-    res["median"] = {t: {c: median(res["samples"][t][c]) for c in CASES} for t in TOOLS}
+    res["median"] = {t: {c: median(res["samples"][t][c]) for c in CASES} for t in tools}
     res["ratio"] = {c: res["median"]["syncagent"][c] / res["median"]["rsync"][c] for c in CASES}
+    if "holder" in tools:
+        res["ratio_holder"] = {c: res["median"]["holder"][c] / res["median"]["rsync"][c]
+                               for c in CASES}
     # The stage names are whatever this syncagent's --json reports (older versions report
     # "manifest" apart from "connect"; newer ones fold it into "connect").
     res["stage_median"] = {
@@ -355,6 +404,10 @@ def print_table(results: dict, reps: int) -> None:
             sa, rs, ratio = r["median"]["syncagent"][c], r["median"]["rsync"][c], r["ratio"][c]
             print(f"{tree:8s} {c:8s} {sa:10.3f} {rs:8.3f} {ratio:6.2f}x {TARGETS[c]:6.2f}x  "
                   f"{'yes' if ratio <= TARGETS[c] else 'NO'}")
+            if "ratio_holder" in r:
+                ho, hr = r["median"]["holder"][c], r["ratio_holder"][c]
+                print(f"{'':8s} {'  holder':8s} {ho:10.3f} {rs:8.3f} {hr:6.2f}x "
+                      f"{TARGETS[c]:6.2f}x  {'yes' if hr <= TARGETS[c] else 'NO'}")
         cold = r["cold"]
         print(f"{tree:8s} {'cold':8s} {cold['syncagent']['seconds']:10.3f} "
               f"{cold['rsync']['seconds']:8.3f} "
@@ -391,6 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--syncagent", default=str(DEFAULT_SYNCAGENT if DEFAULT_SYNCAGENT.exists()
                                                else shutil.which("syncagent")))
     ap.add_argument("--out", default=str(HERE / "results" / "push.json"))
+    ap.add_argument("--no-holder-column", action="store_true",
+                    help="leave out the column that pushes through a warm holder")
     ap.add_argument("--keep", action="store_true", help="keep the source trees")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds to wait (untimed) before the no-op and the change pushes; "
@@ -431,10 +486,12 @@ def main(argv=None) -> int:
         b = Bench(work, dest_base, args.syncagent, box, env)
         for t in trees:
             log(f"== {t}")
-            results[t] = bench_tree(b, t, sources[t], args.reps, log, args.settle)
+            results[t] = bench_tree(b, t, sources[t], args.reps, log, args.settle,
+                                    TOOLS if args.no_holder_column else TOOLS + ("holder",))
             results[t]["tree"] = meta[t]
     finally:
         if box is not None:
+            Bench(work, dest_base, args.syncagent, box, env).stop_holders()
             subprocess.run([args.syncagent, "sandbox", "down", "--name", "bench",
                             "--dir", str(work / "sandbox")], env=env, capture_output=True)
         shutil.rmtree(dest_base, ignore_errors=True)

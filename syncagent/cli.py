@@ -25,6 +25,7 @@ import click
 from . import __version__
 from .config import (CONFIG_NAME, INIT_TEMPLATE, RESTART_MODES, RESTART_POLICIES, Project,
                      Target, expand_specs, find_root, load_project, resolve_target)
+from . import holder
 from .errors import ConfigError, SyncAgentError
 
 if TYPE_CHECKING:  # imported by the commands that use them (see the module docstring)
@@ -59,6 +60,33 @@ def common_target_options(f):
     ]):
         f = option(f)
     return f
+
+
+def _holder_option(f):
+    return click.option("--no-holder", is_flag=True,
+                        help="Run directly: neither use nor leave a background holder.")(f)
+
+
+def _via_holder(project: Project, resolved: list[Target], no_holder: bool) -> None:
+    """Hand the whole command to the target's holder when one serves it, and exit with its
+    answer; return when none does (the command then runs here)."""
+    argv = (click.get_current_context().obj or {}).get("argv")
+    if argv is None or len(resolved) != 1 or not holder.enabled(project, no_holder):
+        return
+    answer = holder.forward(project.root, resolved[0], argv)
+    if answer is not None:
+        click.echo(answer.out, nl=False)
+        click.echo(answer.err, nl=False, err=True)
+        sys.exit(answer.code)
+
+
+def _leave_holder(project: Project, resolved: list[Target], no_holder: bool) -> None:
+    """After a direct run for one target: start its holder for the commands that follow."""
+    if (len(resolved) == 1 and holder.enabled(project, no_holder)
+            and (click.get_current_context().obj or {}).get("argv") is not None):
+        why = holder.spawn(project, resolved[0])
+        if why:
+            _warn(f"no holder for the next commands: {why}")
 
 
 class _LazyProgress:
@@ -171,8 +199,9 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--policy", type=click.Choice(RESTART_POLICIES), default=None,
               help="Across targets: rolling (default, one at a time) or parallel.")
+@_holder_option
 def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run, no_restart,
-             allow_mass_delete, mode, policy, as_json):
+             allow_mass_delete, mode, policy, as_json, no_holder):
     """Make the remote tree equal to the local one (one-shot), on each TARGET at once."""
     from .push import PushOptions, push_many
 
@@ -181,6 +210,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
                           allow_mass_delete=allow_mass_delete, trust_new_host=trust_new_host,
                           mode=mode)
     resolved = _targets(project, targets, all_, remote_path, identity)
+    _via_holder(project, resolved, no_holder)
     bar = _LazyProgress(f"push {resolved[0].name}", enabled=not as_json and len(resolved) == 1)
     try:
         fleet = push_many(project, resolved, options, policy or project.restart_policy, bar)
@@ -212,6 +242,8 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
             ok = len(resolved) - len(fleet.errors)
             click.echo(f"{ok}/{len(resolved)} targets on revision "
                        f"{next(iter(revisions))[:7] if len(revisions) == 1 else '(mixed)'}")
+    if not fleet.exit_code:
+        _leave_holder(project, resolved, no_holder)
     sys.exit(fleet.exit_code)
 
 
@@ -459,13 +491,16 @@ def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, ve
 @click.argument("targets", nargs=-1)
 @common_target_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_json):
+@_holder_option
+def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_json, no_holder):
     """Local, pushed and live revisions; worker programs; the supervisorctl line."""
+    project = _project(path)
+    resolved = _targets(project, targets, all_, remote_path, identity)
+    _via_holder(project, resolved, no_holder)
     from . import control
 
-    project = _project(path)
     results = []
-    for t in _targets(project, targets, all_, remote_path, identity):
+    for t in resolved:
         try:
             results.append(control.status(project, t))
         except SyncAgentError as e:  # a target that is down does not hide the others
@@ -477,7 +512,10 @@ def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_js
         _status_detail(results[0])
     else:
         _status_table(results)
-    sys.exit(max((r.get("exit_code", 0) for r in results), default=0))
+    code = max((r.get("exit_code", 0) for r in results), default=0)
+    if not code:
+        _leave_holder(project, resolved, no_holder)
+    sys.exit(code)
 
 
 def _status_detail(r: dict) -> None:
@@ -554,17 +592,21 @@ def _status_table(results: list[dict]) -> None:
 @click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True,
               help="Seconds to wait for the new worker to be ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_holder_option
 def restart_cmd(targets, path, remote_path, identity, all_, trust_new_host, mode, timeout,
-                as_json):
+                as_json, no_holder):
     """Restart the worker onto the pushed revision, verified live."""
+    project = _project(path)
+    resolved = _targets(project, targets, all_, remote_path, identity)
+    _via_holder(project, resolved, no_holder)
     from . import control
 
-    project = _project(path)
-    for t in _targets(project, targets, all_, remote_path, identity):
+    for t in resolved:
         out = control.restart(project, t, mode, timeout)
         click.echo(json.dumps(out) if as_json else
                    _live_line(t.name, out["revision"], out["timings"]) +
                    f" [{out['mode']}, {out['colour']}, node {out.get('node')}]")
+    _leave_holder(project, resolved, no_holder)
 
 
 @cli.command("logs")
@@ -572,15 +614,20 @@ def restart_cmd(targets, path, remote_path, identity, all_, trust_new_host, mode
 @common_target_options
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", type=click.IntRange(1), default=50, show_default=True)
-def logs_cmd(target, path, remote_path, identity, all_, trust_new_host, follow, lines):
+@_holder_option
+def logs_cmd(target, path, remote_path, identity, all_, trust_new_host, follow, lines,
+             no_holder):
     """The live worker's log (through the agent; secrets masked)."""
-    from . import control
-
     project = _project(path)
     (resolved,) = _targets(project, (target,) if target else (), False, remote_path, identity)
+    if not follow:  # a holder answers once; following streams, so it runs here
+        _via_holder(project, [resolved], no_holder)
+    from . import control
+
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     control.logs(resolved, click.echo, follow=follow, lines=lines, stop=stop)
+    _leave_holder(project, [resolved], no_holder)
 
 
 @cli.command("doctor")
@@ -721,8 +768,9 @@ def sandbox_status(name, directory, as_json):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: typed errors -> one line on stderr and the documented exit code."""
-    try:
-        cli.main(args=argv, prog_name="syncagent", standalone_mode=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # the argv travels to a holder (syncagent.holder) when one serves the target
+        cli.main(args=argv, prog_name="syncagent", standalone_mode=False, obj={"argv": argv})
     except SyncAgentError as e:
         click.echo(f"syncagent: error: {e}", err=True)
         return e.exit_code

@@ -27,7 +27,7 @@ __all__ = [
 
 CONFIG_NAME = "syncagent.toml"
 TOP_KEYS = {"exclude", "protect", "restart_on", "default_target", "mass_delete_ratio", "targets", "groups",
-            "restart_policy"}
+            "restart_policy", "holder", "holder_idle"}
 RESTART_POLICIES = ("rolling", "parallel")
 TARGET_KEYS = {"host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
                "python", "restart_mode"}
@@ -68,6 +68,8 @@ class Project:
     project_targets: tuple[str, ...] = ()  # names defined by the project file itself
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     restart_policy: str = "rolling"  # across targets: one at a time, or all at once
+    holder: bool = True  # leave a warm holder behind for later commands (syncagent.holder)
+    holder_idle: float = 300.0  # seconds the holder waits for a command before it exits
 
 
 def user_config_dir() -> Path:
@@ -186,7 +188,16 @@ def _parse_project(data: dict, path: Path, text: str) -> dict:
     if policy not in RESTART_POLICIES:
         raise ConfigError(f"{_where(path, text, 'restart_policy')}: restart_policy must be one "
                           f"of {', '.join(RESTART_POLICIES)}")
+    holder = data.get("holder", True)
+    if not isinstance(holder, bool):
+        raise ConfigError(f"{_where(path, text, 'holder')}: holder must be true or false")
+    idle = data.get("holder_idle", 300)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 < idle <= 86400:
+        raise ConfigError(f"{_where(path, text, 'holder_idle')}: holder_idle must be a number "
+                          f"of seconds in (0, 86400]")
     return {
+        "holder": holder,
+        "holder_idle": float(idle),
         "groups": {k: tuple(v) for k, v in groups.items()},
         "restart_policy": policy,
         "exclude": _str_list(data, "exclude", path, text) or (),
@@ -377,6 +388,12 @@ exclude = [
 # Several targets at once: restart one at a time (the fleet never loses all capacity), or
 # all at once with "parallel".
 # restart_policy = "rolling"
+
+# The first push, status, restart or logs for a target leaves a holder process behind (the
+# SSH connection and the agent) so that later commands skip the handshake; it exits after
+# holder_idle seconds without a command. Off: holder = false, --no-holder, SYNCAGENT_HOLDER=0.
+# holder = true
+# holder_idle = 300
 
 # Name targets together, then push and watch them all at once: `syncagent watch gpus`.
 # [groups]

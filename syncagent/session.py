@@ -155,8 +155,19 @@ class Session:
         self.uploaded_agent = False
         self.owns_client = True
 
+    # Set in a holder process (syncagent.holder): hands out its held session for its target.
+    provider: Callable[..., "Session"] | None = None
+
     @classmethod
     def open(cls, target: Target, *, trust_new: bool = False, timeout: float = 10.0) -> "Session":
+        if Session.provider is not None:
+            return Session.provider(target, trust_new=trust_new, timeout=timeout)
+        return cls.open_new(target, trust_new=trust_new, timeout=timeout)
+
+    @classmethod
+    def open_new(cls, target: Target, *, trust_new: bool = False, timeout: float = 10.0
+                 ) -> "Session":
+        """A new connection (the host key checked as always) with the agent started."""
         client, endpoint, _ = connect(target, trust_new=trust_new, timeout=timeout)
         session = cls(target, client, endpoint)
         try:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import agent, guard
+from . import agent, guard, holder
 from .config import Project, Target
 from .errors import ConnectError, MassDeleteError, SyncAgentError, WorkerStartError
 from .manifest import local_rules
@@ -217,6 +217,57 @@ class TargetLoop(threading.Thread):
         self.restarter = Restarter(syncer, emit, stop, gate)
         self.fatal: SyncAgentError | None = None
         self.halted: dict | None = None  # the "halted" event, while the target is halted
+        self.waiters: list[dict] = []  # flushes (a `push` during the watch) to answer
+        self.waiters_lock = threading.Lock()
+        self.connected = False
+
+    def flush(self, timeout: float = 300.0) -> PushResult | None:
+        """Reconcile the tree as it is now, and return that reconcile's result (a `push` run
+        during the watch, through the holder socket the watch serves).
+
+        Returns:
+            None when this loop cannot answer (halted, not connected, stopping, too slow): the
+            push then runs on its own.
+        Raises:
+            SyncAgentError: the reconcile's own error (a refusal is the push's refusal).
+        """
+        if self.halted is not None or not self.connected or not self.is_alive():
+            return None
+        waiter = {"done": threading.Event()}
+        with self.waiters_lock:
+            self.waiters.append(waiter)
+        self.inbox.put((Batch(frozenset(), True, time.monotonic()), None, []))
+        deadline = time.monotonic() + timeout
+        while not waiter["done"].wait(0.25):
+            if self.stop_event.is_set() or time.monotonic() > deadline:
+                with self.waiters_lock:
+                    if waiter in self.waiters:
+                        self.waiters.remove(waiter)
+                        return None
+        if "error" in waiter:
+            raise waiter["error"]
+        return waiter["result"]
+
+    def _reconcile(self) -> PushResult:
+        """A full reconcile; the flushes waiting when it began get its result or its error
+        (a lost connection keeps them for the reconcile after the reconnect)."""
+        with self.waiters_lock:
+            waiting, self.waiters = self.waiters, []
+        try:
+            result = self.syncer.reconcile()
+        except ConnectError:
+            with self.waiters_lock:
+                self.waiters[:0] = waiting
+            raise
+        except SyncAgentError as e:
+            for w in waiting:
+                w["error"] = e
+                w["done"].set()
+            raise
+        for w in waiting:
+            w["result"] = result
+            w["done"].set()
+        return result
 
     def submit(self, batch: Batch, fresh: dict | None, problems: list) -> None:
         self.inbox.put((batch, fresh, problems))
@@ -317,6 +368,7 @@ class TargetLoop(threading.Thread):
                     stop.wait(delay)
                     continue
                 connected, need_full, first_connect = True, True, False
+                self.connected = True
                 last_contact = time.monotonic()
                 emit({"event": "connected", "target": name, "remote_root": syncer.remote_root})
                 self.restarter.wake()
@@ -338,7 +390,7 @@ class TargetLoop(threading.Thread):
                         self.inbox.get_nowait()
                     t0 = time.monotonic()
                     try:
-                        result = syncer.reconcile()
+                        result = self._reconcile()
                     finally:
                         need_full = False  # refused: halted, no retry until something changes
                     if self.halted is not None:
@@ -368,7 +420,7 @@ class TargetLoop(threading.Thread):
                     continue
                 batch, fresh, problems = item
                 if batch.full:
-                    result = syncer.reconcile()
+                    result = self._reconcile()
                 else:
                     result = syncer.sync_paths(batch.paths, fresh, problems)
                 last_contact = time.monotonic()
@@ -379,7 +431,7 @@ class TargetLoop(threading.Thread):
                 for w in result.warnings:
                     emit({"event": "warning", "target": name, "message": w})
             except ConnectError as e:
-                connected = False
+                connected = self.connected = False
                 syncer.close()
                 emit({"event": "disconnected", "target": name, "error": str(e), "retry_in": 0})
             except MassDeleteError as e:
@@ -433,6 +485,8 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
                         gate) for t in targets]
     for loop in loops:
         loop.start()
+    if len(loops) == 1 and holder.enabled(project):  # a `push` meanwhile is a flush
+        holder.serve_watch(project, targets[0], loops[0].flush, push_options, stop)
     compiled = rules.compiled()
     warned = 0
     try:

@@ -16,12 +16,15 @@ def hermetic_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME",
                                             "REMOTE_HOST", "REMOTE_USER", "REMOTE_PORT",
-                                            "REMOTE_PATH", "SSH_AUTH_SOCK")}
+                                            "REMOTE_PATH", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR",
+                                            "SYNCAGENT_HOLDER")}
     os.environ["HOME"] = str(home)
     os.environ["XDG_CONFIG_HOME"] = str(home / ".config")
     os.environ["XDG_STATE_HOME"] = str(home / ".local" / "state")
-    for k in ("REMOTE_HOST", "REMOTE_USER", "REMOTE_PORT", "REMOTE_PATH", "SSH_AUTH_SOCK"):
+    for k in ("REMOTE_HOST", "REMOTE_USER", "REMOTE_PORT", "REMOTE_PATH", "SSH_AUTH_SOCK",
+              "XDG_RUNTIME_DIR"):
         os.environ.pop(k, None)
+    os.environ["SYNCAGENT_HOLDER"] = "0"  # no background holders, but in tests/test_holder.py
     yield home
     for k, v in saved.items():
         if v is None:

@@ -1,0 +1,462 @@
+"""A warm path for repeated commands: one background holder per project and target.
+
+The first ``push``, ``status``, ``restart`` or ``logs`` for a target leaves a small process
+behind, as OpenSSH's ControlPersist does: it holds the SSH connection and the agent, and
+exits after ``holder_idle`` seconds without a command. A later command hands it its argv over
+a 0600 unix socket; the holder runs the very same command code on its held session (so the
+safety policy, protected paths, exit codes and ``--json`` output are those of a direct run)
+and answers with the command's output and exit code. It revalidates both sides each time:
+the local tree is scanned with the digest cache (stat-level, racy entries re-hashed) and the
+remote manifest is read afresh from the agent.
+
+The holder is never required: when none answers, or it dies mid-command, the client runs the
+command directly. The client side (``forward``, ``spawn``) imports only the standard library
+and ``config``; the holder process (``serve``) imports the command code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import io
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+from .config import Project, Target, user_state_dir
+
+__all__ = ["Answer", "Taken", "UnsafeDir", "forward", "spawn", "ping", "socket_path",
+           "runtime_dir", "enabled", "serve", "serve_watch", "COMMANDS"]
+
+COMMANDS = ("push", "status", "restart", "logs")  # what a holder runs for a client
+MAX_MESSAGE = 64 << 20
+SERVING = False  # true inside a holder process: its commands never forward nor spawn
+
+
+class UnsafeDir(Exception):
+    """The runtime directory or the socket is not this user's alone."""
+
+
+class Taken(Exception):
+    """Another process (a holder, a watch) serves this socket already."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    code: int
+    out: str
+    err: str
+
+
+# ------------------------------------------------------------------ where the socket lives
+
+def runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/syncagent``, else ``<state dir>/run``; created 0700.
+
+    Raises:
+        UnsafeDir: it is not a directory owned by this user with no group or other access.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    d = Path(base) / "syncagent" if base and os.path.isdir(base) else user_state_dir() / "run"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(d, stat.S_ISDIR, "directory")
+    return d
+
+
+def _check_private(path: Path, is_kind, what: str) -> None:
+    st = os.lstat(path)
+    if not is_kind(st.st_mode):
+        raise UnsafeDir(f"{path} is not a {what}")
+    if st.st_uid != os.getuid():
+        raise UnsafeDir(f"{path} is owned by uid {st.st_uid}, not by this user")
+    if st.st_mode & 0o077:
+        raise UnsafeDir(f"{path} is open to group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):o})")
+
+
+def _code_stamp() -> list:
+    """The installed command code: a holder started before it changed never serves."""
+    here = Path(__file__).parent
+    return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in here.glob("*.py"))
+
+
+def socket_path(root: str | os.PathLike, target: Target) -> Path:
+    """The holder's socket for this project and target (every field of the target counts)."""
+    key = json.dumps([os.path.realpath(str(root)), dataclasses.asdict(target), _code_stamp()],
+                     sort_keys=True, default=str)
+    name = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
+    return runtime_dir() / f"{name}.sock"
+
+
+def enabled(project: Project, flag_off: bool = False) -> bool:
+    """The holder is wanted: not ``--no-holder``, ``SYNCAGENT_HOLDER=0`` or ``holder = false``,
+    and this is not a holder process itself."""
+    return (not SERVING and not flag_off and project.holder
+            and os.environ.get("SYNCAGENT_HOLDER", "1") not in ("0", "false", "no", "off"))
+
+
+# ------------------------------------------------------------------ framing
+
+def _send(sock: socket.socket, obj: dict) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        block = sock.recv(n - len(buf))
+        if not block:
+            raise ConnectionResetError("holder closed the connection")
+        buf += block
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> dict:
+    (n,) = struct.unpack(">I", _recv_exact(sock, 4))
+    if n > MAX_MESSAGE:
+        raise ValueError(f"message of {n} bytes")
+    return json.loads(_recv_exact(sock, n))
+
+
+# ------------------------------------------------------------------ client side
+
+def _ask(path: Path, request: dict, timeout: float | None) -> dict:
+    _check_private(path.parent, stat.S_ISDIR, "directory")
+    _check_private(path, stat.S_ISSOCK, "socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        _send(sock, request)
+        return _recv(sock)
+
+
+def forward(root: str | os.PathLike, target: Target, argv: list[str]) -> Answer | None:
+    """Run ``argv`` (a whole ``syncagent`` command line) in the target's holder.
+
+    Returns:
+        the command's output and exit code; None when no holder answered in full (none runs,
+        it died, the socket is not this user's alone): the caller runs the command directly.
+    """
+    try:
+        path = socket_path(root, target)
+        if not path.exists():
+            return None
+        reply = _ask(path, {"op": "run", "argv": list(argv), "cwd": os.getcwd(),
+                            "env": dict(os.environ)}, timeout=None)
+        if reply.get("decline"):  # a watch that cannot answer this one
+            return None
+        return Answer(int(reply["code"]), str(reply["out"]), str(reply["err"]))
+    except (OSError, ValueError, KeyError, TypeError, UnsafeDir, struct.error):
+        return None
+
+
+def ping(root: str | os.PathLike, target: Target, timeout: float = 2.0) -> dict | None:
+    """{"pid", "served", "connected"} of the target's holder, or None when none answers."""
+    try:
+        return _ask(socket_path(root, target), {"op": "ping"}, timeout)
+    except (OSError, ValueError, UnsafeDir, struct.error):
+        return None
+
+
+def spawn(project: Project, target: Target) -> str | None:
+    """Start the target's holder in the background (it detaches, then connects on its own).
+
+    Returns:
+        None once started; else why not (the runtime directory is not this user's alone...).
+    """
+    try:
+        path = socket_path(project.root, target)
+    except (OSError, UnsafeDir) as e:
+        return str(e)
+    log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                  0o600)
+    try:
+        subprocess.run(  # returns once the holder has forked itself away from us
+            [sys.executable, "-m", "syncagent.holder", str(project.root),
+             json.dumps(dataclasses.asdict(target)), str(project.holder_idle)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    finally:
+        os.close(log)
+    return None
+
+
+# ------------------------------------------------------------------ the holder process
+
+class _Held:
+    """The held session: handed out for the holder's own target while its connection is up,
+    the agent answers and known_hosts still vouches for the key it was opened with."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.session = None
+
+    def open(self, target: Target, *, trust_new: bool = False, timeout: float = 10.0):
+        from .session import Session
+
+        if target != self.target:
+            return Session.open_new(target, trust_new=trust_new, timeout=timeout)
+        if self.session is not None and not self._usable():
+            self.drop()
+        if self.session is None:
+            self.session = _held_session_class().open_new(target, trust_new=trust_new,
+                                                          timeout=timeout)
+        return self.session
+
+    def _usable(self) -> bool:
+        s = self.session
+        try:
+            transport = s.client.get_transport()
+            if transport is None or not transport.is_active() or s.channel.chan.closed:
+                return False
+            if not _still_trusted(s):
+                return False
+            s.ping(timeout=5.0)
+            return True
+        except Exception:
+            return False
+
+    def drop(self) -> None:
+        if self.session is not None:
+            self.session.really_close()
+            self.session = None
+
+
+def _still_trusted(session) -> bool:
+    """The key the held connection was opened with is still the one known_hosts names (the
+    check a new connection makes; a changed or removed record ends the held connection)."""
+    import paramiko
+
+    from .transport import resolve_endpoint
+
+    ep = resolve_endpoint(session.target)
+    if ep != session.endpoint:
+        return False
+    keys = paramiko.HostKeys()
+    for path in ("/etc/ssh/ssh_known_hosts", ep.known_hosts):
+        if os.path.isfile(path):
+            keys.load(path)
+    return bool(keys.check(ep.host_key_name, session.client.get_transport()
+                           .get_remote_server_key()))
+
+
+@functools.lru_cache(maxsize=None)
+def _held_session_class():
+    from .session import Session
+
+    class HeldSession(Session):
+        """Outlives the commands that use it: their ``close()`` leaves it open."""
+
+        def close(self) -> None:
+            pass
+
+        def really_close(self) -> None:
+            Session.close(self)
+
+    return HeldSession
+
+
+def _run(request: dict, held: _Held) -> dict:
+    """One client's command, run here exactly as the client would have run it."""
+    from .cli import main
+
+    argv = [str(a) for a in request["argv"]]
+    if not argv or argv[0] not in COMMANDS:
+        return {"code": 2, "out": "", "err": "syncagent: error: not a holder command\n"}
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+        os.chdir(request["cwd"])
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(argv)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    if code != 0:  # after a failure, start the next command on a new connection
+        held.drop()
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+
+def _peer_is_me(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _listen(path: Path) -> tuple[socket.socket, int, int]:
+    """Bind the socket (0600 from the start); one holder per socket, kept by a lock file."""
+    lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        raise Taken(str(path)) from None
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock, lock, os.stat(path).st_ino
+
+
+def serve(root: str, target: Target, idle: float) -> None:
+    """The holder's loop: connect, then run one client command at a time (concurrent clients
+    wait their turn) until ``idle`` seconds pass without one."""
+    global SERVING
+    SERVING = True
+    from .session import Session
+
+    path = socket_path(root, target)
+    sock, _lock, inode = _listen(path)
+    held = _Held(target)
+    Session.provider = held.open
+    served = 0
+    try:
+        try:
+            held.open(target)
+        except Exception as e:  # the first command will say why, on its own connection
+            print(f"holder: not connected: {e}", file=sys.stderr, flush=True)
+        sock.settimeout(idle)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except socket.timeout:
+                return
+            with conn:
+                conn.settimeout(None)
+                try:
+                    if not _peer_is_me(conn):
+                        continue
+                    request = _recv(conn)
+                    if request.get("op") == "ping":
+                        _send(conn, {"pid": os.getpid(), "served": served,
+                                     "connected": held.session is not None})
+                    elif request.get("op") == "run":
+                        answer = _run(request, held)
+                        served += 1
+                        _send(conn, answer)
+                except (OSError, ValueError, KeyError, struct.error) as e:
+                    print(f"holder: client dropped: {e}", file=sys.stderr, flush=True)
+                except Exception as e:  # no answer: the client runs the command itself
+                    print(f"holder: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    held.drop()
+    finally:
+        if path.exists() and os.stat(path).st_ino == inode:  # not a successor's
+            path.unlink()
+        sock.close()
+        Session.provider = None
+        held.drop()
+
+
+# ------------------------------------------------------------------ a watch serves the socket
+
+def serve_watch(project: Project, target: Target, flush, options, stop) -> bool:
+    """Serve the target's socket from a running ``watch`` (in a thread): a plain ``push`` of
+    that target there is a flush, answered with the result of the watch's next full
+    reconcile (the restart, if any, follows in the watch). Anything else is declined, and
+    the client runs it on its own.
+
+    Args:
+        flush: ``TargetLoop.flush``; options: the watch's PushOptions; stop: ends serving.
+
+    Returns:
+        False when the socket could not be taken (unsafe directory, a holder serves it).
+    """
+    import threading
+
+    try:
+        path = socket_path(project.root, target)
+        sock, lock, inode = _listen(path)
+    except (OSError, UnsafeDir, Taken):
+        return False
+    sock.settimeout(0.25)
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    conn, _ = sock.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    conn.settimeout(None)
+                    try:
+                        if _peer_is_me(conn):
+                            request = _recv(conn)
+                            _send(conn, {"pid": os.getpid(), "served": 0, "connected": True}
+                                  if request.get("op") == "ping" else
+                                  _flush_answer(request, flush, options))
+                    except (OSError, ValueError, KeyError, struct.error):
+                        pass
+        finally:
+            if path.exists() and os.stat(path).st_ino == inode:
+                path.unlink()
+            sock.close()
+            os.close(lock)
+
+    threading.Thread(target=loop, name="syncagent-holder", daemon=True).start()
+    return True
+
+
+def _flush_answer(request: dict, flush, options) -> dict:
+    """A push's answer from the watch, rendered as the push command renders it."""
+    from .cli import _summary, push_cmd
+    from .errors import SyncAgentError
+
+    argv = [str(a) for a in request["argv"]]
+    try:
+        params = push_cmd.make_context("push", argv[1:], resilient_parsing=True).params
+    except Exception:
+        return {"decline": True}
+    if (argv[:1] != ["push"] or params.get("dry_run") or params.get("allow_mass_delete")
+            or params.get("mode") or params.get("no_restart") != (not options.restart)):
+        return {"decline": True}
+    try:
+        result = flush()
+    except SyncAgentError as e:
+        return {"code": e.exit_code, "out": "", "err": f"syncagent: error: {e}\n"}
+    if result is None:
+        return {"decline": True}
+    warnings = "".join(f"warning: {w}\n" for w in result.warnings)
+    out = json.dumps(result.to_json()) if params.get("as_json") else _summary(result)
+    return {"code": 0, "out": out + "\n", "err": warnings}
+
+
+def main(argv: list[str]) -> int:
+    import signal
+
+    root, target_json, idle = argv
+    target = Target(**json.loads(target_json))
+    if os.fork():  # the command that started us waits for this exit only, and reaps it
+        os._exit(0)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # tidy up the socket on the way
+    try:
+        serve(root, target, float(idle))
+    except Taken:  # another holder was quicker, or a watch serves the target
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # run as the package's module, so that SERVING is the one cli sees
+    from syncagent.holder import main as holder_main
+
+    sys.exit(holder_main(sys.argv[1:]))

@@ -1,0 +1,322 @@
+"""The warm path (syncagent.holder) against the real sshd sandbox: later commands go through
+the holder left by the first, give what a direct run gives, and never depend on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from syncagent import agent, holder
+from syncagent.cli import main
+from syncagent.config import load_project, resolve_target
+from syncagent.ignore import build_rules
+from syncagent.plan import content_view
+from tests.helpers.procs import pid_running, wait_until
+
+RULES = build_rules().compiled()
+CLIENT = "import sys; from syncagent.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def view(root):
+    return content_view(agent.scan(str(root), RULES))
+
+
+def ssh_config(tmp_path, box, known: Path) -> Path:
+    """The sandbox's ssh_config with a known_hosts of this test's own."""
+    known.write_text(Path(box.known_hosts).read_text())
+    lines = [ln for ln in Path(box.ssh_config).read_text().splitlines()
+             if not ln.strip().startswith("UserKnownHostsFile")]
+    path = tmp_path / "ssh_config"
+    path.write_text("\n".join(lines + [f"  UserKnownHostsFile {known}"]) + "\n")
+    return path
+
+
+@pytest.fixture
+def proj(tmp_path, box, monkeypatch):
+    """A project with target ``t`` (the sandbox, its own known_hosts), holders enabled; every
+    holder still running at the end is stopped."""
+    monkeypatch.delenv("SYNCAGENT_HOLDER", raising=False)
+    root = tmp_path / "proj"
+    root.mkdir()
+    remote = Path(box.remote_root) / f"h-{tmp_path.name}"
+    cfg = ssh_config(tmp_path, box, tmp_path / "known_hosts")
+    (root / "syncagent.toml").write_text(
+        f'holder_idle = 60\n[targets.t]\nhost = "sbx"\nssh_config = "{cfg}"\n'
+        f'remote_path = "{remote}"\n')
+    for i in range(30):
+        (root / f"m{i:02}.py").write_text(f"x = {i}\n")
+    yield root, remote
+    for pid in holders_of(root):
+        os.kill(pid, signal.SIGKILL)
+
+
+def holders_of(root) -> list[int]:
+    """The holder processes started for this test's project (found by their command line)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"syncagent.holder" in cmd and str(root).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def target_of(root):
+    return resolve_target("t", load_project(root))
+
+
+def warm(root) -> dict:
+    """Wait until the target's holder is up and connected; its ping answer."""
+    t = target_of(root)
+    return wait_until(lambda: (holder.ping(root, t) or {}).get("connected") and
+                      holder.ping(root, t), 30, "the holder to connect")
+
+
+def served(root) -> int:
+    return holder.ping(root, target_of(root))["served"]
+
+
+def push(capsys, root, *extra):
+    return run(capsys, "push", "t", "--path", str(root), "--no-restart", *extra)
+
+
+def client(root, *args) -> subprocess.Popen:
+    """`syncagent push` in its own process (the holder serves processes, not threads)."""
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+    return subprocess.Popen([sys.executable, "-c", CLIENT, "push", "t", "--path", str(root),
+                             "--no-restart", "--json", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).parent.parent)
+
+
+def without_durations(text: str) -> dict:
+    out = json.loads(text)
+    out.pop("durations")
+    return out
+
+
+def test_later_commands_go_through_the_holder_and_answer_as_a_direct_run(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0  # direct: leaves the holder
+    first = warm(root)
+    assert first["served"] == 0
+    (root / "m00.py").write_text("x = 'changed'\n")
+    code, out, err = push(capsys, root, "--json")
+    assert code == 0, err
+    assert served(root) == 1 and json.loads(out)["files_sent"] == 1
+    assert view(remote) == view(root)
+    # identical either way: a no-op push, status, logs, and an error (restart, no worker)
+    for args in (["push", "t", "--no-restart", "--json"], ["status", "t", "--json"],
+                 ["logs", "t"], ["restart", "t"]):
+        before = served(root)
+        held = run(capsys, *args, "--path", str(root))
+        assert served(root) == before + 1
+        direct = run(capsys, *args, "--path", str(root), "--no-holder")
+        assert held[0] == direct[0] and held[2] == direct[2]
+        if args[0] == "push":
+            assert without_durations(held[1]) == without_durations(direct[1])
+        else:
+            assert held[1] == direct[1]
+    assert held[0] == 1 and "no worker provisioned" in held[2]
+    assert holder.ping(root, target_of(root))["pid"] == first["pid"]  # the same holder
+
+
+def test_stale_holder_after_the_remote_changed_under_it(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    assert push(capsys, root)[0] == 0 and served(root) == 1  # the holder has seen the remote
+    (remote / "m01.py").write_text("edited on the remote\n")
+    os.utime(remote / "m01.py", ns=(10**18, 10**18))
+    (remote / "m02.py").unlink()
+    (remote / "stray.py").write_text("only on the remote\n")
+    (remote / "m03.py").chmod(0o700)
+    code, out, err = push(capsys, root, "--json")
+    assert code == 0, err
+    assert served(root) == 2 and json.loads(out)["changed"]
+    assert view(remote) == view(root)
+
+
+def test_two_concurrent_pushes_through_one_holder(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    (root / "big.bin").write_bytes(os.urandom(20 << 20))
+    (root / "m04.py").write_text("x = 'both'\n")
+    clients = [client(root), client(root)]
+    answers = [c.communicate(timeout=120) for c in clients]
+    assert [c.returncode for c in clients] == [0, 0], answers
+    results = [json.loads(out) for out, _ in answers]
+    assert served(root) == 2  # both through the holder, one after the other
+    assert sorted(r["files_sent"] for r in results) == [0, 2]  # the second found it done
+    assert view(remote) == view(root)
+
+
+def test_holder_killed_mid_push(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    pid = warm(root)["pid"]
+    for i in range(4):
+        (root / f"big{i}.bin").write_bytes(os.urandom(64 << 20))
+    c = client(root)
+    wait_until(lambda: any(p.name.startswith(agent.TEMP_PREFIX) for p in remote.iterdir()),
+               60, "the holder to be sending")
+    os.kill(pid, signal.SIGKILL)
+    out, err = c.communicate(timeout=120)
+    assert c.returncode == 0, err  # the client ran it directly
+    assert json.loads(out)["changed"]
+    assert view(remote) == view(root)
+    wait_until(lambda: not any(p.name.startswith(agent.TEMP_PREFIX) for p in remote.iterdir()),
+               30, "the killed holder's staged files to go")
+    # the next command works, and leaves a new holder
+    (root / "m05.py").write_text("x = 'after'\n")
+    assert push(capsys, root)[0] == 0
+    assert warm(root)["pid"] != pid
+    assert view(remote) == view(root)
+
+
+def test_holder_for_a_target_whose_host_key_changed_is_refused(capsys, proj, tmp_path):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True)
+    known = tmp_path / "known_hosts"
+    host = known.read_text().split()[0]
+    pub = Path(f"{other}.pub").read_text().split()
+    known.write_text(f"{host} {pub[0]} {pub[1]}\n")
+    (root / "m06.py").write_text("x = 'must not arrive'\n")
+    code, _, err = push(capsys, root)
+    assert code == 3 and "HOST KEY CHANGED" in err
+    assert served(root) == 1  # the holder answered, and refused like any connection
+    assert (remote / "m06.py").read_text() == "x = 6\n"
+    code2, _, err2 = push(capsys, root, "--no-holder")  # direct: the same refusal
+    assert (code2, err2) == (code, err)
+
+
+def test_mass_delete_through_the_holder_is_refused_as_directly(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    for i in range(25):
+        (root / f"m{i:02}.py").unlink()
+    held = push(capsys, root)
+    assert served(root) == 1
+    direct = push(capsys, root, "--no-holder")
+    assert held == direct and held[0] == 3
+    assert len(list(remote.glob("m*.py"))) == 30
+
+
+def test_socket_and_directory_are_private(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    sock = holder.socket_path(root, target_of(root))
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    # a directory another user owns, or one opened to others: not used at all
+    (root / "m07.py").write_text("x = 'direct'\n")
+    changes = [(lambda: os.chmod(sock.parent, 0o755), "open to group or others")]
+    if os.geteuid() == 0:
+        changes.append((lambda: os.chown(sock.parent, 65534, 65534), "owned by uid 65534"))
+    for change, why in changes:
+        change()
+        try:
+            assert holder.forward(root, target_of(root), ["push", "t"]) is None
+            assert why in holder.spawn(load_project(root), target_of(root))
+            code, _, err = push(capsys, root)
+            assert code == 0, err
+            assert "warning: no holder for the next commands" in err
+        finally:
+            os.chown(sock.parent, os.getuid(), os.getgid())
+            os.chmod(sock.parent, 0o700)
+        assert served(root) == 0  # never through the holder
+    assert view(remote) == view(root)
+    # a socket opened to others is refused as well
+    os.chmod(sock, 0o666)
+    try:
+        assert holder.forward(root, target_of(root), ["status", "t"]) is None
+    finally:
+        os.chmod(sock, 0o600)
+
+
+def test_idle_holder_exits(capsys, proj):
+    root, _ = proj
+    text = (root / "syncagent.toml").read_text().replace("holder_idle = 60", "holder_idle = 1")
+    (root / "syncagent.toml").write_text(text)
+    assert push(capsys, root)[0] == 0
+    info = warm(root)
+    sock = holder.socket_path(root, target_of(root))
+    wait_until(lambda: not pid_running(info["pid"]), 30, "the idle holder to exit")
+    assert not sock.exists()
+
+
+def test_off_by_flag_setting_or_environment(capsys, proj, monkeypatch):
+    root, _ = proj
+    t = target_of(root)
+    assert push(capsys, root, "--no-holder")[0] == 0
+    text = (root / "syncagent.toml").read_text()
+    (root / "syncagent.toml").write_text("holder = false\n" + text)
+    assert push(capsys, root)[0] == 0
+    (root / "syncagent.toml").write_text(text)
+    monkeypatch.setenv("SYNCAGENT_HOLDER", "0")
+    assert push(capsys, root)[0] == 0
+    assert holder.ping(root, t, timeout=0.5) is None
+    assert not holder.socket_path(root, t).with_suffix(".lock").exists()
+
+
+@pytest.mark.parametrize("line", ['holder = "yes"', "holder_idle = 0", "holder_idle = true"],
+                         ids=["holder-not-bool", "idle-zero", "idle-bool"])
+def test_bad_holder_settings(capsys, tmp_path, line):
+    (tmp_path / "syncagent.toml").write_text(line + "\n")
+    code, _, err = run(capsys, "status", "--path", str(tmp_path))
+    assert code == 2 and "holder" in err
+
+
+def test_a_push_during_watch_is_a_flush_of_the_watch(capsys, proj):
+    root, remote = proj
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+    w = subprocess.Popen([sys.executable, "-c", CLIENT, "watch", "t", "--path", str(root),
+                          "--no-restart", "--json"], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=Path(__file__).parent.parent)
+    try:
+        assert json.loads(w.stdout.readline())["event"] == "connected"
+        assert json.loads(w.stdout.readline())["event"] == "synced"
+        assert holder.ping(root, target_of(root))["pid"] == w.pid  # the watch serves it
+        for i in range(5):
+            (root / f"m{i:02}.py").write_text(f"x = 'burst {i}'\n")
+        (root / "m05.py").unlink()
+        code, out, err = push(capsys, root, "--json")
+        assert code == 0, err
+        assert view(remote) == view(root)  # answered once the watch had sent it all
+        assert json.loads(out)["revision"] == json.loads(
+            push(capsys, root, "--json", "--no-holder")[1])["revision"]
+        # what the watch cannot answer for (here --dry-run) runs on its own
+        code, out, _ = push(capsys, root, "--dry-run")
+        assert code == 0 and "dry run" in out
+    finally:
+        w.send_signal(signal.SIGINT)
+        w.communicate(timeout=30)
+    assert w.returncode == 0
+    (root / "m06.py").write_text("x = 'after the watch'\n")
+    assert push(capsys, root)[0] == 0  # the socket the watch served is no obstacle
+    assert view(remote) == view(root)
