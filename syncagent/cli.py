@@ -203,14 +203,14 @@ def cli() -> None:
 def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run, no_restart,
              allow_mass_delete, mode, policy, as_json, no_holder):
     """Make the remote tree equal to the local one (one-shot), on each TARGET at once."""
+    project = _project(path)
+    resolved = _targets(project, targets, all_, remote_path, identity)
+    _via_holder(project, resolved, no_holder)  # before the heavy imports: a held push needs none
     from .push import PushOptions, push_many
 
-    project = _project(path)
     options = PushOptions(dry_run=dry_run, restart=not no_restart,
                           allow_mass_delete=allow_mass_delete, trust_new_host=trust_new_host,
                           mode=mode)
-    resolved = _targets(project, targets, all_, remote_path, identity)
-    _via_holder(project, resolved, no_holder)
     bar = _LazyProgress(f"push {resolved[0].name}", enabled=not as_json and len(resolved) == 1)
     try:
         fleet = push_many(project, resolved, options, policy or project.restart_policy, bar)
