@@ -1268,6 +1268,38 @@ def _marker(root, colour):
     return read_state(root, "ready-%s.json" % colour)
 
 
+def live_imports(root):
+    """The project files the serving worker has imported (sorted posix paths, relative to the
+    root: worker/ready.py records them), or None when unknown (no live marker, a worker too
+    old to record them). The newest readiness marker of a running process is the live one;
+    files only, no supervisord call: every manifest and apply answer carries it."""
+    live = None
+    for colour in COLOURS:
+        marker = _marker(root, colour)
+        if (isinstance(marker, dict) and _running(marker.get("pid"))
+                and (live is None or marker.get("time", 0) > live[1].get("time", 0))):
+            live = (colour, marker)
+    if live is None:
+        return None
+    record = read_state(root, "imports-%s.json" % live[0])
+    if not isinstance(record, dict) or record.get("pid") != live[1].get("pid"):
+        return None
+    files = record.get("files")
+    return sorted(f for f in files if isinstance(f, str)) if isinstance(files, list) else None
+
+
+def _running(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
 def _failed_start(root, colour):
     """The slot's failed-start record (worker/ready.py writes it), or None; its error line is
     masked here too, as every text the agent sends back."""
@@ -1808,13 +1840,16 @@ def handle(req, inp):
         entries, problems, held = scan_root(root, req.get("rules", []), req.get("protect", []))
         return {"root": root, "exists": True, "entries": to_wire(entries),
                 "problems": problems, "protected": held, "revision": read_revision(root),
-                "provisioned": os.path.exists(supervisor_socket(root))}
+                "provisioned": os.path.exists(supervisor_socket(root)),
+                "imports": live_imports(root)}
     if op == "apply":
         root = _root(req)
         batch = req.get("batch")
         if not isinstance(batch, dict):
             raise AgentFailure("Protocol", "apply needs a 'batch' object")
-        return apply_batch(root, batch, _data_chunks(inp), req.get("protect", []))
+        out = apply_batch(root, batch, _data_chunks(inp), req.get("protect", []))
+        out["imports"] = live_imports(root)
+        return out
     if op == "restart":
         return restart_worker(_root(req), str(req.get("revision") or ""),
                               str(req.get("mode") or "blue-green"),

@@ -140,7 +140,13 @@ def _summary(r: PushResult) -> str:
     if r.restart:
         line += "\n" + _live_line(r.target, r.revision, r.restart["timings"],
                                   r.durations.get("transfer", 0.0))
+    elif r.restart_why:
+        line += f"\n{r.target}: synced, no restart: {r.restart_why}"
     return line
+
+
+def _scope(project: Project, any_change: bool) -> str:
+    return "any" if any_change else project.restart_scope
 
 
 def _live_line(target: str, rev: str, timings: dict, sync: float | None = None) -> str:
@@ -192,6 +198,9 @@ def cli() -> None:
 @common_target_options
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @click.option("--no-restart", is_flag=True, help="Sync only; leave the worker running.")
+@click.option("--restart-on-any-change", "any_change", is_flag=True,
+              help="Restart for any change matching restart_on, also to Python files the "
+                   "worker never imported (restart_scope = \"any\").")
 @click.option("--allow-mass-delete", is_flag=True,
               help="Confirm deletes the mass-delete guard refuses (lifts a watch's halt).")
 @click.option("--mode", type=click.Choice(RESTART_MODES), default=None,
@@ -201,7 +210,7 @@ def cli() -> None:
               help="Across targets: rolling (default, one at a time) or parallel.")
 @_holder_option
 def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run, no_restart,
-             allow_mass_delete, mode, policy, as_json, no_holder):
+             any_change, allow_mass_delete, mode, policy, as_json, no_holder):
     """Make the remote tree equal to the local one (one-shot), on each TARGET at once."""
     project = _project(path)
     resolved = _targets(project, targets, all_, remote_path, identity)
@@ -210,7 +219,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
 
     options = PushOptions(dry_run=dry_run, restart=not no_restart,
                           allow_mass_delete=allow_mass_delete, trust_new_host=trust_new_host,
-                          mode=mode)
+                          mode=mode, scope=_scope(project, any_change))
     bar = _LazyProgress(f"push {resolved[0].name}", enabled=not as_json and len(resolved) == 1)
     try:
         fleet = push_many(project, resolved, options, policy or project.restart_policy, bar)
@@ -279,7 +288,7 @@ def _render_event(event: dict) -> str:
     if kind == "restart":
         return f"{stamp} {name}: restarting the worker onto {event['revision'][:7]}"
     if kind == "restart-skipped":
-        return f"{stamp} {name}: no restart: {event['why']}"
+        return f"{stamp} {name}: synced, no restart: {event['why']}"
     if kind == "ready":
         return (f"{stamp} " + _live_line(name, event["revision"], event["timings"])
                 + f"; save -> live {event['latency']:.1f} s, node {event.get('node')}")
@@ -294,6 +303,9 @@ def _render_event(event: dict) -> str:
 @click.argument("targets", nargs=-1)
 @common_target_options
 @click.option("--no-restart", is_flag=True, help="Sync only; leave the worker running.")
+@click.option("--restart-on-any-change", "any_change", is_flag=True,
+              help="Restart for any change matching restart_on, also to Python files the "
+                   "worker never imported (restart_scope = \"any\").")
 @click.option("--allow-mass-delete", is_flag=True,
               help="Allow the initial reconcile to delete more than half of the remote files.")
 @click.option("--quiet-ms", type=click.IntRange(1, 10_000), default=50, show_default=True,
@@ -307,7 +319,8 @@ def _render_event(event: dict) -> str:
               help="Across targets: rolling (default, one at a time) or parallel.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 def watch_cmd(targets, path, remote_path, identity, all_, trust_new_host, no_restart,
-              allow_mass_delete, quiet_ms, max_wait_ms, polling, mode, policy, as_json):
+              any_change, allow_mass_delete, quiet_ms, max_wait_ms, polling, mode, policy,
+              as_json):
     """Initial reconcile, then push every change as it happens."""
     from .push import PushOptions
     from .watch import WatchOptions, watch
@@ -332,7 +345,8 @@ def watch_cmd(targets, path, remote_path, identity, all_, trust_new_host, no_res
     try:
         watch(project, resolved, emit, stop,
               PushOptions(restart=not no_restart, allow_mass_delete=allow_mass_delete,
-                          trust_new_host=trust_new_host, mode=mode),
+                          trust_new_host=trust_new_host, mode=mode,
+                          scope=_scope(project, any_change)),
               WatchOptions(quiet=quiet_ms / 1000, max_wait=max_wait_ms / 1000,
                            polling=polling),
               policy or project.restart_policy)

@@ -22,13 +22,14 @@ from .errors import ConfigError, TargetError
 __all__ = [
     "CONFIG_NAME", "Target", "Project", "find_root", "load_project", "parse_target_spec",
     "resolve_target", "user_config_dir", "user_state_dir", "write_user_target",
-    "remove_user_target", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "expand_specs",
+    "remove_user_target", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "RESTART_SCOPES", "expand_specs",
 ]
 
 CONFIG_NAME = "syncagent.toml"
 TOP_KEYS = {"exclude", "protect", "restart_on", "default_target", "mass_delete_ratio", "targets", "groups",
-            "restart_policy", "holder", "holder_idle"}
+            "restart_policy", "restart_scope", "holder", "holder_idle"}
 RESTART_POLICIES = ("rolling", "parallel")
+RESTART_SCOPES = ("imports", "any")  # restart for the worker's code only, or for any change
 TARGET_KEYS = {"host", "user", "port", "remote_path", "identity", "ssh_config", "remote_root",
                "python", "restart_mode"}
 RESTART_MODES = ("blue-green", "drain", "requeue")
@@ -68,6 +69,7 @@ class Project:
     project_targets: tuple[str, ...] = ()  # names defined by the project file itself
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     restart_policy: str = "rolling"  # across targets: one at a time, or all at once
+    restart_scope: str = "imports"  # restart for files the worker imported, or for any change
     holder: bool = True  # leave a warm holder behind for later commands (syncagent.holder)
     holder_idle: float = 300.0  # seconds the holder waits for a command before it exits
 
@@ -188,6 +190,10 @@ def _parse_project(data: dict, path: Path, text: str) -> dict:
     if policy not in RESTART_POLICIES:
         raise ConfigError(f"{_where(path, text, 'restart_policy')}: restart_policy must be one "
                           f"of {', '.join(RESTART_POLICIES)}")
+    scope = data.get("restart_scope", "imports")
+    if scope not in RESTART_SCOPES:
+        raise ConfigError(f"{_where(path, text, 'restart_scope')}: restart_scope must be one "
+                          f"of {', '.join(RESTART_SCOPES)}")
     holder = data.get("holder", True)
     if not isinstance(holder, bool):
         raise ConfigError(f"{_where(path, text, 'holder')}: holder must be true or false")
@@ -200,6 +206,7 @@ def _parse_project(data: dict, path: Path, text: str) -> dict:
         "holder_idle": float(idle),
         "groups": {k: tuple(v) for k, v in groups.items()},
         "restart_policy": policy,
+        "restart_scope": scope,
         "exclude": _str_list(data, "exclude", path, text) or (),
         "protect": _protect(data, path, text),
         "restart_on": _str_list(data, "restart_on", path, text),
@@ -378,6 +385,9 @@ exclude = [
 
 # Changes matching these restart the worker (the default list); anything else only syncs.
 # restart_on = ["*.py", "requirements*.txt", "*.toml", "*.cfg", "*.ini", "*.yaml", "*.yml"]
+# A Python file restarts it only when the live worker has imported it (a web-only edit just
+# syncs); "any" restarts for every change matching restart_on (--restart-on-any-change).
+# restart_scope = "imports"
 
 # A push that would delete more than this share of the remote files (and more than 20)
 # stops unless --allow-mass-delete is given.

@@ -39,6 +39,7 @@ class PushOptions:
     mode: str | None = None  # restart mode; None: the target's (default blue-green)
     restart_timeout: float = 120.0
     requeue_grace: float = 3.0  # requeue mode: seconds of warm stop before the cold stop
+    scope: str = "imports"  # restart for: "imports" (the worker's code) or "any" change
 
 
 @dataclass
@@ -61,6 +62,7 @@ class PushResult:
     warnings: list[str] = field(default_factory=list)
     durations: dict[str, float] = field(default_factory=dict)
     restart: dict | None = None  # filled by the worker restart step
+    restart_why: str | None = None  # why the batch did or did not restart the worker
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("plan", "paths")}
@@ -96,6 +98,7 @@ class Syncer:
         self.revision: str | None = None
         self.provisioned = False
         self.needs_restart = restart_matcher(project.restart_on)
+        self.imports: list[str] | None = None  # what the serving worker imported, as last told
         # The safety policy's memory: losses since the last confirmation (opened with the
         # first remote manifest; see ``plan.judge``), and the confirmation the options carry,
         # spent by the first reconcile (a watch's flag covers its initial reconcile only).
@@ -121,6 +124,7 @@ class Syncer:
         self.remote = tree.entries
         self.remote_root = tree.root
         self.provisioned = tree.provisioned
+        self.imports = tree.imports
         return tree
 
     # ---------------------------------------------------------------- the worker
@@ -131,18 +135,24 @@ class Syncer:
         revision the serving worker runs (None: unknown)."""
         return restart_mod.decide(result.paths if result.changed else (), self.needs_restart,
                                   result.revision, live, enabled=self.options.restart,
-                                  provisioned=self.provisioned, nothing_serving=nothing_serving)
+                                  provisioned=self.provisioned, nothing_serving=nothing_serving,
+                                  imports=self.imports, scope=self.options.scope)
 
     def restart_wanted(self, result: PushResult) -> bool:
         """One-shot: the decision, asking the remote for its live revision only when a restart
-        is otherwise due (a push that returns the tree to the live revision restarts nothing)."""
-        if not self.restart_decision(result).restart:
-            return False
-        try:
-            worker = self.session.worker(self.remote_root).get("worker") or {}
-        except SyncAgentError:  # unknown: the restart step reports the target's trouble
-            return True
-        return self.restart_decision(result, (worker.get("live") or {}).get("revision")).restart
+        is otherwise due (a push that returns the tree to the live revision restarts nothing).
+        Why is kept in ``result.restart_why``."""
+        decision = self.restart_decision(result)
+        if decision.restart:
+            try:
+                worker = self.session.worker(self.remote_root).get("worker") or {}
+            except SyncAgentError:  # unknown: the restart step reports the target's trouble
+                worker = None
+            if worker is not None:
+                decision = self.restart_decision(result,
+                                                 (worker.get("live") or {}).get("revision"))
+        result.restart_why = decision.why
+        return decision.restart
 
     def restart(self, revision: str, session: Session | None = None) -> dict:
         """Restart the worker onto ``revision`` and wait until it is live.
@@ -384,6 +394,8 @@ class Syncer:
         result.warnings += [f"kept {r['path']} (protected on the remote: {r['op']} refused)"
                             for r in out.get("refused", [])]
         result.unsettled = len(out["changed"])
+        if "imports" in out:  # an agent that knows: what the serving worker imports now
+            self.imports = out["imports"]
         if out["changed"]:
             for path in out["changed"]:  # what the remote holds is unknown: re-check next time
                 e = self.remote.get(path)
@@ -492,20 +504,21 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
                     fleet.results[s.target.name].warnings.append(
                         f"no worker provisioned on {s.target.name}: synced only "
                         f"(run `syncagent provision {s.target.name}`)")
-            if policy == "parallel":
-                _collect(_each(pool, restart, wanted), fleet)
-            else:
-                for n, s in enumerate(wanted):
-                    _collect(_each(pool, restart, [s]), fleet)
-                    if s.target.name in fleet.errors:
-                        for rest in wanted[n + 1:]:
-                            fleet.results[rest.target.name].warnings.append(
-                                f"not restarted: the rolling restart stopped after "
-                                f"{s.target.name} failed")
-                            fleet.errors[rest.target.name] = OperationalError(
-                                f"{rest.target.name}: not restarted (rolling restart stopped "
-                                f"after {s.target.name} failed)")
-                        break
+            names = [s.target.name for s in wanted]
+            by_name = {s.target.name: s for s in wanted}
+            done = 0
+            for wave in restart_mod.waves(policy, names):
+                _collect(_each(pool, restart, [by_name[n] for n in wave]), fleet)
+                done += len(wave)
+                failed = next((n for n in wave if n in fleet.errors), None)
+                skipped = (restart_mod.stopped_after(policy, failed, names[done:])
+                           if failed else {})
+                for name, why in skipped.items():
+                    fleet.results[name].warnings.append(
+                        f"not restarted: the rolling restart stopped after {failed} failed")
+                    fleet.errors[name] = OperationalError(why)
+                if skipped:
+                    break
     finally:
         for s in syncers:
             s.close()

@@ -1,15 +1,27 @@
-"""Whether a batch restarts the worker: one pure decision, shared by push and watch.
+"""Restarts: whether a batch restarts the worker, and in what order a fleet restarts.
 
-No I/O in this module. The callers gather the facts (what the batch changed, which revision it
-left, which revision the serving worker runs) and act on the answer.
+One pure owner, shared by push, watch, fleets and ``restart``. No I/O in this module. The
+callers gather the facts (what the batch changed, which revision it left, which revision the
+serving worker runs and which project files it has imported) and act on the answer.
+
+Scope (``restart_scope``): ``imports`` (default) restarts for a Python file only when the
+serving worker has imported it (changed, written over or deleted; a module nobody imported yet
+is read fresh when first imported); other files restart when they match ``restart_on``
+(requirements, ``*.toml``, ``*.cfg``, ``*.ini``...). ``any`` restarts for any change matching
+``restart_on``, ``*.py`` included: the behaviour before scopes. An unknown import set (a worker
+too old to record it) is judged as ``any``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable, Sequence
 
-__all__ = ["Decision", "decide"]
+__all__ = ["Decision", "POLICIES", "SCOPES", "decide", "one_at_a_time", "stopped_after",
+           "waves"]
+
+SCOPES = ("imports", "any")
+POLICIES = ("rolling", "parallel")
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,8 @@ class Decision:
 
 def decide(changed: Iterable[str], matches: Callable[[str], bool], pushed: str | None,
            live: str | None, *, enabled: bool = True, provisioned: bool = True,
-           nothing_serving: bool = False) -> Decision:
+           nothing_serving: bool = False, imports: Collection[str] | None = None,
+           scope: str = "imports") -> Decision:
     """Does this batch restart the worker?
 
     Args:
@@ -41,6 +54,8 @@ def decide(changed: Iterable[str], matches: Callable[[str], bool], pushed: str |
         enabled: False with ``--no-restart``.
         provisioned: a supervisord-managed worker lives on the target.
         nothing_serving: no worker serves at all (start one even if nothing changed).
+        imports: the project files the serving worker has imported; None when unknown.
+        scope: ``imports`` or ``any`` (see the module's docstring).
 
     Returns:
         A :class:`Decision`.
@@ -57,7 +72,46 @@ def decide(changed: Iterable[str], matches: Callable[[str], bool], pushed: str |
     if live is not None and live == pushed:
         return Decision(False, f"the tree is back at {live[:7]}, the revision that is live",
                         back_at_live=True)
+    if scope == "imports" and imports is not None:
+        return _by_imports(changed, matches, frozenset(imports))
     hit = next((p for p in changed if matches(p)), None)
     if hit is None:
         return Decision(False, "no change matches restart_on")
     return Decision(True, f"{hit} changed")
+
+
+def _by_imports(changed: list[str], matches: Callable[[str], bool],
+                imports: frozenset[str]) -> Decision:
+    for path in changed:
+        if path in imports or any(f.startswith(path + "/") for f in imports):
+            return Decision(True, f"{path} changed (the worker imports it)")
+    hit = next((p for p in changed if not p.endswith(".py") and matches(p)), None)
+    if hit is not None:
+        return Decision(True, f"{hit} changed")
+    code = [p for p in changed if p.endswith(".py")]
+    if not code:
+        return Decision(False, "no change matches restart_on")
+    shown = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
+    return Decision(False, f"the worker does not import {shown}")
+
+
+def waves(policy: str, targets: Sequence[str]) -> list[list[str]]:
+    """The order a fleet restarts in: ``rolling`` one target per wave (the next once the
+    previous is live), ``parallel`` all in one wave."""
+    if policy == "parallel":
+        return [list(targets)] if targets else []
+    return [[t] for t in targets]
+
+
+def one_at_a_time(policy: str, targets: int) -> bool:
+    """Whether a live loop's targets take turns restarting (a rolling fleet)."""
+    return policy != "parallel" and targets > 1
+
+
+def stopped_after(policy: str, failed: str, later: Sequence[str]) -> dict[str, str]:
+    """The targets a failed start leaves unrestarted, each with why: a rolling restart stops
+    at the first that fails, so broken code never takes the whole fleet down."""
+    if policy == "parallel":
+        return {}
+    return {t: f"{t}: not restarted (rolling restart stopped after {failed} failed)"
+            for t in later}

@@ -91,6 +91,7 @@ class RemoteTree:
     problems: list = field(default_factory=list)
     provisioned: bool = False  # a supervisord-managed worker lives under the root
     protected: list = field(default_factory=list)  # kept by the agent though the rules let them
+    imports: list | None = None  # project files the serving worker imported (None: unknown)
 
 
 class _Channel:
@@ -296,7 +297,8 @@ class Session:
         rev = body.get("revision") or {}
         return RemoteTree(body["root"], body["exists"], from_wire(body["entries"]),
                           rev.get("revision"), body.get("problems", []),
-                          bool(body.get("provisioned")), body.get("protected", []))
+                          bool(body.get("provisioned")), body.get("protected", []),
+                          body.get("imports"))
 
     def restart(self, root: str, revision: str, mode: str = "blue-green",
                 timeout: float = 120.0, grace: float = 3.0) -> dict:

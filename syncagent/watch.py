@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import agent, guard, holder
+from . import restart as restart_mod
 from .config import Project, Target
 from .errors import ConnectError, MassDeleteError, SyncAgentError, WorkerStartError
 from .manifest import local_rules
@@ -75,16 +76,17 @@ class Restarter(threading.Thread):
         self.gate = gate  # shared by the targets of a rolling restart: one at a time
         self.syncer, self.emit, self.stop_event = syncer, emit, stop
         self.cond = threading.Condition()
-        self.pending: tuple[str, float] | None = None  # (revision, time of the save)
+        self.pending: tuple[str, float, str] | None = None  # (revision, time of save, why)
         self.busy = False
         self.live: str | None = None  # the revision the serving worker runs, as last seen
         self.session = None
         self.parent = None
 
-    def request(self, revision: str, since: float) -> None:
+    def request(self, revision: str, since: float, why: str = "") -> None:
         with self.cond:
             # keep the oldest save time: latency is measured from the first unserved save
-            self.pending = (revision, self.pending[1] if self.pending else since)
+            self.pending = (revision, self.pending[1] if self.pending else since,
+                            why or (self.pending[2] if self.pending else ""))
             self.cond.notify_all()
 
     def set_live(self, revision: str | None) -> None:
@@ -130,11 +132,12 @@ class Restarter(threading.Thread):
                     self.cond.wait(0.5)
                 if self.stop_event.is_set():
                     return
-                revision, since = self.pending
+                revision, since, why = self.pending
                 self.pending = None
                 self.busy = True
             try:
-                self.emit({"event": "restart", "target": name, "revision": revision})
+                self.emit({"event": "restart", "target": name, "revision": revision,
+                           "why": why})
                 session = self._channel()
                 if session is None:
                     raise ConnectError("not connected")
@@ -162,7 +165,7 @@ class Restarter(threading.Thread):
                 self.session = None
                 with self.cond:  # retried after the main loop reconnects
                     if self.pending is None:
-                        self.pending = (revision, since)
+                        self.pending = (revision, since, why)
                 self.emit({"event": "error", "target": name,
                            "error": f"restart postponed: {e}"})
                 self.stop_event.wait(1.0)
@@ -446,17 +449,21 @@ class TargetLoop(threading.Thread):
     def _restart_after(self, result: PushResult, since: float,
                        nothing_serving: bool = False) -> None:
         """Queue a restart if the batch calls for one (``syncagent/restart.py`` decides); a
-        batch that returns the tree to the live revision restarts nothing, and says why."""
-        decision = self.syncer.restart_decision(result, self.restarter.settled_live(),
-                                                nothing_serving)
+        batch that changed something and restarts nothing says why ("restart-skipped")."""
+        syncer = self.syncer
+        decision = syncer.restart_decision(result, self.restarter.settled_live(),
+                                           nothing_serving)
+        skipped = {"event": "restart-skipped", "target": syncer.target.name,
+                   "revision": result.revision, "why": decision.why}
         if decision.restart:
-            self.restarter.request(result.revision, since)
+            self.restarter.request(result.revision, since, decision.why)
         elif decision.back_at_live:
             if self.restarter.drop_pending():
-                self.emit({"event": "restart-skipped", "target": self.syncer.target.name,
-                           "revision": result.revision, "why": decision.why})
+                self.emit(skipped)
             else:  # a restart is running onto another revision: come back to this one
-                self.restarter.request(result.revision, since)
+                self.restarter.request(result.revision, since, decision.why)
+        elif result.changed and syncer.options.restart and syncer.provisioned:
+            self.emit(skipped)
 
 
 def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: threading.Event,
@@ -479,7 +486,7 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
                       max_wait=options.max_wait, git_hold=options.git_hold,
                       polling=options.polling)
     watcher.start()  # before the first reconcile: an edit made during it is not lost
-    gate = threading.Lock() if policy == "rolling" and len(targets) > 1 else None
+    gate = threading.Lock() if restart_mod.one_at_a_time(policy, len(targets)) else None
     cache = agent.load_digest_cache(str(project.root))  # one, shared by every target
     loops = [TargetLoop(Syncer(project, t, push_options, rules, cache), emit, stop, options,
                         gate) for t in targets]

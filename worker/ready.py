@@ -6,15 +6,20 @@ The state directory is ``<root>/.syncagent/`` (mode 0700). It holds:
 * ``requirements.sha256``: hash of the last successfully installed requirements;
 * ``ready-<colour>.json``: readiness marker ``{"revision", "pid", "node", "time", "colour"}``,
   written atomically from Celery's ``worker_ready`` signal and removed on ``worker_shutdown``;
+* ``imports-<colour>.json``: the project files the slot's worker has imported
+  ``{"pid", "revision", "files"}`` (posix paths relative to the root), written at ready and
+  again after a task whenever the set grew: a batch that touches none of them needs no restart;
 * ``failed-<colour>.json``: the slot's failed starts ``{"revision", "error", "count",
   "supervisor", "time", "colour"}``: written by the launcher when it exits before the marker,
   removed when the slot gets ready or is started on purpose (a restart, a provision).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +37,10 @@ __all__ = [
     "clear_failed_start",
     "ensure_state_dir",
     "failed_start_path",
+    "imports_path",
+    "project_imports",
+    "read_imports",
+    "record_imports",
     "marker_path",
     "read_failed_start",
     "read_marker",
@@ -132,6 +141,61 @@ def clear_failed_start(root: str | os.PathLike[str], colour: str) -> None:
         failed_start_path(root, colour).unlink()
     except FileNotFoundError:
         pass
+
+
+def imports_path(root: str | os.PathLike[str], colour: str) -> Path:
+    """Return ``<root>/.syncagent/imports-<colour>.json`` (the worker's imported project files)."""
+    return state_dir(root) / f"imports-{colour}.json"
+
+
+_THIRD_PARTY = ("site-packages", "dist-packages")
+
+
+def project_imports(root: str | os.PathLike[str], modules: dict | None = None) -> set[str]:
+    """The files under ``root`` that the loaded modules came from (posix, relative).
+
+    Environments inside the root (``venv/``, ``.venv/``) are third-party code, never synced.
+    No system call per module: paths are compared as strings, against the root as given and
+    as resolved.
+    """
+    prefixes = {os.path.abspath(root) + os.sep, os.path.realpath(root) + os.sep}
+    found = set()
+    for module in list((sys.modules if modules is None else modules).values()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str):
+            continue
+        path = os.path.abspath(path)
+        for prefix in prefixes:
+            if path.startswith(prefix):
+                rel = path[len(prefix):].replace(os.sep, "/")
+                if not any(part in _THIRD_PARTY for part in rel.split("/")):
+                    found.add(rel)
+                break
+    return found
+
+
+def read_imports(root: str | os.PathLike[str], colour: str) -> dict[str, Any] | None:
+    """Return the slot's imports record, or None when absent or unreadable."""
+    try:
+        data = json.loads(imports_path(root, colour).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_imports(root: str | os.PathLike[str], colour: str, revision: str, pid: int,
+                   files: set[str]) -> None:
+    """Add ``files`` to the slot's record for worker ``pid`` (a record of another pid is
+    replaced). Pool processes of one worker add theirs under a lock: none is lost."""
+    ensure_state_dir(root)
+    with open(state_dir(root) / f".imports-{colour}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = read_imports(root, colour) or {}
+        known = set(previous.get("files") or ()) if previous.get("pid") == pid else set()
+        if files <= known and previous:
+            return
+        write_json_atomic(imports_path(root, colour), {
+            "pid": pid, "revision": revision, "files": sorted(known | files)})
 
 
 def colour_from_env(environ: dict[str, str] | None = None) -> str:
@@ -242,7 +306,9 @@ def remove_marker(root: str | os.PathLike[str], colour: str, pid: int | None = N
 
 def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
                     default_node: str | None = None) -> tuple[Callable[..., None], ...]:
-    """Connect ``worker_ready``/``worker_shutdown`` to write/remove the marker.
+    """Connect ``worker_ready``/``worker_shutdown`` to write/remove the marker, and keep the
+    imports record (``imports-<colour>.json``): at ready, then after any task that grew
+    ``sys.modules`` (one ``len()`` when it did not).
 
     Args:
         root: project root.
@@ -251,17 +317,32 @@ def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
         default_node: node name used when the signal sender has none.
 
     Returns:
-        The two connected receivers (kept alive by strong references).
+        The connected receivers (kept alive by strong references).
     """
     from celery import signals
 
     main_pid = os.getpid()
     fallback = default_node or socket.gethostname()
 
+    seen = [0]  # len(sys.modules) at the last record, in this process
+
+    def note_imports() -> None:
+        if len(sys.modules) == seen[0]:
+            return
+        seen[0] = len(sys.modules)
+        record_imports(root, colour, revision, main_pid, project_imports(root))
+
     def on_ready(sender: Any = None, **_: Any) -> None:
         node = getattr(sender, "hostname", None) or fallback
+        note_imports()  # before the marker: whoever sees the worker live sees what it imports
         write_marker(root, colour, revision, node, pid=main_pid)
         clear_failed_start(root, colour)
+
+    def on_task_done(**_: Any) -> None:
+        try:
+            note_imports()
+        except OSError:  # never a task's failure; the next task tries again
+            seen[0] = 0
 
     def on_shutdown(sender: Any = None, **_: Any) -> None:
         if os.getpid() == main_pid:
@@ -269,4 +350,5 @@ def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
-    return on_ready, on_shutdown
+    signals.task_postrun.connect(on_task_done, weak=False)
+    return on_ready, on_shutdown, on_task_done
