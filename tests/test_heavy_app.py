@@ -38,6 +38,10 @@ def layered_venv(path: Path) -> Path:
                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     Path(purelib, "_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # provision's requirement env sees this purelib through a plain path line, which reads no
+    # .pth there: the test venv (pip, celery) joins it from sitecustomize
+    Path(purelib, "sitecustomize.py").write_text(
+        f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
     for tool in ("supervisord", "supervisorctl"):
         (path / "bin" / tool).symlink_to(Path(sys.prefix, "bin", tool))
     cache = os.environ.get("PIP_CACHE_DIR") or str(
@@ -99,3 +103,58 @@ def test_heavy_worker_restarts_onto_a_new_revision(heavy, capsys):
     timings = json.loads(out.strip().splitlines()[-1])["restart"]["timings"]
     assert client.send_task("app.tasks.media.version").get(timeout=30) == "h2"
     print(f"heavy worker restart: start {timings['start']:.2f} s, total {timings['total']:.2f} s")
+
+
+def _live(remote: Path) -> dict:
+    markers = [m for c in ready.COLOURS if (m := ready.read_marker(remote, c))]
+    return max(markers, key=lambda m: m["time"])
+
+
+def _push(project: Path, remote: Path, capsys, *flags: str) -> dict:
+    code = main(["push", "sbx", "--path", str(project), "--remote-path", str(remote), "--json",
+                 *flags])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_web_only_edits_sync_without_a_restart_and_task_edits_restart(heavy, capsys):
+    """Issue 11, item 1: ten saves of web modules (the worker never imports app/web/*) sync and
+    restart nothing; a save of a module the worker imports restarts it onto the new code."""
+    project, remote, client = heavy
+    client.send_task("app.tasks.media.version").get(timeout=30)  # a task ran: record refreshed
+    serving = _live(remote)
+    recorded = ready.read_imports(remote, serving["colour"])
+    assert recorded and recorded["pid"] == serving["pid"]
+    assert {"app/__init__.py", "app/models.py", "app/tasks/media.py"} <= set(recorded["files"])
+    assert not [f for f in recorded["files"] if f.startswith("app/web/")], recorded
+    routes = project / "app" / "web" / "routes.py"
+    restarts = 0
+    for n in range(10):
+        routes.write_text(routes.read_text() + f"\n# web edit {n}\n")
+        out = _push(project, remote, capsys)
+        assert out["files_sent"] == 1, out
+        restarts += out["restart"] is not None
+        assert out["restart_why"] == "the worker does not import app/web/routes.py", out
+    assert restarts == 0
+    assert _live(remote)["pid"] == serving["pid"]  # the same worker process serves
+    print(f"heavy app: {restarts} restarts for 10 web-only edits")
+
+    media = project / "app" / "tasks" / "media.py"
+    media.write_text(media.read_text().replace(
+        'return VERSION\n', 'return VERSION + "-edited"\n', 1))
+    out = _push(project, remote, capsys)
+    assert out["restart"] is not None, out
+    assert out["restart_why"] == "app/tasks/media.py changed (the worker imports it)"
+    assert client.send_task("app.tasks.media.version").get(timeout=30).endswith("-edited")
+    assert _live(remote)["pid"] != serving["pid"]
+
+
+def test_restart_on_any_change_keeps_the_old_behaviour(heavy, capsys):
+    project, remote, client = heavy
+    before = _live(remote)["pid"]
+    forms = project / "app" / "web" / "forms.py"
+    forms.write_text(forms.read_text() + "\n# any change\n")
+    out = _push(project, remote, capsys, "--restart-on-any-change")
+    assert out["restart"] is not None and out["restart_why"] == "app/web/forms.py changed"
+    assert _live(remote)["pid"] != before
