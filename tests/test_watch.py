@@ -123,6 +123,51 @@ def test_save_restarts_the_worker_onto_the_new_code(lbx, broker):
         assert len(w.of("restart")) == restarts
 
 
+LAZY_TASK = """
+
+@celery_app.task(name="app.tasks.demo.lazy")
+def lazy() -> str:
+    \"\"\"Imports its helper only when it first runs.\"\"\"
+    from app import lazy_helper
+
+    return lazy_helper.ANSWER
+"""
+
+
+def test_only_what_the_worker_imported_restarts_it_lazy_imports_included(lbx, broker):
+    """Issue 11, item 1 through the live loop: a module no worker process has imported yet
+    syncs without a restart (and says why); once a task imported it, its next save restarts
+    the worker, which then serves the new code. Nothing is ever served stale."""
+    remote = Path(lbx.remote_root) / "project"
+    with Watching(lbx) as w:
+        tasks = w.root / "app" / "tasks" / "demo.py"
+        helper = w.root / "app" / "lazy_helper.py"
+        helper.write_text('ANSWER = "one"\n')
+        tasks.write_text(tasks.read_text() + LAZY_TASK)
+        wait_until(lambda: w.of("ready") and w.of("ready")[-1]["revision"] ==
+                   w.of("synced")[-1]["revision"], 60, "the worker with the lazy task live")
+        restarts = len(w.of("restart"))
+        helper.write_text('ANSWER = "two"\n')  # nobody has imported it yet
+        wait_until(lambda: [e for e in w.of("restart-skipped") if "lazy_helper" in e["why"]],
+                   20, "the save judged")
+        skipped = [e for e in w.of("restart-skipped") if "lazy_helper" in e["why"]][-1]
+        assert skipped["why"] == "the worker does not import app/lazy_helper.py"
+        assert len(w.of("restart")) == restarts
+        assert broker.send_task("app.tasks.demo.lazy").get(timeout=20) == "two"  # read fresh
+        wait_until(lambda: "app/lazy_helper.py" in (agent.live_imports(str(remote)) or ()),
+                   10, "the task's import recorded")
+        helper.write_text('ANSWER = "three"\n')  # imported now: the worker holds it
+        wait_until(lambda: len(w.of("restart")) > restarts, 20, "a restart")
+        assert w.of("restart")[-1]["why"] == \
+            "app/lazy_helper.py changed (the worker imports it)"
+        wait_until(lambda: broker.send_task("app.tasks.demo.lazy").get(timeout=20) == "three",
+                   60, "the new code live")
+        helper.unlink()
+        tasks.write_text(tasks.read_text().replace(LAZY_TASK, ""))
+        wait_until(lambda: w.of("ready")[-1]["revision"] == w.of("synced")[-1]["revision"],
+                   60, "the demo app as it was")
+
+
 def test_broken_code_then_its_fix_restarts_nothing(lbx, broker):
     """A broken save fails to start (the old colour serves, status says why); saving the fix
     returns the tree to the live revision: nothing restarts, and the output says why."""
