@@ -1228,6 +1228,7 @@ DOWN_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
 ALREADY_STARTED, NOT_RUNNING, BAD_NAME = 60, 70, 10
 MODES = ("blue-green", "drain", "requeue")
 TERM_AGAIN_S = 5.0
+STOP_FETCHING_WAIT_S = 1.0  # the old colour says it stopped fetching within this
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -1604,6 +1605,28 @@ class _Restart(object):
             if e.faultCode != NOT_RUNNING:
                 raise
 
+    def stop_fetching(self, colour):
+        """Before a switch's warm stop: the old colour stops fetching tasks, so none waits in a
+        stopping worker (a task it had taken but not started went back to the broker only at
+        the end of its shutdown). Only a worker whose marker names the signal gets it (any
+        other would die of it); waits for its answer up to STOP_FETCHING_WAIT_S."""
+        marker = _marker(self.root, colour)
+        pid = (marker or {}).get("pid")
+        sig = (marker or {}).get("stop_fetching")
+        if not sig or sig not in ("USR2",) or self.state(colour)["pid"] != pid or not pid:
+            return False
+        try:
+            self.proxy.supervisor.signalProcess(self.name(colour), sig)
+        except xmlrpc.client.Fault:
+            return False
+        until = min(self.deadline, time.monotonic() + STOP_FETCHING_WAIT_S)
+        while time.monotonic() < until:
+            done = read_state(self.root, "stopped-fetching-%s.json" % colour)
+            if isinstance(done, dict) and done.get("pid") == pid:
+                return True
+            time.sleep(0.005)
+        return False
+
     def wait_down(self, colour, grace=None):
         """Wait until ``colour`` has stopped; after ``grace`` seconds, a cold stop (QUIT)."""
         t0 = time.monotonic()
@@ -1731,6 +1754,11 @@ def _restart(r, mode, grace):
             if states[new] == "STOPPING":  # every idle slot still finishes an earlier drain
                 r.wait_down(new)
             marker = r.launch(new)
+            t1 = time.monotonic()
+            for colour in live:  # all stop fetching, then all stop
+                if colour != new:
+                    r.stop_fetching(colour)
+            r.timings["stop_fetching"] = time.monotonic() - t1
             for colour in live:
                 if colour != new:
                     r.stop(colour)

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from datetime import timezone
 from pathlib import Path
 
 import pytest
@@ -554,3 +556,65 @@ def test_halted_and_resumed_events_render_as_one_line_and_a_status_line():
     assert board.state["gpu"]["state"].startswith("HALTED (40 of 41")
     board.show({"event": "resumed", "target": "gpu", "reason": "files restored"}, "")
     assert board.state["gpu"]["state"] == "watching"
+
+
+def test_no_late_answers_during_a_switch(lbx, broker):
+    """Issue 11, item 3: a client submits a task every 50 ms through blue-green switches. The
+    old colour stops fetching before its warm stop, so no task waits in a stopping worker: the
+    slowest answer during switches is within 0.3 s of the slowest at rest, every task submitted
+    after the live event runs the new code, and none is lost or run twice."""
+    project, root = project_of(lbx)
+    target = target_of(lbx, project)
+    r = redis.Redis.from_url(lbx.demo_broker_url)
+    r.delete("demo:executions", "demo:started")
+    sent: list[tuple[float, object]] = []  # (wall time of the send, AsyncResult)
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            sent.append((time.time(), broker.send_task("app.tasks.demo.work", args=(0,))))
+            stop.wait(0.05)
+
+    switches: list[tuple[float, float, str]] = []  # (restart asked, live, version)
+    set_version(root, "switch-base")
+    push(project, target, PushOptions(restart_timeout=60))
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        stop.wait(2.0)  # at rest
+        for i in range(4):
+            set_version(root, f"switch-{i}")
+            t0 = time.time()
+            result = push(project, target, PushOptions(restart_timeout=60))
+            switches.append((t0, time.time(), f"switch-{i}"))
+            assert result.restart and result.restart["ok"], result.restart
+            stop.wait(2.5)  # the old colour's drain, then rest
+    finally:
+        stop.set()
+        thread.join()
+    answers = [(at, a.get(timeout=60), a.date_done.replace(tzinfo=timezone.utc).timestamp())
+               for at, a in sent]  # every task answered
+    ids = {res["id"] for _, res, _ in answers}
+    sent.clear()
+    gc.collect()
+    executions = [x.decode() for x in r.lrange("demo:executions", 0, -1) if x.decode() in ids]
+    assert len(executions) == len(ids) == len(set(executions)), "a task lost or run twice"
+
+    def switching(at: float) -> bool:
+        return any(t0 - 0.1 <= at <= live + 2.0 for t0, live, _ in switches)
+
+    during = sorted(done - at for at, _, done in answers if switching(at))
+    rest = sorted(done - at for at, _, done in answers if not switching(at))
+    p95 = lambda xs: xs[int(0.95 * (len(xs) - 1))]  # noqa: E731
+    print(f"switch latency: {len(answers)} tasks through {len(switches)} switches; during "
+          f"switches max {during[-1] * 1000:.0f} ms p95 {p95(during) * 1000:.0f} ms "
+          f"(n={len(during)}); at rest max {rest[-1] * 1000:.0f} ms p95 "
+          f"{p95(rest) * 1000:.0f} ms (n={len(rest)})")
+    late = [(round(at - t0, 3), round(at - live, 3), round(done - at, 3), res["pid"],
+             res["version"]) for at, res, done in answers for t0, live, _ in switches
+            if t0 - 0.1 <= at <= live + 2.0 and done - at > rest[-1] + 0.3]
+    assert during[-1] <= rest[-1] + 0.3, (late, rest[-5:])
+    for n, (t0, live, version) in enumerate(switches):
+        until = switches[n + 1][0] if n + 1 < len(switches) else float("inf")
+        after = [res["version"] for at, res, _ in answers if live <= at < until]
+        assert after and set(after) == {version}, (version, sorted(set(after)))

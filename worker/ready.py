@@ -9,6 +9,9 @@ The state directory is ``<root>/.syncagent/`` (mode 0700). It holds:
 * ``imports-<colour>.json``: the project files the slot's worker has imported
   ``{"pid", "revision", "files"}`` (posix paths relative to the root), written at ready and
   again after a task whenever the set grew: a batch that touches none of them needs no restart;
+* ``stopped-fetching-<colour>.json``: ``{"pid", "time"}``, written by the worker once it has
+  stopped fetching tasks on ``SIGUSR2`` (the marker's ``stop_fetching``): the agent sends it to
+  the old colour of a switch before its TERM, so no task waits in a stopping worker;
 * ``failed-<colour>.json``: the slot's failed starts ``{"revision", "error", "count",
   "supervisor", "time", "colour"}``: written by the launcher when it exits before the marker,
   removed when the slot gets ready or is started on purpose (a restart, a provision).
@@ -18,9 +21,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +56,8 @@ __all__ = [
     "revision_path",
     "short_revision",
     "state_dir",
+    "STOP_FETCHING_SIGNAL",
+    "stopped_fetching_path",
     "write_json_atomic",
     "write_marker",
 ]
@@ -66,6 +73,11 @@ MAX_STARTS = 3
 FAILED_START_EXIT = 1  # supervisord restarts it (autorestart=unexpected)
 GAVE_UP_EXIT = 78  # listed in the program's exitcodes: supervisord leaves the slot down
 UNKNOWN_REVISION = "unknown"
+# Sent by the agent to the colour a switch replaces: cancel every task queue's consumer (the
+# broker gets any message in flight back at once), then say so. Free in Celery (its remote
+# debugger takes it only when CELERY_RDBSIG is set); the marker names it, so the agent never
+# sends it to a worker that would die of it.
+STOP_FETCHING_SIGNAL = "USR2"
 _SHORT_UNKNOWN = "0000000"
 
 
@@ -198,6 +210,73 @@ def record_imports(root: str | os.PathLike[str], colour: str, revision: str, pid
             "pid": pid, "revision": revision, "files": sorted(known | files)})
 
 
+def stopped_fetching_path(root: str | os.PathLike[str], colour: str) -> Path:
+    """Return ``<root>/.syncagent/stopped-fetching-<colour>.json``."""
+    return state_dir(root) / f"stopped-fetching-{colour}.json"
+
+
+def _stop_fetching_on_signal(root: str | os.PathLike[str], colour: str, consumer: Any,
+                             main_pid: int) -> None:
+    """On ``SIGUSR2``: cancel the consumer of every task queue (in-flight tasks run on), then
+    write ``stopped-fetching-<colour>.json`` once nothing more can come.
+
+    A fetch already asked of the broker (Redis: a BRPOP of up to 1 s) may still bring a
+    message after the cancel; kombu hands it back to the queue at once (its consumer is gone),
+    but only if the event loop reads the answer before the warm stop. So that fetch is cut
+    short (``CLIENT UNBLOCK``, on another connection), and the answer is written only once the
+    loop has read the fetch's reply (a short thread watches; never longer than
+    ``STOP_FETCHING_WAIT_S``: the agent stops the worker then anyway).
+    """
+
+    def stopped() -> None:
+        write_json_atomic(stopped_fetching_path(root, colour),
+                          {"pid": main_pid, "time": time.time()})
+
+    def stop_fetching(_signum: int, _frame: Any) -> None:
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is None:
+            return
+        for queue in [q.name for q in task_consumer.queues]:
+            consumer.cancel_task_queue(queue)
+        channel = task_consumer.channel
+        if not getattr(channel, "_in_poll", None):
+            stopped()
+            return
+        _cut_fetch_short(channel)
+        threading.Thread(target=_when_read, args=(channel, stopped), daemon=True,
+                         name="syncagent-stop-fetching").start()
+
+    signal.signal(getattr(signal, "SIG" + STOP_FETCHING_SIGNAL), stop_fetching)
+
+
+STOP_FETCHING_WAIT_S = 1.0
+
+
+def _cut_fetch_short(channel: Any) -> None:
+    """Make a Redis channel's pending BRPOP answer now (nil, or a message it had taken)."""
+    try:
+        import redis
+
+        addr = "%s:%s" % channel._in_poll._sock.getsockname()[:2]
+        other = redis.Redis(connection_pool=channel.client.connection_pool)
+        try:
+            for client in other.client_list():
+                if client.get("addr") == addr:
+                    other.client_unblock(int(client["id"]))
+        finally:
+            other.close()
+    except Exception:  # another transport, an old Redis: the fetch ends at its timeout
+        pass
+
+
+def _when_read(channel: Any, then: Callable[[], None]) -> None:
+    until = time.monotonic() + STOP_FETCHING_WAIT_S
+    while getattr(channel, "_in_poll", None) and time.monotonic() < until:
+        time.sleep(0.002)
+    if not getattr(channel, "_in_poll", None):
+        then()
+
+
 def colour_from_env(environ: dict[str, str] | None = None) -> str:
     """Return ``SYNCAGENT_COLOUR`` (one of COLOURS), defaulting to blue.
 
@@ -253,7 +332,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_marker(root: str | os.PathLike[str], colour: str, revision: str, node: str,
-                 pid: int | None = None) -> Path:
+                 pid: int | None = None, stop_fetching: str | None = None) -> Path:
     """Write the readiness marker atomically.
 
     Args:
@@ -262,19 +341,23 @@ def write_marker(root: str | os.PathLike[str], colour: str, revision: str, node:
         revision: full revision the worker runs.
         node: Celery node name.
         pid: worker main pid (default: this process).
+        stop_fetching: the signal that makes this worker stop fetching tasks, if it has one.
 
     Returns:
         The marker path.
     """
     ensure_state_dir(root)
     path = marker_path(root, colour)
-    write_json_atomic(path, {
+    marker = {
         "revision": revision,
         "pid": pid if pid is not None else os.getpid(),
         "node": node,
         "time": time.time(),
         "colour": colour,
-    })
+    }
+    if stop_fetching:
+        marker["stop_fetching"] = stop_fetching
+    write_json_atomic(path, marker)
     return path
 
 
@@ -335,7 +418,11 @@ def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
     def on_ready(sender: Any = None, **_: Any) -> None:
         node = getattr(sender, "hostname", None) or fallback
         note_imports()  # before the marker: whoever sees the worker live sees what it imports
-        write_marker(root, colour, revision, node, pid=main_pid)
+        stop_fetching = None
+        if os.getpid() == main_pid and sender is not None:
+            _stop_fetching_on_signal(root, colour, sender, main_pid)
+            stop_fetching = STOP_FETCHING_SIGNAL
+        write_marker(root, colour, revision, node, pid=main_pid, stop_fetching=stop_fetching)
         clear_failed_start(root, colour)
 
     def on_task_done(**_: Any) -> None:
