@@ -561,7 +561,8 @@ def test_halted_and_resumed_events_render_as_one_line_and_a_status_line():
 def test_no_late_answers_during_a_switch(lbx, broker):
     """Issue 11, item 3: a client submits a task every 50 ms through blue-green switches. The
     old colour stops fetching before its warm stop, so no task waits in a stopping worker: the
-    slowest answer during switches is within 0.3 s of the slowest at rest, every task submitted
+    slowest answer from the first switch on is within 0.3 s of the slowest in the 3 s at rest
+    before it (max, not p95; one task per switch came 1.5 s late before), every task submitted
     after the live event runs the new code, and none is lost or run twice."""
     project, root = project_of(lbx)
     target = target_of(lbx, project)
@@ -578,10 +579,13 @@ def test_no_late_answers_during_a_switch(lbx, broker):
     switches: list[tuple[float, float, str]] = []  # (restart asked, live, version)
     set_version(root, "switch-base")
     push(project, target, PushOptions(restart_timeout=60))
+    state = Path(lbx.remote_root) / "project" / ".syncagent"
+    wait_until(lambda: len(list(state.glob("ready-*.json"))) == 1, 30,
+               "the replaced colour gone (at rest)")
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
     try:
-        stop.wait(2.0)  # at rest
+        stop.wait(3.0)  # at rest
         for i in range(4):
             set_version(root, f"switch-{i}")
             t0 = time.time()
@@ -600,8 +604,8 @@ def test_no_late_answers_during_a_switch(lbx, broker):
     executions = [x.decode() for x in r.lrange("demo:executions", 0, -1) if x.decode() in ids]
     assert len(executions) == len(ids) == len(set(executions)), "a task lost or run twice"
 
-    def switching(at: float) -> bool:
-        return any(t0 - 0.1 <= at <= live + 2.0 for t0, live, _ in switches)
+    def switching(at: float) -> bool:  # from the first switch on
+        return at >= switches[0][0] - 0.1
 
     during = sorted(done - at for at, _, done in answers if switching(at))
     rest = sorted(done - at for at, _, done in answers if not switching(at))
@@ -610,9 +614,9 @@ def test_no_late_answers_during_a_switch(lbx, broker):
           f"switches max {during[-1] * 1000:.0f} ms p95 {p95(during) * 1000:.0f} ms "
           f"(n={len(during)}); at rest max {rest[-1] * 1000:.0f} ms p95 "
           f"{p95(rest) * 1000:.0f} ms (n={len(rest)})")
-    late = [(round(at - t0, 3), round(at - live, 3), round(done - at, 3), res["pid"],
-             res["version"]) for at, res, done in answers for t0, live, _ in switches
-            if t0 - 0.1 <= at <= live + 2.0 and done - at > rest[-1] + 0.3]
+    late = [(round(at - t0, 3), round(at - live, 3), round(done - at, 3), res["version"])
+            for at, res, done in answers for t0, live, _ in switches
+            if t0 - 0.1 <= at and done - at > rest[-1] + 0.3]
     assert during[-1] <= rest[-1] + 0.3, (late, rest[-5:])
     for n, (t0, live, version) in enumerate(switches):
         until = switches[n + 1][0] if n + 1 < len(switches) else float("inf")
