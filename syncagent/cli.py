@@ -615,11 +615,18 @@ def restart_cmd(targets, path, remote_path, identity, all_, trust_new_host, mode
     _via_holder(project, resolved, no_holder)
     from . import control
 
+    done, errors = control.restart_many(project, resolved, mode, timeout,
+                                        project.restart_policy)
     for t in resolved:
-        out = control.restart(project, t, mode, timeout)
-        click.echo(json.dumps(out) if as_json else
-                   _live_line(t.name, out["revision"], out["timings"]) +
-                   f" [{out['mode']}, {out['colour']}, node {out.get('node')}]")
+        out = done.get(t.name)
+        if out is not None:
+            click.echo(json.dumps(out) if as_json else
+                       _live_line(t.name, out["revision"], out["timings"]) +
+                       f" [{out['mode']}, {out['colour']}, node {out.get('node')}]")
+        elif len(resolved) > 1:
+            click.echo(f"syncagent: error: {errors[t.name]}", err=True)
+    if errors:
+        raise max(errors.values(), key=lambda e: e.exit_code)
     _leave_holder(project, resolved, no_holder)
 
 

@@ -11,15 +11,18 @@ import threading
 import time
 from typing import Callable
 
+from concurrent.futures import ThreadPoolExecutor
+
 from . import guard
+from . import restart as restart_mod
 from .config import Project, Target
-from .errors import OperationalError
+from .errors import OperationalError, SyncAgentError
 from .manifest import local_rules, scan_local
 from .plan import revision
 from .push import PushOptions, Syncer
 from .session import Session
 
-__all__ = ["status", "restart", "logs", "doctor"]
+__all__ = ["status", "restart", "restart_many", "logs", "doctor"]
 
 
 # Will the worker come back after a reboot? Asked of the shipped runtime (stdlib only).
@@ -111,6 +114,41 @@ def restart(project: Project, target: Target, mode: str | None = None,
         return out
     finally:
         syncer.close()
+
+
+def restart_many(project: Project, targets: list[Target], mode: str | None = None,
+                 timeout: float = 120.0, policy: str = "rolling"
+                 ) -> tuple[dict[str, dict], dict[str, SyncAgentError]]:
+    """:func:`restart` on each target, in the fleet order ``syncagent/restart.py`` gives
+    (rolling: one at a time, stopping at the first that fails; parallel: all at once).
+
+    Returns:
+        ({target: restart answer}, {target: its error}); a target a rolling restart did not
+        reach has an OperationalError saying why.
+    """
+    by_name = {t.name: t for t in targets}
+    names = list(by_name)
+    done: dict[str, dict] = {}
+    errors: dict[str, SyncAgentError] = {}
+
+    def one(name: str) -> None:
+        try:
+            done[name] = restart(project, by_name[name], mode, timeout)
+        except SyncAgentError as e:
+            errors[name] = e
+
+    reached = 0
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        for wave in restart_mod.waves(policy, names):
+            list(pool.map(one, wave))
+            reached += len(wave)
+            failed = next((n for n in wave if n in errors), None)
+            skipped = (restart_mod.stopped_after(policy, failed, names[reached:])
+                       if failed else {})
+            errors.update({n: OperationalError(why) for n, why in skipped.items()})
+            if skipped:
+                break
+    return done, errors
 
 
 def logs(target: Target, emit: Callable[[str], None], follow: bool = False,

@@ -193,3 +193,30 @@ def test_a_mass_delete_halts_only_its_own_target(fleet, project):
         thread.join(timeout=20)
         (project / "notes.txt").unlink(missing_ok=True)
         shutil.rmtree(junk, ignore_errors=True)
+
+
+def test_restart_command_follows_the_fleet_policy(fleet, project, capsys):
+    """`syncagent restart` orders a fleet as push and watch do (syncagent/restart.py): with
+    restart_policy = "parallel", drain-mode restarts overlap, so at some moment no target is
+    live (before, the command restarted the targets one after another whatever the policy)."""
+    config = project / "syncagent.toml"
+    config.write_text(config.read_text().replace('"rolling"', '"parallel"'))
+    samples, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            samples.append(live_count(fleet))
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    try:
+        code = main(["restart", "gpus", "--path", str(project), "--mode", "drain"])
+    finally:
+        stop.set()
+        thread.join()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("live on g") == 3, out
+    assert min(samples) < 2, sorted(set(samples))
+    wait_until(lambda: live_count(fleet) == 3, 30, "all three live again")
