@@ -38,10 +38,6 @@ def layered_venv(path: Path) -> Path:
                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     Path(purelib, "_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    # provision's requirement env sees this purelib through a plain path line, which reads no
-    # .pth there: the test venv (pip, celery) joins it from sitecustomize
-    Path(purelib, "sitecustomize.py").write_text(
-        f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
     for tool in ("supervisord", "supervisorctl"):
         (path / "bin" / tool).symlink_to(Path(sys.prefix, "bin", tool))
     cache = os.environ.get("PIP_CACHE_DIR") or str(
