@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncagent import agent
+from syncagent.cli import main
 from tests.helpers.procs import redis_server, wait_until
 from tests.test_worker_supervisor import REPO, REVISION, _project, supervised
 from worker import ready, standby
@@ -196,7 +197,8 @@ def test_env_worker_change_makes_the_parked_standby_start_afresh(demo) -> None:
     assert again["colour"] == first["colour"]
 
 
-def test_killed_standby_is_replaced_and_status_shows_it(demo) -> None:
+def test_killed_standby_is_replaced_and_status_shows_it(demo, box, tmp_path: Path,
+                                                        capsys) -> None:
     root, redis_srv, _rpc = demo
     _restart(root, REVISION)
     first = wait_until(lambda: _parked(root), 60, "a parked standby")
@@ -205,6 +207,14 @@ def test_killed_standby_is_replaced_and_status_shows_it(demo) -> None:
                         "a new standby")
     state = agent.worker_state(str(root))
     assert state["programs"][second["colour"]]["standby"]["pid"] == second["pid"]
+    local = tmp_path / "local"
+    local.mkdir()
+    assert main(["status", "sbx", "--path", str(local), "--remote-path", str(root),
+                 "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["standby"]
+    assert shown["pid"] == second["pid"] and shown["fresh"] and shown["state"] == "parked"
+    main(["status", "sbx", "--path", str(local), "--remote-path", str(root)])
+    assert "the next restart is warm" in capsys.readouterr().out
     _edit_version(root, "v4", REVISIONS[2])
     out = _restart(root, REVISIONS[2])
     assert out["timings"]["warm"] is True and out["pid"] == second["pid"]
