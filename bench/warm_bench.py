@@ -13,9 +13,8 @@ the time runs from just before that write until ``version`` sent through the bro
   ``supervisorctl restart`` of the live slot, run at once after the save.
 
 The sync itself is not in the warm and cold figures (the edit is written into the root): the
-watch delivers a save in about 10 ms (``latency_bench.py``, series A). The heavy app's worker
-venv is layered over this one and its requirements env built once from the pip cache, as
-``tests/test_heavy_app.py`` does.
+watch delivers a save in about 10 ms (``latency_bench.py``, series A). The heavy app's
+requirements env is built by its first start, over this venv, from the pip cache.
 
 Usage::
 
@@ -182,9 +181,7 @@ class Bench:
 
 
 def run_app(app: str, samples: int, work: Path) -> dict:
-    from tests.test_heavy_app import layered_venv
-
-    venv = str(layered_venv(work / "venv")) if app == "heavy" else sys.prefix
+    venv = sys.prefix  # the heavy app's requirements env layers over it (pip cache)
     with redis_server(work / "redis") as redis_srv:
         bench = Bench(app, work / app, redis_srv.url(0).rsplit("/", 1)[0], venv)
         try:

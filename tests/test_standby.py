@@ -38,8 +38,11 @@ REVISIONS = [f"{i:040x}" for i in range(1, 40)]
     ("__main__", "/venv/lib/worker/__main__.py", True),
     ("json", "/usr/lib/python3/json/__init__.py", False),
     ("sys", None, False),
+    ("sqlalchemy", "{root}/.syncagent/envs/k/lib/python3.11/site-packages/sqlalchemy/"
+                   "__init__.py", False),
+    ("flask", "{root}/venv/lib/python3.11/site-packages/flask/__init__.py", False),
 ], ids=["third-party", "project-pkg", "project-sub", "namespace", "top-module", "main",
-        "stdlib", "builtin"])
+        "stdlib", "builtin", "requirements-env-under-root", "venv-under-root"])
 def test_project_modules_are_never_imported_ahead(tmp_path: Path, name: str, file: str | None,
                                                   expected: bool) -> None:
     (tmp_path / "app").mkdir()

@@ -70,9 +70,14 @@ def fingerprint(root: str | os.PathLike[str]) -> str:
 
 
 def _under(path: str | None, roots: Iterable[str]) -> bool:
+    """True for a path under one of ``roots``, but not in an installed-packages folder (an env
+    under ``.syncagent/envs``, a ``venv/`` in the project: third-party code)."""
     if not path:
         return False
     real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
     return any(real == r or real.startswith(r + os.sep) for r in roots)
 
 
@@ -83,11 +88,13 @@ def project_module(name: str, module: Any, root: str | os.PathLike[str]) -> bool
     top = name.split(".", 1)[0]
     if name == "__main__" or top in ("__main__", "__mp_main__"):
         return True
-    if os.path.exists(os.path.join(real_root, top)) or \
-            os.path.exists(os.path.join(real_root, top + ".py")):
-        return True
     paths = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
-    return any(_under(p, [real_root]) for p in paths if isinstance(p, str))
+    paths = [p for p in paths if isinstance(p, str)]
+    if paths and not any(_under(p, [real_root]) for p in paths):
+        return False  # installed elsewhere, whatever the project's folders are called
+    return any(_under(p, [real_root]) for p in paths) or \
+        os.path.exists(os.path.join(real_root, top)) or \
+        os.path.exists(os.path.join(real_root, top + ".py"))
 
 
 def record_modules(root: str | os.PathLike[str]) -> int:
