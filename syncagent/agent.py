@@ -1337,8 +1337,18 @@ def standby_fingerprint(root):
 
 
 def _parking(root, colour):
-    """True when ``colour`` was asked to park (the launcher drops the request at go)."""
-    return os.path.exists(os.path.join(root, STATE_DIR, "park-%s" % colour))
+    """True when ``colour`` was asked to park by this supervisord's agent (the launcher drops
+    the request at go; one left by a supervisord that died is void)."""
+    request = read_state(root, "park-%s" % colour)
+    return isinstance(request, dict) and request.get("supervisor") == _supervisord_pid(root)
+
+
+def _supervisord_pid(root):
+    try:
+        with open(os.path.join(root, STATE_DIR, "supervisord.pid")) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def standby_state(root, colour, info):
@@ -1764,7 +1774,8 @@ class _Restart(object):
             os.unlink(os.path.join(self.root, STATE_DIR, "go-%s.json" % colour))
         except OSError:
             pass
-        write_state(self.root, "park-%s" % colour, json.dumps({"time": time.time()}))
+        write_state(self.root, "park-%s" % colour, json.dumps(
+            {"time": time.time(), "supervisor": self.proxy.supervisor.getPID()}))
         self.start(colour)
 
     def bring_up(self, colour, standby):

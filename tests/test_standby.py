@@ -228,7 +228,8 @@ def test_killed_standby_is_replaced_and_status_shows_it(demo, box, tmp_path: Pat
         client.close()
 
 
-def test_no_task_lost_or_run_twice_across_20_warm_restarts(demo) -> None:
+@pytest.mark.parametrize("mode", ["blue-green", "drain"])
+def test_no_task_lost_or_run_twice_across_20_warm_restarts(demo, mode: str) -> None:
     root, redis_srv, _rpc = demo
     client = _client(redis_srv)
     import redis
@@ -249,7 +250,7 @@ def test_no_task_lost_or_run_twice_across_20_warm_restarts(demo) -> None:
         for i in range(20):
             wait_until(lambda: _parked(root), 60, f"standby before restart {i}")
             _edit_version(root, f"w{i}", REVISIONS[3 + i])
-            out = _restart(root, REVISIONS[3 + i])
+            out = _restart(root, REVISIONS[3 + i], mode)
             warm += out["timings"]["warm"]
         stop.set()
         thread.join(10)
@@ -262,3 +263,17 @@ def test_no_task_lost_or_run_twice_across_20_warm_restarts(demo) -> None:
         stop.set()
         store.close()
         client.close()
+
+
+def test_a_park_request_of_a_dead_supervisord_is_void(tmp_path: Path) -> None:
+    """A new supervisord's autostart runs the worker, even where the old one had parked a
+    standby (its request is still on disk after a kill -9 of supervisord)."""
+    ready.ensure_state_dir(tmp_path)
+    request = tmp_path / ".syncagent" / "park-blue"
+    assert not standby.park_requested(tmp_path, "blue")
+    request.write_text(json.dumps({"time": 1.0, "supervisor": os.getppid() + 100000}))
+    assert not standby.park_requested(tmp_path, "blue")
+    request.write_text(json.dumps({"time": 1.0, "supervisor": os.getppid()}))
+    assert standby.park_requested(tmp_path, "blue")
+    (tmp_path / ".syncagent" / "go-blue.json").write_text('{"revision": "r"}')
+    assert not standby.park_requested(tmp_path, "blue")  # go given: it runs

@@ -49,9 +49,15 @@ def _state(root: str | os.PathLike[str], name: str) -> Path:
 
 
 def park_requested(root: str | os.PathLike[str], colour: str) -> bool:
-    """True when the agent asked ``colour`` to park (and has not said go yet)."""
-    return _state(root, f"park-{colour}").exists() and not _state(root, f"go-{colour}.json") \
-        .exists()
+    """True when the agent asked ``colour`` to park under this supervisord (a request left by
+    a supervisord that died is void: a new one's autostart runs the worker) and has not said
+    go yet."""
+    try:
+        data = json.loads(_state(root, f"park-{colour}").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("supervisor") == os.getppid() and \
+        not _state(root, f"go-{colour}.json").exists()
 
 
 def fingerprint(root: str | os.PathLike[str]) -> str:
