@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import types
@@ -165,12 +166,11 @@ def test_standby_opens_nothing_before_go(tmp_path: Path) -> None:
     import celery.worker.consumer  # noqa: F401  (what a worker has loaded at ready)
     import redis  # noqa: F401
     standby.record_modules(root)
-    import subprocess
     out = subprocess.run([sys.executable, "-c", probe, str(root)], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     got = json.loads(out.stdout)
     assert got == {"ok": got["ok"], "threads": 1, "sockets": 0, "celery": True}, out.stderr
-    assert got["ok"] > 300 and threading.active_count() >= 1
+    assert got["ok"] > 300
 
 
 def test_requirements_change_restarts_cold(demo) -> None:

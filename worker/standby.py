@@ -140,7 +140,7 @@ def _import_all(root: str | os.PathLike[str], names: list[str]) -> tuple[int, in
             continue
         try:
             module = importlib.import_module(name)
-        except BaseException:  # a module that only imports in its app's context: skip it
+        except Exception:  # a module that only imports in its app's context: skip it
             failed += 1
             continue
         if project_module(name, module, root):  # a name that turned out to be the project's
