@@ -1812,8 +1812,10 @@ def _park_next(r, colours, new):
             return
     except (OSError, xmlrpc.client.Error):
         return
+    # daemon: it ends with this agent, and never parks a slot another agent's restart waits
+    # on (within one agent, RESTART_LOCK orders them)
     threading.Thread(target=_park_when_free, args=(r.root, r.group, r.revision, colours, new),
-                     name="syncagent-park").start()
+                     name="syncagent-park", daemon=True).start()
 
 
 def _park_free(r, colours, new):
