@@ -27,6 +27,10 @@ same time.
 Usage::
 
     .venv/bin/python bench/latency_bench.py [--samples 30] [--burst-files 2000]
+    .venv/bin/python bench/latency_bench.py --warm [--samples 10] [--apps demo,heavy]
+
+``--warm`` runs ``bench/warm_bench.py`` instead: warm starts from a parked standby against cold
+starts and rsync + ``supervisorctl restart``, on the demo and the heavy example app.
 
 Results: a table on stdout, ``bench/results/latency.json`` and the plot ``bench/latency.png``.
 """
@@ -676,6 +680,10 @@ def plot(res: dict, s: dict, path: Path, samples: int, settle: float) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--warm"]:  # warm vs cold vs rsync + supervisorctl, demo and heavy apps
+        import warm_bench
+        return warm_bench.main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--burst-files", type=int, default=2000)

@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import struct
@@ -1229,6 +1230,7 @@ ALREADY_STARTED, NOT_RUNNING, BAD_NAME = 60, 70, 10
 MODES = ("blue-green", "drain", "requeue")
 TERM_AGAIN_S = 5.0
 STOP_FETCHING_WAIT_S = 1.0  # the old colour says it stopped fetching within this
+RESTART_LOCK = threading.RLock()
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -1313,6 +1315,60 @@ def _failed_start(root, colour):
         return None
     data["error"] = mask(str(data.get("error") or ""), _secrets(root))
     return data
+
+
+def standby_fingerprint(root):
+    """As worker/standby.py's fingerprint: sha256 over the requirements files, .env.worker and
+    the module record, what a parked standby imported from."""
+    digest = hashlib.sha256()
+    try:
+        names = sorted(n for n in os.listdir(root) if n.startswith("requirements")
+                       and n.endswith(".txt") and os.path.isfile(os.path.join(root, n)))
+    except OSError:
+        names = []
+    for name in names + [".env.worker", STATE_DIR + "/modules.json"]:
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b"\0missing"
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def _parking(root, colour):
+    """True when ``colour`` was asked to park by this supervisord's agent (the launcher drops
+    the request at go; one left by a supervisord that died is void)."""
+    request = read_state(root, "park-%s" % colour)
+    return isinstance(request, dict) and request.get("supervisor") == _supervisord_pid(root)
+
+
+def _supervisord_pid(root):
+    try:
+        with open(os.path.join(root, STATE_DIR, "supervisord.pid")) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def standby_state(root, colour, info):
+    """The parked standby in ``colour`` (its marker, ``fresh``: nothing it imported from has
+    changed since), or None when the slot holds none."""
+    if not _parking(root, colour):
+        return None
+    marker = read_state(root, "standby-%s.json" % colour)
+    parked = bool(marker and info.get("pid") and marker.get("pid") == info["pid"]
+                  and info["statename"] == "RUNNING")
+    if not parked:
+        return {"colour": colour, "state": "parking" if info["statename"] in LIVE_STATES
+                else "down", "fresh": False}
+    fresh = marker.get("fingerprint") == standby_fingerprint(root)
+    for path, mtime in marker.get("watch") or []:
+        try:
+            fresh = fresh and os.stat(path).st_mtime_ns == mtime
+        except OSError:
+            fresh = False
+    return dict(marker, state="parked", fresh=fresh)
 
 
 def failing(programs, live, pushed):
@@ -1544,14 +1600,16 @@ def worker_state(root, group="worker"):
         ready = bool(marker and marker.get("pid") == info["pid"] and info["pid"])
         programs[colour] = {"state": info["statename"], "pid": info["pid"],
                             "ready": ready, "marker": marker if ready else None,
-                            "failed": _failed_start(root, colour)}
+                            "failed": _failed_start(root, colour),
+                            "standby": standby_state(root, colour, info)}
         if ready and info["statename"] in ("STARTING", "RUNNING"):
             if live is None or marker.get("time", 0) > live.get("time", 0):
                 live = dict(marker, colour=colour)
     conf = os.path.join(root, STATE_DIR, "supervisord.conf")
     last = read_state(root, "last-restart.json")
+    standby = [p["standby"] for p in programs.values() if p["standby"]]
     return {"supervisord": "running", "programs": programs, "live": live, "conf": conf,
-            "last_restart": last,
+            "last_restart": last, "standby": standby[0] if standby else None,
             "failing": failing(programs, live, (read_revision(root) or {}).get("revision")),
             "supervisorctl": "%s -c %s status" % (_supervisorctl(root, group), conf)}
 
@@ -1678,12 +1736,115 @@ class _Restart(object):
             time.sleep(0.02)
 
     def launch(self, colour):
+        """A cold start: the slot runs the worker from scratch."""
         offset = _log_size(self.root, self.group, colour)
         t0 = time.monotonic()
+        self.forget(colour)
         self.start(colour)
         marker = self.wait_ready(colour, offset)
         self.timings["start"] = time.monotonic() - t0
         return marker
+
+    def forget(self, colour):
+        """Drop the slot's park and go requests: it starts as a worker, not a standby."""
+        for name in ("park-%s" % colour, "go-%s.json" % colour):
+            try:
+                os.unlink(os.path.join(self.root, STATE_DIR, name))
+            except OSError:
+                pass
+
+    def go(self, colour, standby):
+        """A warm start: tell the parked standby to run ``revision`` (a file, then SIGUSR1 to
+        wake it at once; it also looks every half second)."""
+        offset = _log_size(self.root, self.group, colour)
+        t0 = time.monotonic()
+        write_state(self.root, "go-%s.json" % colour,
+                    json.dumps({"revision": self.revision, "time": time.time()}))
+        try:
+            os.kill(standby["pid"], signal.SIGUSR1)
+        except OSError:
+            pass  # gone: supervisord starts it again, and the go request is still there
+        marker = self.wait_ready(colour, offset)
+        self.timings["start"] = time.monotonic() - t0
+        return marker
+
+    def park(self, colour):
+        """Start ``colour`` as the standby for the next restart (does not wait for it)."""
+        try:
+            os.unlink(os.path.join(self.root, STATE_DIR, "go-%s.json" % colour))
+        except OSError:
+            pass
+        write_state(self.root, "park-%s" % colour, json.dumps(
+            {"time": time.time(), "supervisor": self.proxy.supervisor.getPID()}))
+        self.start(colour)
+
+    def bring_up(self, colour, standby):
+        """Start ``colour``: warm when it holds a fresh parked standby, else cold (a stale or
+        half-parked standby is stopped first)."""
+        self.timings["warm"] = bool(standby and standby.get("fresh"))
+        if self.timings["warm"]:
+            return self.go(colour, standby)
+        if standby:
+            self.stop(colour)
+            self.wait_down(colour)
+        return self.launch(colour)
+
+
+def _standby_for(r, colours):
+    """The slot holding a standby (parked or parking), or None."""
+    for colour in colours:
+        if _parking(r.root, colour):
+            found = standby_state(r.root, colour, r.state(colour))
+            if found:
+                return dict(found, colour=colour)
+    return None
+
+
+PARK_WAIT_S = 60.0
+
+
+def _park_next(r, colours, new):
+    """Park a standby for the next restart in a stopped slot; when every other slot is still
+    draining, a thread parks the first that stops (within PARK_WAIT_S; else the next restart
+    is cold). A failure here never fails the restart that has just succeeded."""
+    try:
+        if _standby_for(r, colours) or _park_free(r, colours, new):
+            return
+    except (OSError, xmlrpc.client.Error):
+        return
+    # daemon: it ends with this agent, and never parks a slot another agent's restart waits
+    # on (within one agent, RESTART_LOCK orders them)
+    threading.Thread(target=_park_when_free, args=(r.root, r.group, r.revision, colours, new),
+                     name="syncagent-park", daemon=True).start()
+
+
+def _park_free(r, colours, new):
+    """Park a standby in a stopped slot other than ``new``; False when none is stopped."""
+    for colour in colours:
+        if colour != new and r.state(colour)["statename"] in DOWN_STATES:
+            r.park(colour)
+            return True
+    return False
+
+
+def _park_when_free(root, group, revision, colours, new):
+    r = _Restart(root, group, revision, PARK_WAIT_S)
+    try:
+        while time.monotonic() < r.deadline:
+            with RESTART_LOCK:  # a restart that began meanwhile decides instead
+                live = _marker_colours(root)
+                if new not in live or _standby_for(r, colours) or \
+                        _park_free(r, colours, new):
+                    return
+            time.sleep(0.1)
+    except (OSError, xmlrpc.client.Error):
+        pass
+    finally:
+        r.proxy("close")()
+
+
+def _marker_colours(root):
+    return [c for c in COLOURS if _marker(root, c)]
 
 
 def _idle_slot(colours, states, live):
@@ -1726,7 +1887,8 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
         raise AgentFailure("NotProvisioned", "no worker is provisioned under %s" % root)
     r = _Restart(root, group, revision, timeout)
     try:
-        return _restart(r, mode, grace)
+        with RESTART_LOCK:  # one restart at a time, and no standby parked in its middle
+            return _restart(r, mode, grace)
     finally:
         r.proxy("close")()  # the XML-RPC connection: an agent lives for a whole watch
 
@@ -1745,15 +1907,16 @@ def _restart(r, mode, grace):
     colours = [c for c in COLOURS if c in states]
     if not colours:
         raise AgentFailure("NotProvisioned", "no worker programs in group %r" % r.group)
-    live = [c for c in colours if states[c] in LIVE_STATES]
+    standby = _standby_for(r, colours)
+    live = [c for c in colours if states[c] in LIVE_STATES and not _parking(root, c)]
     live.sort(key=lambda c: (_marker(root, c) or {}).get("time", 0), reverse=True)  # newest 1st
     out = {"ok": False, "mode": mode, "previous": live, "revision": r.revision}
     try:
         if mode == "blue-green":
-            new = _idle_slot(colours, states, live)
+            new = standby["colour"] if standby else _idle_slot(colours, states, live)
             if states[new] == "STOPPING":  # every idle slot still finishes an earlier drain
                 r.wait_down(new)
-            marker = r.launch(new)
+            marker = r.bring_up(new, standby)
             t1 = time.monotonic()
             for colour in live:  # all stop fetching, then all stop
                 if colour != new:
@@ -1770,8 +1933,8 @@ def _restart(r, mode, grace):
             for colour in live:
                 r.wait_down(colour, grace=grace if mode == "requeue" else None)
             r.timings["stop"] = time.monotonic() - t1
-            new = current
-            marker = r.launch(new)
+            new = standby["colour"] if standby and standby["fresh"] else current
+            marker = r.bring_up(new, standby if new != current else None)
     except _StartFailed as e:
         failure = ("the new code did not start: %s" % e.error if e.error else
                    "the new code did not start (%s)" % e.state.lower())
@@ -1783,6 +1946,7 @@ def _restart(r, mode, grace):
     except (OSError, xmlrpc.client.Error) as e:
         raise AgentFailure("SupervisorDown", "supervisord failed during the restart: %s" % e)
     r.timings["total"] = time.monotonic() - t0
+    _park_next(r, colours, new)
     out.update(ok=True, colour=new, pid=marker.get("pid"), node=marker.get("node"),
                revision=marker.get("revision"), timings=r.timings)
     try:  # for `syncagent status`: the last restart and how long it took

@@ -547,13 +547,16 @@ def _status_detail(r: dict) -> None:
     click.echo(f"  live    {(r['live_revision'] or '-')[:7]}  {r['live_node'] or ''} "
                + ("(the pushed revision)" if r["live"] else
                   "(older than the push: no restart-worthy change since, or not restarted)"))
+    standby = r.get("standby") or {}
     for colour, p in sorted(r["programs"].items()):
-        click.echo(f"  {colour:<6}  {p['state']:<9} pid {p['pid'] or '-'}")
+        click.echo(f"  {colour:<6}  {p['state']:<9} pid {p['pid'] or '-'}"
+                   + (_standby_note(standby) if standby.get("colour") == colour else ""))
     if r.get("failing"):
         click.echo(_failing_line(r["failing"]))
     last = r.get("last_restart")
     if last:
-        click.echo(f"  last restart: {last['mode']} onto {last['revision'][:7]}, "
+        warm = {True: "warm, ", False: "cold, "}.get(last["timings"].get("warm"), "")
+        click.echo(f"  last restart: {last['mode']} onto {last['revision'][:7]}, {warm}"
                    f"{last['timings'].get('total', 0):.1f} s, "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))}")
     if r.get("boot") == "enabled":
@@ -562,6 +565,15 @@ def _status_detail(r: dict) -> None:
         click.echo(f"  boot    will NOT come back after a reboot ({r['boot_unit'] or 'unit'} "
                    f"{r['boot']}; run `syncagent provision --boot`)")
     click.echo(f"  on the remote: {r['supervisorctl']}")
+
+
+def _standby_note(standby: dict) -> str:
+    if standby["state"] != "parked":
+        return f"  standby ({standby['state']}): the next restart is cold"
+    if not standby["fresh"]:
+        return "  standby (stale, being replaced): the next restart is cold"
+    return (f"  standby: {standby['modules']} modules imported ahead, the next restart is "
+            "warm")
 
 
 def _failing_line(failing: dict) -> str:

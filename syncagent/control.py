@@ -71,6 +71,7 @@ def status(project: Project, target: Target) -> dict:
         "programs": {c: {"state": p["state"], "pid": p["pid"],
                          "revision": (p.get("marker") or {}).get("revision")}
                      for c, p in ((worker or {}).get("programs") or {}).items()},
+        "standby": _standby(worker),
         "supervisorctl": (worker or {}).get("supervisorctl"),
         "last_restart": (worker or {}).get("last_restart"),
         "boot": boot.get("boot"),
@@ -80,6 +81,14 @@ def status(project: Project, target: Target) -> dict:
         "failing": failing,
         "exit_code": 1 if failing else 0,
     }
+
+
+def _standby(worker: dict | None) -> dict | None:
+    """The parked standby slot (the next restart starts warm from it when ``fresh``)."""
+    found = (worker or {}).get("standby")
+    if not found:
+        return None
+    return {k: found.get(k) for k in ("colour", "state", "fresh", "pid", "modules", "import_s")}
 
 
 def halted(project: Project, target: Target) -> dict | None:

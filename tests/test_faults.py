@@ -257,10 +257,12 @@ def test_cut_during_a_restart_ends_with_the_latest_code_live(fbx, broker, proxy,
                    == w.of("synced")[-1]["revision"], 60, "the latest revision live")
         assert broker.send_task("app.tasks.demo.version").get(timeout=15) == "v-cut"
         assert settled_equal(demo_remote(fbx), root)
-    def live_programs():
+    def live_programs():  # a parked standby (warm starts) serves nothing: not counted
+        state = demo_remote(fbx) / ".syncagent"
         with rpc(fbx) as s:
             return [p["statename"] for p in s.supervisor.getAllProcessInfo()
-                    if p["statename"] in ("STARTING", "RUNNING", "STOPPING")]
+                    if p["statename"] in ("STARTING", "RUNNING", "STOPPING")
+                    and not (state / f"park-{p['name'].rsplit('-', 1)[-1]}").exists()]
 
     # one colour serves (ready counts from its marker, possibly before supervisord's
     # startsecs call it RUNNING); the other was warm-stopped

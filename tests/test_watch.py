@@ -337,7 +337,8 @@ def test_status_restart_logs_and_doctor_commands(lbx, broker, capsys):
     restarted = json.loads(out)
     assert code == 0 and restarted["ok"] and restarted["mode"] == "drain"
     assert restarted["revision"] == status["pushed_revision"]
-    assert restarted["colour"] == before  # drain restarts the same colour in place
+    # drain restarts the same colour in place, or the parked standby (a warm start)
+    assert restarted["colour"] == before or restarted["timings"]["warm"]
     assert broker.send_task("app.tasks.demo.add", args=(1, 2)).get(timeout=10) == 3
 
     code, out, _ = cli(capsys, "status", "lbx", *path)

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from worker import envs, ready
+from worker import envs, ready, standby
 from worker.env import WorkerEnv, load_values, redact_text, redact_url, secrets_of
 
 __all__ = [
@@ -177,6 +177,20 @@ def error_line(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
+def _record_modules_at_ready(root: str | os.PathLike[str]) -> None:
+    """At ``worker_ready``, record the modules loaded outside the project: the next standby
+    imports them ahead."""
+    from celery import signals
+
+    def on_ready(**_: Any) -> None:
+        try:
+            standby.record_modules(root)
+        except OSError as exc:
+            log.warning("could not record the loaded modules: %s", exc)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+
+
 def _gave_up(root: str | os.PathLike[str], colour: str) -> dict | None:
     """The slot's failed-start record when it has used up its starts under this supervisord."""
     failed = ready.read_failed_start(root, colour)
@@ -226,6 +240,11 @@ def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = 
     if install and enter_requirements_env(root, full_start) != 0:
         return _failed_start(env, root, colour, revision, "requirements install FAILED: fix "
                              "requirements*.txt and push again (the log has its last lines)")
+    warm = standby.park_requested(root, colour)
+    go = standby.park(root, colour) if warm else standby.take_go(root, colour)
+    if warm and go is None:
+        return standby.STALE_EXIT  # supervisord starts the slot again: it parks afresh
+    revision = go["revision"] if go else revision
     node = node_name(env.worker_name, colour, revision)
     log.info("starting %s revision %s broker %s queues %s", node, revision,
              redact_url(env.broker_url), ",".join(env.queues))
@@ -233,7 +252,9 @@ def run_worker(env: WorkerEnv, root: str | os.PathLike[str], *, install: bool = 
     try:
         app = load_app(env.celery_app, root)
         apply_settings(app, env)
-        ready.connect_signals(root, colour, revision, default_node=node)
+        _record_modules_at_ready(root)  # first: the marker parks the next standby
+        ready.connect_signals(root, colour, revision, default_node=node,
+                              extra={"warm": warm, "parked_s": (go or {}).get("parked_s")})
         watch.connect()
         code = app.start(argv=worker_argv(env, node, full_start))
     except Exception as exc:  # the user's code or a dependency: a failed start, not a crash

@@ -4,7 +4,8 @@ The state directory is ``<root>/.syncagent/`` (mode 0700). It holds:
 
 * ``revision``: JSON ``{"revision", "time", "files"}`` written by the push;
 * ``requirements.sha256``: hash of the last successfully installed requirements;
-* ``ready-<colour>.json``: readiness marker ``{"revision", "pid", "node", "time", "colour"}``,
+* ``ready-<colour>.json``: readiness marker ``{"revision", "pid", "node", "time", "colour",
+  "warm", "parked_s"}`` (``warm``: a parked standby started, see :mod:`worker.standby`),
   written atomically from Celery's ``worker_ready`` signal and removed on ``worker_shutdown``;
 * ``imports-<colour>.json``: the project files the slot's worker has imported
   ``{"pid", "revision", "files"}`` (posix paths relative to the root), written at ready and
@@ -332,7 +333,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_marker(root: str | os.PathLike[str], colour: str, revision: str, node: str,
-                 pid: int | None = None, stop_fetching: str | None = None) -> Path:
+                 pid: int | None = None, stop_fetching: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
     """Write the readiness marker atomically.
 
     Args:
@@ -342,6 +344,7 @@ def write_marker(root: str | os.PathLike[str], colour: str, revision: str, node:
         node: Celery node name.
         pid: worker main pid (default: this process).
         stop_fetching: the signal that makes this worker stop fetching tasks, if it has one.
+        extra: more fields (they never replace the ones above).
 
     Returns:
         The marker path.
@@ -349,6 +352,7 @@ def write_marker(root: str | os.PathLike[str], colour: str, revision: str, node:
     ensure_state_dir(root)
     path = marker_path(root, colour)
     marker = {
+        **(extra or {}),
         "revision": revision,
         "pid": pid if pid is not None else os.getpid(),
         "node": node,
@@ -388,7 +392,8 @@ def remove_marker(root: str | os.PathLike[str], colour: str, pid: int | None = N
 
 
 def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
-                    default_node: str | None = None) -> tuple[Callable[..., None], ...]:
+                    default_node: str | None = None,
+                    extra: dict[str, Any] | None = None) -> tuple[Callable[..., None], ...]:
     """Connect ``worker_ready``/``worker_shutdown`` to write/remove the marker, and keep the
     imports record (``imports-<colour>.json``): at ready, then after any task that grew
     ``sys.modules`` (one ``len()`` when it did not).
@@ -398,6 +403,7 @@ def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
         colour: blue or green.
         revision: full revision the worker runs.
         default_node: node name used when the signal sender has none.
+        extra: more marker fields (the launcher's ``warm``: whether a parked standby started).
 
     Returns:
         The connected receivers (kept alive by strong references).
@@ -422,7 +428,8 @@ def connect_signals(root: str | os.PathLike[str], colour: str, revision: str,
         if os.getpid() == main_pid and sender is not None:
             _stop_fetching_on_signal(root, colour, sender, main_pid)
             stop_fetching = STOP_FETCHING_SIGNAL
-        write_marker(root, colour, revision, node, pid=main_pid, stop_fetching=stop_fetching)
+        write_marker(root, colour, revision, node, pid=main_pid, stop_fetching=stop_fetching,
+                     extra=extra)
         clear_failed_start(root, colour)
 
     def on_task_done(**_: Any) -> None:
