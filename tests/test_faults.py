@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,11 +27,11 @@ from syncagent.errors import WorkerStartError
 from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
-from syncagent.watch import WatchOptions, watch
 from tests.helpers.faultproxy import FaultProxy
 from tests.helpers.old_redis import install_old_redis
 from tests.helpers.procs import (pid_running, provisioned_sandbox, sandbox_broker, supervisor_rpc,
                                  wait_until)
+from tests.helpers.watching import Watching
 
 RULES = build_rules().compiled()
 
@@ -86,42 +85,6 @@ def temp_files(root) -> list[Path]:
 
 def settled_equal(remote, local) -> bool:
     return view(remote) == view(local) and not temp_files(remote)
-
-
-class Watching:
-    """`watch` in a thread, its events in a list."""
-
-    def __init__(self, project, target, push_options=PushOptions(), **options):
-        self.project, self.target = project, target
-        self.root = Path(project.root)
-        self.events: list[dict] = []
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(push_options, options),
-                                       daemon=True)
-
-    def _run(self, push_options, options):
-        try:
-            watch(self.project, self.target, self.events.append, self.stop, push_options,
-                  WatchOptions(**options))
-        except BaseException as e:  # reported by the test
-            self.error = e
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.error or self.of("synced"), 30, "the initial reconcile")
-        assert self.error is None, self.error
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
-        if self.error and exc[0] is None:
-            raise self.error
-
-    def of(self, kind):
-        return [e for e in self.events if e["event"] == kind]
 
 
 def plain_project(tmp_path, name="proj") -> Path:

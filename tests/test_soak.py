@@ -24,7 +24,8 @@ from syncagent.config import load_project
 from syncagent.push import PushOptions, push
 from tests.helpers.faultproxy import FaultProxy
 from tests.helpers.procs import wait_until
-from tests.test_faults import Watching, settled_equal, via, view
+from tests.helpers.watching import Watching
+from tests.test_faults import settled_equal, via, view
 
 OPS = int(os.environ.get("SOAK_OPS", "400"))
 SEED = int(os.environ.get("SOAK_SEED", "20240601"))

@@ -29,9 +29,10 @@ from syncagent.config import load_project, resolve_target
 from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push
-from syncagent.watch import WatchOptions, watch
 from tests.helpers.faultproxy import FaultProxy
-from tests.helpers.procs import provisioned_sandbox, sandbox_broker, children_of, wait_until
+from tests.helpers.procs import (children_of, pid_running, provisioned_sandbox, sandbox_broker,
+                                 wait_until)
+from tests.helpers.watching import Watching
 
 RULES = build_rules().compiled()
 
@@ -58,43 +59,10 @@ def target_of(box, project):
     return resolve_target("lbx", project, remote_path=str(Path(box.remote_root) / "project"))
 
 
-class Watching:
-    """`watch` in a thread, its events in a list."""
-
-    def __init__(self, box, **options):
-        self.project, self.root = project_of(box)
-        self.target = target_of(box, self.project)
-        self.events: list[dict] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(options,), daemon=True)
-        self.error: BaseException | None = None
-
-    def _run(self, options):
-        try:
-            watch(self.project, self.target, self.events.append, self.stop, PushOptions(),
-                  WatchOptions(**options))
-        except BaseException as e:  # reported by the test
-            self.error = e
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: any(e["event"] == "synced" for e in self.events), 30,
-                   "the initial reconcile")
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
-        if self.error and exc[0] is None:
-            raise self.error
-
-    def of(self, kind):
-        return [e for e in self.events if e["event"] == kind]
-
-    def ready_on(self, revision_prefix=None):
-        return [e for e in self.of("ready")
-                if revision_prefix is None or e["revision"].startswith(revision_prefix)]
+def watching(box, **options) -> Watching:
+    """`watch` on the provisioned sandbox's demo project, restarts on."""
+    project, _ = project_of(box)
+    return Watching(project, target_of(box, project), **options)
 
 
 def set_version(root: Path, version: str) -> None:
@@ -108,7 +76,7 @@ def remote_equals_local(box, root) -> bool:
 
 
 def test_save_restarts_the_worker_onto_the_new_code(lbx, broker):
-    with Watching(lbx) as w:
+    with watching(lbx) as w:
         set_version(w.root, "v-live-1")
         wait_until(lambda: w.of("ready") and broker.send_task(
             "app.tasks.demo.version").get(timeout=10) == "v-live-1", 30, "the new code live")
@@ -141,7 +109,7 @@ def test_only_what_the_worker_imported_restarts_it_lazy_imports_included(lbx, br
     syncs without a restart (and says why); once a task imported it, its next save restarts
     the worker, which then serves the new code. Nothing is ever served stale."""
     remote = Path(lbx.remote_root) / "project"
-    with Watching(lbx) as w:
+    with watching(lbx) as w:
         tasks = w.root / "app" / "tasks" / "demo.py"
         helper = w.root / "app" / "lazy_helper.py"
         helper.write_text('ANSWER = "one"\n')
@@ -177,7 +145,7 @@ def test_broken_code_then_its_fix_restarts_nothing(lbx, broker):
     """A broken save fails to start (the old colour serves, status says why); saving the fix
     returns the tree to the live revision: nothing restarts, and the output says why."""
     remote = str(Path(lbx.remote_root) / "project")
-    with Watching(lbx) as w:
+    with watching(lbx) as w:
         set_version(w.root, "v-good")
         wait_until(lambda: broker.send_task("app.tasks.demo.version").get(timeout=10)
                    == "v-good", 30, "v-good live")
@@ -231,7 +199,7 @@ def test_checkout_of_2000_files_is_one_restart(lbx):
     git(root, "commit", "-qm", "2000 files")
     git(root, "checkout", "-q", "main")
     try:
-        with Watching(lbx) as w:
+        with watching(lbx) as w:
             wait_until(lambda: not w.of("restart") or w.of("ready"), 30, "a settled start")
             before = len(w.of("restart"))
             git(root, "checkout", "-q", "big")
@@ -303,7 +271,7 @@ def test_no_task_is_lost_through_restarts(lbx, broker, mode, restarts):
 
 
 def test_cut_connection_is_reconnected_and_reconciled(lbx):
-    with Watching(lbx, ping_every=0.5, ping_timeout=1.0) as w:
+    with watching(lbx, ping_every=0.5, ping_timeout=1.0) as w:
         wait_until(lambda: children_of(lbx.sshd_pid), 10, "the SSH connection")
         for pid in children_of(lbx.sshd_pid):
             os.kill(pid, signal.SIGKILL)  # the connection dies, as on a network drop
@@ -400,13 +368,13 @@ def test_moves_then_a_dropped_connection_converge(box, tmp_path, live):
     """The regression: directory moves, then a reconnect whose reconcile sees 56 of 81
     files 'deleted' (all of them moved). It used to refuse every reconcile, every 10 s,
     for good; moves lose nothing, so it converges."""
-    from tests.test_faults import Watching as ProxiedWatching, settled_equal, via
+    from tests.test_faults import settled_equal, via
 
     root, remote = live
     packages(root, app=30, lib=26, tools=24)  # 81 files with README.txt
     with FaultProxy(box.port, lifetime=120) as proxy:
         target = via(box, proxy, tmp_path, str(remote))
-        with ProxiedWatching(load_project(root), target, ping_every=0.3,
+        with Watching(load_project(root), target, ping_every=0.3,
                              ping_timeout=1.0) as w:
             (root / "app").rename(root / "src")  # a live move, connected
             wait_until(lambda: settled_equal(remote, root), 15, "the live move")
@@ -433,7 +401,7 @@ def test_renaming_the_only_package_passes_live_and_one_shot(live, capsys):
                  "--no-restart"])
     assert code == 0, capsys.readouterr().err
     assert remote_equals(remote, root)
-    with Watching2(project, target) as w:
+    with Watching(project, target, PushOptions(restart=False)) as w:
         (root / "src").rename(root / "app")
         wait_until(lambda: remote_equals(remote, root), 15, "the rename, live")
         assert not w.of("halted") and not w.of("error")
@@ -443,7 +411,8 @@ def test_rm_rf_during_watch_halts_the_target_until_the_files_are_back(live, tmp_
     root, remote = live
     packages(root, src=40)
     project, target = sbx(root, remote)
-    with Watching2(project, target, ping_every=0.3, ping_timeout=1.0) as w:
+    with Watching(project, target, PushOptions(restart=False), ping_every=0.3,
+                  ping_timeout=1.0) as w:
         backup = tmp_path / "backup"
         shutil.copytree(root / "src", backup)
         shutil.rmtree(root / "src")
@@ -474,7 +443,7 @@ def test_a_halt_is_lifted_by_push_allow_mass_delete_from_another_terminal(live):
     root, remote = live
     packages(root, src=30, keep=2)
     project, target = sbx(root, remote)
-    with Watching2(project, target) as w:
+    with Watching(project, target, PushOptions(restart=False)) as w:
         shutil.rmtree(root / "src")
         wait_until(lambda: w.of("halted"), 15, "the halt")
         out = subprocess.run([SYNCAGENT, "push", "sbx", "--path", str(root), "--remote-path",
@@ -497,7 +466,7 @@ def test_a_storm_of_single_deletes_cannot_walk_past_the_guard(live):
     root, remote = live
     packages(root, src=40)
     project, target = sbx(root, remote)
-    with Watching2(project, target) as w:
+    with Watching(project, target, PushOptions(restart=False)) as w:
         for i in range(40):
             (root / "src" / f"m{i}.py").unlink()
             wait_until(lambda: w.of("halted") or not (remote / "src" / f"m{i}.py").exists(),
@@ -511,40 +480,6 @@ def test_a_storm_of_single_deletes_cannot_walk_past_the_guard(live):
 def remote_equals(remote: Path, root: Path) -> bool:
     return content_view(agent.scan(str(remote), RULES)) == content_view(
         agent.scan(str(root), RULES))
-
-
-class Watching2:
-    """`watch` on a plain target (no worker) in a thread, its events in a list."""
-
-    def __init__(self, project, target, **options):
-        self.project, self.target, self.options = project, target, options
-        self.events: list[dict] = []
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            watch(self.project, self.target, self.events.append, self.stop,
-                  PushOptions(restart=False), WatchOptions(**self.options))
-        except BaseException as e:  # reported by the test
-            self.error = e
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.error or self.of("synced"), 30, "the initial reconcile")
-        assert self.error is None, self.error
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
-        if self.error and exc[0] is None:
-            raise self.error
-
-    def of(self, kind):
-        return [e for e in self.events if e["event"] == kind]
 
 
 def test_halted_and_resumed_events_render_as_one_line_and_a_status_line():
@@ -586,8 +521,12 @@ def test_no_late_answers_during_a_switch(lbx, broker):
     set_version(root, "switch-base")
     push(project, target, PushOptions(restart_timeout=60))
     state = Path(lbx.remote_root) / "project" / ".syncagent"
-    wait_until(lambda: len(list(state.glob("ready-*.json"))) == 1, 30,
-               "the replaced colour gone (at rest)")
+    def serving() -> int:  # markers of live processes (one killed -9 earlier leaves its own)
+        pids = [(agent.read_state(str(state.parent), m.name) or {}).get("pid")
+                for m in state.glob("ready-*.json")]
+        return sum(1 for pid in pids if pid and pid_running(pid))
+
+    wait_until(lambda: serving() == 1, 30, "the replaced colour gone (at rest)")
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
     try:
