@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ class Bench:
         shutil.copytree(source, self.copy, ignore=ignore)
         (self.root / ".env.worker").write_text(
             f"CELERY_BROKER_URL={redis_url}/0\nCELERY_RESULT_BACKEND={redis_url}/1\n"
-            "FLASK_APP_URL=http://127.0.0.1:9\nWORKER_API_KEY=warm-bench-key-0123456789\n"
+            f"FLASK_APP_URL=http://127.0.0.1:9\nWORKER_API_KEY={secrets.token_urlsafe(24)}\n"
             "CELERY_CONCURRENCY=1\nWORKER_NAME=bench\n")
         (self.root / ".env.worker").chmod(0o600)
         ready.ensure_state_dir(self.root)
