@@ -15,30 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncagent import agent
-from syncagent.cli import main
 from syncagent.config import Target
 from syncagent.errors import AgentCacheError, PathEscapeError
 from syncagent.plan import Chmod, Delete, Link, Mkdir, Plan, Upload, escaping_links
 from syncagent.session import Session, agent_hash
-
-
-def run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture
-def proj(tmp_path, box):
-    root = tmp_path / "proj"
-    root.mkdir()
-    remote = Path(box.remote_root) / f"a-{tmp_path.name}"
-    yield root, remote
-    shutil.rmtree(remote, ignore_errors=True)
-
-
-def push(capsys, root, remote, *extra):
-    return run(capsys, "push", "sbx", "--path", str(root), "--remote-path", str(remote), *extra)
+from tests.test_push import proj, push  # noqa: F401 (proj is a fixture)
 
 
 def one_line(err: str) -> str:

@@ -9,30 +9,16 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from syncagent import agent, holder
-from syncagent.cli import main
 from syncagent.config import load_project, resolve_target
-from syncagent.ignore import build_rules
-from syncagent.plan import content_view
 from tests.helpers.procs import pid_running, wait_until
+from tests.test_push import run, view
 
-RULES = build_rules().compiled()
 CLIENT = "import sys; from syncagent.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def view(root):
-    return content_view(agent.scan(str(root), RULES))
 
 
 def ssh_config(tmp_path, box, known: Path) -> Path:
