@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,25 @@ def live_count(fleet) -> int:
                if (agent.worker_state(str(remote(box))) or {}).get("live") is not None)
 
 
+@contextmanager
+def live_samples(fleet):
+    """How many of the fleet's workers are live, sampled every 10 ms while the block runs."""
+    samples, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            samples.append(live_count(fleet))
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_push_reaches_the_whole_group_once_scanned(fleet, project, capsys):
     set_version(project, "fleet-1")
     code = main(["push", "gpus", "--path", str(project)])
@@ -97,21 +117,9 @@ def test_rolling_restart_keeps_two_of_three_serving(fleet, project):
     capacity, so sample how many workers are live throughout."""
     proj = load_project(project)
     targets = [resolve_target(n, proj) for n in NAMES]
-    samples, stop = [], threading.Event()
-
-    def sampler():
-        while not stop.is_set():
-            samples.append(live_count(fleet))
-            stop.wait(0.01)
-
-    thread = threading.Thread(target=sampler, daemon=True)
-    thread.start()
     set_version(project, "rolling-1")
-    try:
+    with live_samples(fleet) as samples:
         fleet_result = push_many(proj, targets, PushOptions(mode="drain"), policy="rolling")
-    finally:
-        stop.set()
-        thread.join()
     assert not fleet_result.errors, fleet_result.errors
     assert all(fleet_result.results[n].restart["ok"] for n in NAMES)
     assert min(samples) >= 2 and max(samples) == 3, sorted(set(samples))
@@ -201,20 +209,8 @@ def test_restart_command_follows_the_fleet_policy(fleet, project, capsys):
     live (before, the command restarted the targets one after another whatever the policy)."""
     config = project / "syncagent.toml"
     config.write_text(config.read_text().replace('"rolling"', '"parallel"'))
-    samples, stop = [], threading.Event()
-
-    def sampler():
-        while not stop.is_set():
-            samples.append(live_count(fleet))
-            stop.wait(0.01)
-
-    thread = threading.Thread(target=sampler, daemon=True)
-    thread.start()
-    try:
+    with live_samples(fleet) as samples:
         code = main(["restart", "gpus", "--path", str(project), "--mode", "drain"])
-    finally:
-        stop.set()
-        thread.join()
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("live on g") == 3, out
