@@ -1643,12 +1643,16 @@ class _Restart(object):
     def state(self, colour):
         return self.proxy.supervisor.getProcessInfo(self.name(colour))
 
-    def start(self, colour):
-        """Start a slot on purpose: its earlier failed starts no longer count."""
+    def forget_failure(self, colour):
+        """New code is about to run in ``colour``: its earlier failed start no longer counts.
+        (Only then: parking a standby in a slot whose start just failed must leave the failure
+        on record, or `status` would stop saying that the pushed revision is failing.)"""
         try:
             os.unlink(os.path.join(self.root, STATE_DIR, "failed-%s.json" % colour))
         except OSError:
             pass
+
+    def start(self, colour):
         try:
             self.proxy.supervisor.startProcess(self.name(colour), False)
         except xmlrpc.client.Fault as e:
@@ -1740,6 +1744,7 @@ class _Restart(object):
         offset = _log_size(self.root, self.group, colour)
         t0 = time.monotonic()
         self.forget(colour)
+        self.forget_failure(colour)
         self.start(colour)
         marker = self.wait_ready(colour, offset)
         self.timings["start"] = time.monotonic() - t0
@@ -1758,6 +1763,7 @@ class _Restart(object):
         wake it at once; it also looks every half second)."""
         offset = _log_size(self.root, self.group, colour)
         t0 = time.monotonic()
+        self.forget_failure(colour)
         write_state(self.root, "go-%s.json" % colour,
                     json.dumps({"revision": self.revision, "time": time.time()}))
         try:

@@ -152,18 +152,29 @@ def test_broken_code_then_its_fix_restarts_nothing(lbx, broker):
         live = wait_until(lambda: agent.worker_state(remote)["live"], 10, "the live worker")
         demo = w.root / "app" / "tasks" / "demo.py"
         good = demo.read_text()
-        demo.write_text(good + "\ndef broken(:\n")
-        wait_until(lambda: w.of("error"), 30, "the start failure")
-        error = w.of("error")[-1]["error"]
-        assert "did not start: SyntaxError" in error and "still serving" in error
-        # still served, by the previous colour, on the previous code
-        assert broker.send_task("app.tasks.demo.version").get(timeout=10) == "v-good"
-        failing = agent.worker_state(remote)["failing"]
-        assert failing["revision"] == w.of("synced")[-1]["revision"] != live["revision"]
-        assert failing["error"].startswith("SyntaxError")
-
-        restarts = len(w.of("restart"))
-        demo.write_text(good)
+        try:
+            demo.write_text(good + "\ndef broken(:\n")
+            wait_until(lambda: w.of("error"), 30, "the start failure")
+            error = w.of("error")[-1]["error"]
+            assert "did not start: SyntaxError" in error and "still serving" in error
+            # still served, by the previous colour, on the previous code
+            assert broker.send_task("app.tasks.demo.version").get(timeout=10) == "v-good"
+            failing = agent.worker_state(remote)["failing"]
+            assert failing["revision"] == w.of("synced")[-1]["revision"] != live["revision"]
+            assert failing["error"].startswith("SyntaxError")
+            # a standby parked in the failed slot (as the park thread of an earlier restart
+            # may do at any moment) leaves the failure on record
+            parker = agent._Restart(remote, "worker", failing["revision"], 30)
+            try:
+                parker.park(failing["colour"])
+            finally:
+                parker.proxy("close")()
+            wait_until(lambda: (agent.worker_state(remote)["standby"] or {}).get("state")
+                       == "parked", 30, "a standby parked in the failed slot")
+            assert agent.worker_state(remote)["failing"]["revision"] == failing["revision"]
+        finally:  # the tests that follow need code that starts
+            restarts = len(w.of("restart"))
+            demo.write_text(good)
         skipped = wait_until(lambda: w.of("restart-skipped"), 30, "the fix, not restarted")[-1]
         assert skipped["revision"] == live["revision"] == w.of("synced")[-1]["revision"]
         assert skipped["why"] == (f"the tree is back at {live['revision'][:7]}, the revision "
