@@ -13,6 +13,7 @@ Must run on Python 3.8+ with nothing but the standard library.
 
 import codecs
 import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -1230,7 +1231,10 @@ ALREADY_STARTED, NOT_RUNNING, BAD_NAME = 60, 70, 10
 MODES = ("blue-green", "drain", "requeue")
 TERM_AGAIN_S = 5.0
 STOP_FETCHING_WAIT_S = 1.0  # the old colour says it stopped fetching within this
-RESTART_LOCK = threading.RLock()
+RESTART_LOCK = threading.RLock()  # the threads of one agent; restart_lock adds the processes
+LOCK_FILE = "restart.lock"
+LOCK_POLL_S = 0.02
+_LOCK_DEPTH = threading.local()
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -1318,15 +1322,16 @@ def _failed_start(root, colour):
 
 
 def standby_fingerprint(root):
-    """As worker/standby.py's fingerprint: sha256 over the requirements files, .env.worker and
-    the module record, what a parked standby imported from."""
+    """As worker/standby.py's fingerprint: sha256 over the requirements files, .env.worker,
+    the module record and the worker runtime's digest, what a parked standby imported from."""
     digest = hashlib.sha256()
     try:
         names = sorted(n for n in os.listdir(root) if n.startswith("requirements")
                        and n.endswith(".txt") and os.path.isfile(os.path.join(root, n)))
     except OSError:
         names = []
-    for name in names + [".env.worker", STATE_DIR + "/modules.json"]:
+    for name in names + [".env.worker", STATE_DIR + "/modules.json",
+                         STATE_DIR + "/runtime/worker.digest"]:
         try:
             with open(os.path.join(root, name), "rb") as f:
                 data = f.read()
@@ -1734,10 +1739,22 @@ class _Restart(object):
                 raise _StartFailed(colour, info["statename"],
                                    log_tail(self.root, self.group, colour, log_offset))
             if time.monotonic() > self.deadline:
+                error = "not ready after %gs" % self.timeout
+                self.record_failed(colour, error)  # status: failing, not running
                 self.stop(colour)  # reported as failed: it must not come up later unseen
-                raise _StartFailed(colour, "not ready after %gs" % self.timeout,
-                                   log_tail(self.root, self.group, colour, log_offset))
+                raise _StartFailed(colour, error, log_tail(self.root, self.group, colour,
+                                                           log_offset), error)
             time.sleep(0.02)
+
+    def record_failed(self, colour, error):
+        """A failed-start record as the launcher writes one (worker/ready.py), for a start
+        the agent gave up on: `status` then says the pushed revision is failing."""
+        try:
+            write_state(self.root, "failed-%s.json" % colour, json.dumps(
+                {"revision": self.revision, "error": error, "count": 1, "colour": colour,
+                 "supervisor": _supervisord_pid(self.root), "time": time.time()}))
+        except OSError:
+            pass
 
     def launch(self, colour):
         """A cold start: the slot runs the worker from scratch."""
@@ -1796,12 +1813,79 @@ class _Restart(object):
         return self.launch(colour)
 
 
+class restart_lock(object):
+    """Held for a restart and for parking a standby: one at a time per project, whichever
+    process asks. A `push` agent and a `watch` agent are two processes on the remote: with a
+    thread lock alone, one restarted while the other's park thread parked a slot. An flock on
+    .syncagent/restart.lock (opened through no link, as all state), taken after RESTART_LOCK
+    (the threads of one agent; a thread that re-enters does not flock again: a second open file
+    would wait on the first). Gives up at ``deadline`` (monotonic) with RestartBusy."""
+
+    def __init__(self, root, deadline):
+        self.root, self.deadline = root, deadline
+        self.fd = None
+        self.waited = 0.0
+
+    def __enter__(self):
+        t0 = time.monotonic()
+        if not RESTART_LOCK.acquire(timeout=max(0.0, self.deadline - t0)):
+            raise self._busy()
+        try:
+            if not getattr(_LOCK_DEPTH, "n", 0):
+                self.fd = _open_lock(self.root)
+                while not _try_flock(self.fd):
+                    if time.monotonic() > self.deadline:
+                        raise self._busy()
+                    time.sleep(LOCK_POLL_S)
+            _LOCK_DEPTH.n = getattr(_LOCK_DEPTH, "n", 0) + 1
+        except BaseException:
+            self._close()
+            RESTART_LOCK.release()
+            raise
+        self.waited = time.monotonic() - t0
+        return self
+
+    def __exit__(self, *exc):
+        _LOCK_DEPTH.n -= 1
+        self._close()  # closing the file releases the flock
+        RESTART_LOCK.release()
+
+    def _close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _busy(self):
+        return AgentFailure("RestartBusy", "another restart of %s held the restart lock "
+                            "(%s/%s) until the deadline" % (self.root, STATE_DIR, LOCK_FILE))
+
+
+def _open_lock(root):
+    sfd = _state_fd(root, create=True)
+    try:
+        return os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600, dir_fd=sfd)
+    finally:
+        os.close(sfd)
+
+
+def _try_flock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+    return True
+
+
 def _standby_for(r, colours):
-    """The slot holding a standby (parked or parking), or None."""
+    """The slot holding a standby (parked or parking), or None. A park request left in a
+    slot that is down (stopped by hand, or by a reload of supervisord's config) holds none."""
     for colour in colours:
         if _parking(r.root, colour):
             found = standby_state(r.root, colour, r.state(colour))
-            if found:
+            if found and found["state"] != "down":
                 return dict(found, colour=colour)
     return None
 
@@ -1814,12 +1898,16 @@ def _park_next(r, colours, new):
     draining, a thread parks the first that stops (within PARK_WAIT_S; else the next restart
     is cold). A failure here never fails the restart that has just succeeded."""
     try:
+        for colour in colours:  # a park request of a slot that is down holds no standby
+            if colour != new and _parking(r.root, colour) and \
+                    r.state(colour)["statename"] in DOWN_STATES:
+                r.forget(colour)
         if _standby_for(r, colours) or _park_free(r, colours, new):
             return
     except (OSError, xmlrpc.client.Error):
         return
-    # daemon: it ends with this agent, and never parks a slot another agent's restart waits
-    # on (within one agent, RESTART_LOCK orders them)
+    # daemon: it ends with this agent; restart_lock orders it with every restart, this
+    # agent's or another's
     threading.Thread(target=_park_when_free, args=(r.root, r.group, r.revision, colours, new),
                      name="syncagent-park", daemon=True).start()
 
@@ -1837,13 +1925,13 @@ def _park_when_free(root, group, revision, colours, new):
     r = _Restart(root, group, revision, PARK_WAIT_S)
     try:
         while time.monotonic() < r.deadline:
-            with RESTART_LOCK:  # a restart that began meanwhile decides instead
+            with restart_lock(root, r.deadline):  # a restart that began meanwhile decides
                 live = _marker_colours(root)
                 if new not in live or _standby_for(r, colours) or \
                         _park_free(r, colours, new):
                     return
             time.sleep(0.1)
-    except (OSError, xmlrpc.client.Error):
+    except (OSError, xmlrpc.client.Error, AgentFailure):
         pass
     finally:
         r.proxy("close")()
@@ -1893,29 +1981,68 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
         raise AgentFailure("NotProvisioned", "no worker is provisioned under %s" % root)
     r = _Restart(root, group, revision, timeout)
     try:
-        with RESTART_LOCK:  # one restart at a time, and no standby parked in its middle
+        with restart_lock(root, r.deadline) as lock:  # no standby parked in its middle
+            r.timings["lock_wait"] = lock.waited
             return _restart(r, mode, grace)
     finally:
         r.proxy("close")()  # the XML-RPC connection: an agent lives for a whole watch
 
 
-def _restart(r, mode, grace):
-    root = r.root
-    t0 = time.monotonic()
+def _slot_states(r):
+    """{colour: statename} of the slots this supervisord has (two in configs written before
+    the third existed)."""
     try:
-        # the slots this supervisord has (two in configs written before the third existed)
         states = {i["name"].rsplit("-", 1)[-1]: i["statename"]
                   for i in r.proxy.supervisor.getAllProcessInfo() if i.get("group") == r.group}
     except (OSError, xmlrpc.client.Error) as e:
         raise AgentFailure("SupervisorDown", "supervisord is not running (no answer on %s: "
                            "%s); run `syncagent provision` to start it again"
-                           % (supervisor_socket(root), e))
-    colours = [c for c in COLOURS if c in states]
-    if not colours:
+                           % (supervisor_socket(r.root), e))
+    if not states:
         raise AgentFailure("NotProvisioned", "no worker programs in group %r" % r.group)
-    standby = _standby_for(r, colours)
+    return states
+
+
+def _serving(root, colours, states):
+    """The live slots that are not standbys, the newest readiness marker first."""
     live = [c for c in colours if states[c] in LIVE_STATES and not _parking(root, c)]
-    live.sort(key=lambda c: (_marker(root, c) or {}).get("time", 0), reverse=True)  # newest 1st
+    live.sort(key=lambda c: (_marker(root, c) or {}).get("time", 0), reverse=True)
+    return live
+
+
+def _start_failed(out, r, e, serving, t0):
+    """The answer of a start that failed: why, its log tail, the colours still serving."""
+    failure = ("the new code did not start: %s" % e.error if e.error else
+               "the new code did not start (%s)" % e.state.lower())
+    out.update(colour=e.colour, failure=failure, failing=e.error, log_tail=e.tail,
+               serving=serving)
+    r.timings["total"] = time.monotonic() - t0
+    out["timings"] = r.timings
+    return out
+
+
+def _started(out, r, colours, new, marker, t0):
+    """The answer of a start that succeeded; parks the standby for the next restart."""
+    r.timings["total"] = time.monotonic() - t0
+    _park_next(r, colours, new)
+    out.update(ok=True, colour=new, pid=marker.get("pid"), node=marker.get("node"),
+               revision=marker.get("revision"), timings=r.timings)
+    try:  # for `syncagent status`: the last restart and how long it took
+        write_state(r.root, "last-restart.json", json.dumps(
+            {"time": time.time(), "mode": out["mode"], "colour": new,
+             "revision": out["revision"], "timings": r.timings}))
+    except OSError:
+        pass
+    return out
+
+
+def _restart(r, mode, grace):
+    root = r.root
+    t0 = time.monotonic()
+    states = _slot_states(r)
+    colours = [c for c in COLOURS if c in states]
+    standby = _standby_for(r, colours)
+    live = _serving(root, colours, states)
     out = {"ok": False, "mode": mode, "previous": live, "revision": r.revision}
     try:
         if mode == "blue-green":
@@ -1942,26 +2069,95 @@ def _restart(r, mode, grace):
             new = standby["colour"] if standby and standby["fresh"] else current
             marker = r.bring_up(new, standby if new != current else None)
     except _StartFailed as e:
-        failure = ("the new code did not start: %s" % e.error if e.error else
-                   "the new code did not start (%s)" % e.state.lower())
-        out.update(colour=e.colour, failure=failure, failing=e.error, log_tail=e.tail,
-                   serving=[c for c in live if mode == "blue-green"])
-        r.timings["total"] = time.monotonic() - t0
-        out["timings"] = r.timings
-        return out
+        return _start_failed(out, r, e, [c for c in live if mode == "blue-green"], t0)
     except (OSError, xmlrpc.client.Error) as e:
         raise AgentFailure("SupervisorDown", "supervisord failed during the restart: %s" % e)
-    r.timings["total"] = time.monotonic() - t0
-    _park_next(r, colours, new)
-    out.update(ok=True, colour=new, pid=marker.get("pid"), node=marker.get("node"),
-               revision=marker.get("revision"), timings=r.timings)
-    try:  # for `syncagent status`: the last restart and how long it took
-        write_state(root, "last-restart.json", json.dumps(
-            {"time": time.time(), "mode": mode, "colour": new, "revision": out["revision"],
-             "timings": r.timings}))
-    except OSError:
-        pass
-    return out
+    return _started(out, r, colours, new, marker, t0)
+
+
+def first_start(slots, revision, restart):
+    """What provision's start does, given the serving slots (newest first, each
+    ``(colour, revision its readiness marker names for its process, or None)``).
+
+    Returns ``(action, colour)``: ``keep`` a slot serving ``revision`` (unless ``restart``:
+    the runtime, packages or .env.worker changed), ``wait`` for a slot supervisord is starting
+    itself (its autostart after supervisord started or reloaded, or a crash restart),
+    ``restart`` (blue-green) when the serving slot runs another revision, ``start`` when none
+    serves.
+    """
+    for colour, ready_on in slots:
+        if ready_on == revision and not restart:
+            return "keep", colour
+    for colour, ready_on in slots:
+        if ready_on is None:
+            return "wait", colour
+    if slots:
+        return "restart", slots[0][0]
+    return "start", None
+
+
+def start_worker(root, revision, restart=False, timeout=120.0, group="worker"):
+    """provision's start: the worker up on ``revision`` through this slot controller (the
+    readiness rule and the failure report of every restart), then a standby parked, so the
+    first restart after provision is warm. See :func:`first_start` for what it does.
+
+    Returns:
+        As :func:`restart_worker`, plus ``action`` (keep, wait, start, restart), ``warm``
+        and ``standby`` (the slot holding the next restart's standby, or None).
+    """
+    if not os.path.exists(supervisor_socket(root)):
+        raise AgentFailure("NotProvisioned", "no worker is provisioned under %s" % root)
+    r = _Restart(root, group, revision, timeout)
+    try:
+        with restart_lock(root, r.deadline) as lock:
+            r.timings["lock_wait"] = lock.waited
+            out = _first_start(r, restart)
+            if out["ok"]:
+                found = _standby_for(r, [c for c in COLOURS if c in _slot_states(r)])
+                out["standby"] = found and found["colour"]
+            return out
+    finally:
+        r.proxy("close")()
+
+
+def _first_start(r, restart):
+    root = r.root
+    t0 = time.monotonic()
+    states = _slot_states(r)
+    colours = [c for c in COLOURS if c in states]
+    live = _serving(root, colours, states)
+    slots = []
+    for colour in live:
+        marker = _marker(root, colour) or {}
+        pid = r.state(colour)["pid"]
+        slots.append((colour, marker.get("revision") if pid and marker.get("pid") == pid
+                      else None))
+    action, colour = first_start(slots, r.revision, restart)
+    if action == "restart":
+        return dict(_restart(r, "blue-green", 0), action=action,
+                    warm=bool(r.timings.get("warm")))
+    out = {"ok": False, "mode": "start", "previous": live, "revision": r.revision,
+           "action": action, "warm": False}
+    try:
+        if action == "keep":
+            marker = _marker(root, colour)
+        elif action == "wait":
+            marker = r.wait_ready(colour, 0)
+        else:
+            standby = _standby_for(r, colours)
+            colour = standby["colour"] if standby else _idle_slot(colours, states, [])
+            marker = r.bring_up(colour, standby)
+            out["warm"] = bool(r.timings.get("warm"))
+    except _StartFailed as e:
+        return _start_failed(out, r, e, [], t0)
+    except (OSError, xmlrpc.client.Error) as e:
+        raise AgentFailure("SupervisorDown", "supervisord failed during the start: %s" % e)
+    if action == "keep":  # nothing started: no last restart to record
+        _park_next(r, colours, colour)
+        out.update(ok=True, colour=colour, pid=marker.get("pid"), node=marker.get("node"),
+                   revision=marker.get("revision"), timings=r.timings)
+        return out
+    return _started(out, r, colours, colour, marker, t0)
 
 
 # ---------------------------------------------------------------- framing
@@ -2052,6 +2248,9 @@ def handle(req, inp):
         return restart_worker(_root(req), str(req.get("revision") or ""),
                               str(req.get("mode") or "blue-green"),
                               float(req.get("timeout") or 120), float(req.get("grace") or 3))
+    if op == "start":
+        return start_worker(_root(req), str(req.get("revision") or ""),
+                            bool(req.get("restart")), float(req.get("timeout") or 120))
     if op == "worker":
         root = _root(req)
         return {"worker": worker_state(root), "revision": read_revision(root), "root": root}

@@ -7,8 +7,9 @@ runtime to ``<root>/.syncagent/runtime/worker``, install its Python dependencies
 build the env for the project's requirements (``worker/envs.py``), create ``.env.worker`` from
 ``--env`` or update chosen keys with ``--update-env`` (merged and validated on the remote before
 anything is written; values travel on stdin, never on a command line), then
-``python -m worker configure`` writes the supervisord configs, starts or reloads supervisord
-and the worker, and the last step waits until the readiness marker carries the pushed revision.
+``python -m worker configure`` writes the supervisord configs and starts or reloads
+supervisord, then the agent's slot controller (the one every restart uses) brings the worker up
+on the pushed revision, waits for its readiness marker and parks a standby for the next restart.
 
 The remote needs only sshd and python3. No secret is ever printed: remote output shown to the
 user goes through :func:`redact`.
@@ -22,7 +23,6 @@ import os
 import re
 import shlex
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -31,7 +31,6 @@ import worker
 from worker import secret_rules
 from worker.env import value_problems
 from worker.supervisor_conf import path_problem, socket_problem
-from worker.__main__ import STARTED_MARK
 from worker.env_file import merge_text
 
 from .config import Project, Target
@@ -300,7 +299,6 @@ class _Run:
     warnings: list[str] = field(default_factory=list)
     restart: bool = False  # runtime, packages or .env.worker changed: a running worker restarts
     env_status: str = "kept"
-    configure: Future | None = None  # the remote `worker configure` call, running
     result: dict = field(default_factory=dict)
     boot: dict = field(default_factory=dict)
 
@@ -471,58 +469,59 @@ def _env_file(run: _Run) -> str:
 
 
 def _supervisord(run: _Run) -> str:
-    """Start ``worker configure`` (configs, supervisord, the worker); this step ends when
-    supervisord runs the worker, the next one waits for the readiness marker."""
-    started: Future = Future()
-
-    def on_line(text: str) -> None:
-        if text.startswith(STARTED_MARK) and not started.done():
-            started.set_result(json.loads(text[len(STARTED_MARK):]))
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="configure")
-    run.configure = pool.submit(
-        run.remote.run,
+    """``worker configure``: the supervisord configs, supervisord started or reloaded (its
+    autostart runs the first slot). The worker itself is the next step's."""
+    rc, out, err = run.remote.run(
         [run.vpy, "-m", "worker", "configure", "--venv", run.venv, "--pythonpath", run.runtime,
-         "--revision", run.revision, "--timeout", f"{run.options.timeout:g}",
-         *(["--restart"] if run.restart else [])],
-        cwd=run.root, env=run.pyenv, timeout=run.options.timeout + 60, on_stderr_line=on_line)
-    pool.shutdown(wait=False)
-    wait([started, run.configure], return_when=FIRST_COMPLETED)
-    if not started.done():  # configure ended before the worker was started
-        _configure_result(run)
-        return "configured"
-    actions = started.result()
-    run.changes += actions
-    return ", ".join(actions) or "running, config unchanged"
-
-
-def _configure_result(run: _Run) -> dict:
-    if run.result:
-        return run.result
-    rc, out, err = run.configure.result()
+         "--timeout", f"{run.options.timeout:g}"],
+        cwd=run.root, env=run.pyenv, timeout=run.options.timeout + 60)
     try:
         result = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        lines = (err.strip() or f"exit {rc}").splitlines()
-        raise StepError(f"{run.target.name}: configuring supervisord failed: "
-                        f"{redact(lines[-1], run.secrets)}",
-                        [redact(line, run.secrets) for line in lines[-TAIL_LINES:-1]])
+        result = {"ok": False, "error": (err.strip() or f"exit {rc}").splitlines()[-1]}
     if not result.get("ok"):
-        colour = result.get("colour", "blue")
-        raise WorkerStartError(f"{run.target.name}: "
-                               f"{redact(result.get('error', 'worker failed'), run.secrets)}",
-                               [redact(line, run.secrets) for line in result.get("log_tail", [])],
-                               f"{run.root}/.syncagent/logs/worker-{colour}.log")
+        lines = (err.strip() or "").splitlines()
+        raise StepError(f"{run.target.name}: configuring supervisord failed: "
+                        f"{redact(str(result.get('error')), run.secrets)}",
+                        [redact(line, run.secrets) for line in lines[-TAIL_LINES:]])
     run.result = result
-    return result
+    run.changes += result["actions"]
+    return ", ".join(result["actions"]) or "running, config unchanged"
+
+
+def _start_change(started: dict) -> str | None:
+    """What provision's start did, as a change line (None: the worker was kept)."""
+    how = f"{started['colour']}, {'warm' if started.get('warm') else 'cold'}"
+    if started["action"] == "restart":
+        return f"restarted worker ({how}) on the new revision"
+    if started["action"] == "start":
+        return f"started worker ({how})"
+    if started["action"] == "wait":
+        return f"started worker ({started['colour']})"
+    return None
 
 
 def _worker(run: _Run) -> str:
-    result = _configure_result(run)
-    new = [a for a in result.get("actions", []) if a not in run.changes]
-    run.changes += new
-    return (f"{result.get('node')} (pid {result.get('pid')}) on revision {run.revision[:7]}"
-            + (f"; {', '.join(new)}" if new else ""))
+    """The worker up on the pushed revision through the agent's slot controller (the one
+    every restart uses: same readiness rule, same failure report), and a standby parked so
+    the first restart after provision is warm."""
+    restart = run.restart and not run.result.get("fresh")  # a fresh supervisord starts anew
+    started = run.remote.session.start(run.root, run.revision, restart=restart,
+                                       timeout=run.options.timeout)
+    if not started["ok"]:
+        raise WorkerStartError(f"{run.target.name}: "
+                               f"{redact(started.get('failure', 'worker failed'), run.secrets)}",
+                               [redact(line, run.secrets)
+                                for line in started.get("log_tail", [])],
+                               f"{run.root}/.syncagent/logs/worker-{started.get('colour')}.log")
+    run.result.update(colour=started["colour"], pid=started["pid"], node=started["node"])
+    change = _start_change(started)
+    if change:
+        run.change(change)
+    standby = (f"; standby parked in {started['standby']} (the next restart is warm)"
+               if started.get("standby") else "")
+    return (f"{started['node']} (pid {started['pid']}) on revision {run.revision[:7]}"
+            + (f"; {change}" if change else "") + standby)
 
 
 def _boot(run: _Run) -> str:

@@ -312,6 +312,19 @@ class Session:
             if not chan.closed:
                 chan.settimeout(60)
 
+    def start(self, root: str, revision: str, restart: bool = False,
+              timeout: float = 120.0) -> dict:
+        """provision's start of the worker through the agent's slot controller (start, wait
+        for supervisord's own start, or restart onto ``revision``; then park a standby)."""
+        chan = self.channel.chan
+        chan.settimeout(timeout + 30)
+        try:
+            return self.request({"op": "start", "root": root, "revision": revision,
+                                 "restart": restart, "timeout": timeout})
+        finally:
+            if not chan.closed:
+                chan.settimeout(60)
+
     def worker(self, root: str) -> dict:
         """{"worker": programs, markers and the live revision (None: not provisioned),
         "revision": the pushed revision marker}."""

@@ -76,6 +76,13 @@ def _root(info: dict) -> Path:
     return Path(info["remote_root"]) / "project"
 
 
+def _live_marker(root: Path) -> dict:
+    """The readiness marker of the slot serving now (the newest of a running process)."""
+    markers = [m for c in ready.COLOURS if (m := ready.read_marker(root, c))
+               and pid_running(m["pid"])]
+    return max(markers, key=lambda m: m["time"])
+
+
 def test_up_reports_redis_project_and_status_command(wbx) -> None:
     assert wbx["redis_url"].startswith("redis://127.0.0.1:") and wbx["redis_pid"]
     assert Path(wbx["project"], "app", "tasks", "demo.py").is_file()
@@ -138,10 +145,14 @@ def test_provision_json_after_a_code_change_restarts_on_the_new_revision(wbx) ->
     assert code == 0, out
     result = json.loads(out)
     assert result["changed"] and result["revision"] != old["revision"]
-    assert any(c.startswith("restarted worker (blue)") for c in result["changes"])
-    marker = ready.read_marker(root, "blue")
+    # through the agent's slot controller, warm: provision parked a standby after its start
+    colour = result["worker"]["colour"]
+    assert f"restarted worker ({colour}, warm) on the new revision" in result["changes"], result
+    marker = ready.read_marker(root, colour)
+    assert colour != "blue" and marker["warm"] is True
     assert marker["revision"] == result["revision"] and marker["pid"] != old["pid"]
     assert result["worker"]["pid"] == marker["pid"]
+    wait_until(lambda: not pid_running(old["pid"]), 60, "the old slot to drain and exit")
     client = demo_client(wbx)
     try:
         assert client.send_task("app.tasks.demo.version").get(timeout=30) == "v2"
@@ -355,7 +366,7 @@ def test_update_env_changes_one_key_keeps_the_rest_and_restarts(wbx) -> None:
     with env_file.open("a") as f:
         f.write("# a comment of the user's\n")
     before = dotenv_values(env_file)
-    old = ready.read_marker(root, "blue")
+    old = _live_marker(root)
     code, out = syncagent("provision", "wbx", "--path", wbx["project"], "--venv", sys.prefix,
                           "--update-env", "LOG_LEVEL=debug", "--json")
     assert code == 0, out

@@ -236,28 +236,37 @@ def test_worker_killed_after_ready_is_restarted(tmp_path: Path) -> None:
             assert ready.read_failed_start(root, "blue") is None
 
 
-def test_configure_reports_a_failed_first_start_at_once(tmp_path: Path, old_redis) -> None:
-    """provision's first start (python -m worker configure): the worker that exits before it
-    is ready is reported when it exits, with its error line, not after the timeout."""
+def test_provisions_first_start_reports_a_failed_start_at_once(tmp_path: Path,
+                                                               old_redis) -> None:
+    """provision's first start: ``python -m worker configure`` starts supervisord (its
+    autostart runs blue), then the agent's slot controller waits for it; the worker that exits
+    before it is ready is reported when it exits, with its error line, not after the timeout,
+    and an earlier supervisord's failed starts do not count."""
+    from syncagent import agent
+
     with redis_server(tmp_path / "redis") as redis_srv:
         root = _project(tmp_path / "p", redis_srv)
         layout = sc.Layout(root=str(root), venv=sys.prefix, name="worker", stopwaitsecs=30)
+        ready.record_failed_start(root, "blue", REVISION, "an older supervisord's", 1)
         rpc = supervisor_rpc(layout.socket_path)
         t0 = time.monotonic()
         try:
             with pytest.MonkeyPatch.context() as mp:
                 for key in envmod.KNOWN_VARIABLES:  # supervisord must not inherit the test's
                     mp.delenv(key, raising=False)
-                out = supervise.configure(layout, {"PYTHONPATH": f"{old_redis}:{REPO}"},
-                                          REVISION, timeout=60)
+                conf = supervise.configure(layout, {"PYTHONPATH": f"{old_redis}:{REPO}"},
+                                           timeout=60)
+            assert conf["ok"] and conf["fresh"] and "started supervisord" in conf["actions"]
+            out = agent.start_worker(str(root), REVISION, timeout=60)
             took = time.monotonic() - t0
-            print(f"configure -> failed start reported in {took:.2f} s")
-            assert out["ok"] is False and "started supervisord" in out["actions"]
-            assert out["error"] == ("worker failing: kombu.exceptions.VersionMismatch: Redis "
-                                    "transport requires redis-py versions 6.1.0 or later. "
-                                    "You have 5.0.1")
+            print(f"configure + start -> failed start reported in {took:.2f} s")
+            assert out["ok"] is False and out["action"] == "wait" and out["colour"] == "blue"
+            assert out["failure"] == ("the new code did not start: kombu.exceptions."
+                                      "VersionMismatch: Redis transport requires redis-py "
+                                      "versions 6.1.0 or later. You have 5.0.1")
             assert took < 30, took
             assert any("VersionMismatch" in line for line in out["log_tail"])
+            assert ready.read_failed_start(root, "blue")["count"] == 1  # this supervisord's
         finally:
             with contextlib.suppress(OSError):
                 pid = rpc.supervisor.getPID()

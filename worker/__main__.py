@@ -13,9 +13,7 @@ from pathlib import Path
 
 from worker import env as envmod
 
-__all__ = ["main", "STARTED_MARK"]
-
-STARTED_MARK = "syncagent-configure: supervisord running the worker: "
+__all__ = ["main"]
 
 log = logging.getLogger("worker")
 
@@ -32,15 +30,12 @@ def _parser() -> argparse.ArgumentParser:
                             "worker's start short of consuming (app, include modules, transport)")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     conf = sub.add_parser("configure", help="write supervisord configs, start or reload "
-                          "supervisord, wait for the worker (prints one JSON object)")
+                          "supervisord (prints one JSON object; the agent starts the worker)")
     conf.add_argument("--venv", required=True, help="virtualenv with supervisord")
     conf.add_argument("--name", default="worker", help="program group name")
     conf.add_argument("--pythonpath", default=None, help="PYTHONPATH of the worker programs")
-    conf.add_argument("--revision", default=None,
-                      help="revision the worker must report (default: the pushed one)")
-    conf.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
-    conf.add_argument("--restart", action="store_true",
-                      help="restart a running worker (its runtime or dependencies changed)")
+    conf.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for supervisord")
     sub.add_parser("requirements", help="build the env for the current requirements if it is "
                    "missing (installer output on stderr, one JSON object on stdout)")
     write_env = sub.add_parser("write-env", help="merge JSON {KEY: value} from stdin into "
@@ -95,19 +90,14 @@ def _write_env(root: Path, mode: str) -> int:
 def _configure(root: Path, args: argparse.Namespace) -> int:
     import json
 
-    from worker import ready, supervise
+    from worker import supervise
     from worker import supervisor_conf as sc
 
     layout = sc.Layout(root=str(root.resolve()),
                        venv=os.path.abspath(os.path.expanduser(args.venv)), name=args.name)
     extra = {"PYTHONPATH": args.pythonpath} if args.pythonpath else {}
-    revision = args.revision or ready.read_revision(root)
-    def on_started(actions: list[str]) -> None:  # provision's "supervisord" step ends here
-        print(STARTED_MARK + json.dumps(actions), file=sys.stderr, flush=True)
-
     try:
-        result = supervise.configure(layout, extra, revision, timeout=args.timeout,
-                                     restart=args.restart, on_started=on_started)
+        result = supervise.configure(layout, extra, timeout=args.timeout)
     except Exception as exc:  # one JSON object whatever happens; never a secret in it
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result))

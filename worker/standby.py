@@ -41,7 +41,9 @@ __all__ = ["STALE_EXIT", "fingerprint", "park", "park_requested", "project_modul
 log = logging.getLogger("worker.standby")
 STALE_EXIT = 75  # unexpected for supervisord: it starts the slot again, which parks afresh
 CHECK_EVERY_S = 0.5
-_FINGERPRINT_FILES = (".env.worker", ".syncagent/modules.json")
+# the runtime's digest: a standby runs the launcher it was started with (provision ships a new one)
+_FINGERPRINT_FILES = (".env.worker", ".syncagent/modules.json",
+                      ".syncagent/runtime/worker.digest")
 
 
 def _state(root: str | os.PathLike[str], name: str) -> Path:
@@ -62,7 +64,8 @@ def park_requested(root: str | os.PathLike[str], colour: str) -> bool:
 
 def fingerprint(root: str | os.PathLike[str]) -> str:
     """sha256 over what a standby imported from: the requirements files (names and content),
-    ``.env.worker`` and the module record. The agent computes it the same way."""
+    ``.env.worker``, the module record and the runtime's digest. The agent computes it the
+    same way."""
     digest = hashlib.sha256()
     root_path = Path(root)
     names = sorted(p.name for p in root_path.glob("requirements*.txt") if p.is_file())
