@@ -1362,8 +1362,10 @@ def standby_state(root, colour, info):
     if not _parking(root, colour):
         return None
     marker = read_state(root, "standby-%s.json" % colour)
+    # STARTING counts: supervisord says RUNNING only after startsecs (1 s), and a save that
+    # came sooner than that after the last restart would otherwise start cold
     parked = bool(marker and info.get("pid") and marker.get("pid") == info["pid"]
-                  and info["statename"] == "RUNNING")
+                  and info["statename"] in ("STARTING", "RUNNING"))
     if not parked:
         return {"colour": colour, "state": "parking" if info["statename"] in LIVE_STATES
                 else "down", "fresh": False}
