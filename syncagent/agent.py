@@ -409,8 +409,11 @@ def _ignore_in_git(sfd):
         return
     except FileNotFoundError:
         pass
-    fd = os.open(".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                 dir_fd=sfd)
+    try:
+        fd = os.open(".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=sfd)
+    except FileExistsError:  # another agent process made it meanwhile
+        return
     try:
         _write_all(fd, b"# syncagent's state, not part of the project\n*\n")
     finally:
