@@ -20,7 +20,8 @@ Usage::
 
     .venv/bin/python bench/warm_bench.py [--samples 10] [--apps demo,heavy]
 
-Results: a table on stdout and ``bench/results/warm_latency.json``.
+Results: a table on stdout, ``bench/results/warm_latency.json`` and the plot
+``bench/warm_latency.png`` (``--replot`` redraws it from the JSON).
 """
 from __future__ import annotations
 
@@ -206,12 +207,66 @@ def summarize(results: dict[str, list[float]]) -> dict:
     return out
 
 
+TOOL_LABELS = {"manual": "rsync +\nsupervisorctl restart", "cold": "syncagent,\ncold start",
+               "warm": "syncagent,\nwarm (standby)"}
+COLOURS = {"manual": "tab:orange", "cold": "tab:gray", "warm": "tab:blue"}
+
+
+def plot(report: dict, path: Path) -> None:
+    """One panel per app: every sample of each way, its box, and the issue's goal lines."""
+    import random
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    rng = random.Random(1)
+    apps = list(report["apps"])
+    fig, axes = plt.subplots(1, len(apps), figsize=(4.6 * len(apps), 4.2), squeeze=False)
+    for ax, app in zip(axes[0], apps):
+        raw, s = report["apps"][app]["raw"], report["apps"][app]["summary"]
+        tools = [t for t in ("warm", "cold", "manual") if raw.get(t)]
+        data = [raw[t] for t in tools]
+        ax.boxplot(data, widths=0.5, showfliers=False, medianprops={"color": "black"})
+        for i, (tool, d) in enumerate(zip(tools, data), start=1):
+            ax.scatter([i + rng.uniform(-0.15, 0.15) for _ in d], d, s=10, alpha=0.6,
+                       color=COLOURS[tool], zorder=3)
+        ax.set_xticks(range(1, len(tools) + 1), [TOOL_LABELS[t] for t in tools], fontsize=7)
+        ax.axhline(GOAL["p50_max"], color="tab:green", ls="--", lw=1,
+                   label=f"goal p50 ≤ {GOAL['p50_max']:g} s")
+        ax.axhline(GOAL["p95_max"], color="tab:red", ls=":", lw=1,
+                   label=f"goal p95 ≤ {GOAL['p95_max']:g} s")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=6)
+        ax.set_ylabel("save → new code answering a task (s)")
+        ax.set_title(f"{app}: warm p50 {s['warm']['p50']:.2f} s, p95 {s['warm']['p95']:.2f} s"
+                     f"\n{s['speedup_p50']:.1f}x faster than the manual way (p50)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    load = ", ".join(f"{x:.1f}" for x in report["machine"]["load"])
+    fig.suptitle(f"Warm vs cold vs manual, {report['samples']} saves each, interleaved "
+                 f"({report['machine']['cpus']} CPUs, load average {load} at the start)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--apps", default="demo,heavy")
     ap.add_argument("--out", default=str(HERE / "results" / "warm_latency.json"))
+    ap.add_argument("--plot", default=str(HERE / "warm_latency.png"))
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw --plot from the JSON in --out, measure nothing")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.plot))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="warm-bench-"))
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load": os.getloadavg()}, "samples": args.samples, "apps": {}}
@@ -223,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    report["machine"]["load_end"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    plot(report, Path(args.plot))
     print(f"save -> new code live, {args.samples} samples each, load {report['machine']['load']}")
     print(f"{'app':<7}{'tool':<8}{'p50':>8}{'p95':>8}{'max':>8}")
     for app, data in report["apps"].items():
