@@ -13,7 +13,7 @@ start); the launcher sees the request and, instead of running the worker, calls 
    park request and returns the revision: the launcher goes on with the project's code.
 
 While parked it re-checks its :func:`fingerprint` (requirements, ``.env.worker``, the module
-record) and the files it was started from (the interpreter, the env's ready file); when one
+record, the runtime's digest) and the files it was started from (the interpreter, the env's ready file); when one
 changed it exits with :data:`STALE_EXIT` and supervisord starts it again, fresh. The agent
 checks the same fingerprint before it says go, and starts cold when it does not match.
 
