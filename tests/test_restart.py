@@ -153,3 +153,23 @@ def test_imports_record_and_live_imports(tmp_path) -> None:
     ready.write_marker(root, "green", "r1", "node", pid=2**22 + 12345)  # a dead pid
     ready.record_imports(root, "green", "r1", 2**22 + 12345, {"x.py"})
     assert agent.live_imports(str(root)) is None
+
+
+# ---------------------------------------------------------------- provision's start (the agent)
+
+@pytest.mark.parametrize("slots, restart, expected", [
+    ([], False, ("start", None)),
+    ([("blue", None)], False, ("wait", "blue")),
+    ([("blue", A)], False, ("keep", "blue")),
+    ([("blue", A)], True, ("restart", "blue")),
+    ([("blue", B)], False, ("restart", "blue")),
+    ([("green", B), ("blue", A)], False, ("keep", "blue")),
+    ([("green", None), ("blue", B)], False, ("wait", "green")),
+], ids=["none-serves", "autostart-starting", "serves-the-revision", "runtime-changed",
+        "serves-another-revision", "an-older-slot-serves-it", "starting-beside-an-old-one"])
+def test_first_start(slots, restart, expected) -> None:
+    """What provision's start does (syncagent/agent.py, the slot controller; stdlib-only,
+    so tested here with the other restart decisions)."""
+    from syncagent.agent import first_start
+
+    assert first_start(slots, A, restart) == expected
