@@ -30,7 +30,8 @@ Usage::
     .venv/bin/python bench/latency_bench.py --warm [--samples 10] [--apps demo,heavy]
 
 ``--warm`` runs ``bench/warm_bench.py`` instead: warm starts from a parked standby against cold
-starts and rsync + ``supervisorctl restart``, on the demo and the heavy example app.
+starts and rsync + ``supervisorctl restart``, on the demo and the heavy example app (results:
+``bench/results/warm_latency.json`` and the plot ``bench/warm_latency.png``).
 
 Results: a table on stdout, ``bench/results/latency.json`` and the plot ``bench/latency.png``.
 """
