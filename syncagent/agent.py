@@ -1748,7 +1748,7 @@ class _Restart(object):
                 self.record_failed(colour, error)  # status: failing, not running
                 self.stop(colour)  # reported as failed: it must not come up later unseen
                 raise _StartFailed(colour, error, log_tail(self.root, self.group, colour,
-                                                           log_offset), error)
+                                                           log_offset))
             time.sleep(0.02)
 
     def record_failed(self, colour, error):

@@ -218,9 +218,12 @@ def test_odd_remote_and_venv_paths_work_end_to_end(wbx) -> None:
         marker = ready.read_marker(remote, "blue")
         assert marker and marker["pid"] == result["worker"]["pid"]
         assert Path(f"/proc/{marker['pid']}/cwd").resolve() == remote
-        status = subprocess.run(shlex.split(result["supervisorctl"]), capture_output=True,
-                                text=True, timeout=30)
-        assert "worker:worker-blue" in status.stdout and "RUNNING" in status.stdout, status
+        def blue_running() -> bool:  # ready (its marker) may come before startsecs
+            status = subprocess.run(shlex.split(result["supervisorctl"]), capture_output=True,
+                                    text=True, timeout=30)
+            return re.search(r"worker:worker-blue +RUNNING", status.stdout) is not None
+
+        wait_until(blue_running, 30, "supervisorctl to say worker-blue RUNNING")
     finally:
         if conf.exists():
             subprocess.run([f"{sys.prefix}/bin/supervisorctl", "-c", str(conf), "shutdown"],

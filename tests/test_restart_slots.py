@@ -160,7 +160,7 @@ def test_a_start_that_times_out_is_failing_not_running(tmp_path: Path, box,
                      "--timeout", "2"]) == 1
         shown = capsys.readouterr()
         out = shown.out + shown.err
-        assert "the new code did not start: not ready after 2s" in out, out
+        assert "the new code did not start (not ready after 2s)" in out, out
         state = agent.worker_state(str(root))
         assert state["failing"]["error"] == "not ready after 2s"
         assert state["failing"]["revision"] == NEW
