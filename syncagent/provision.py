@@ -518,7 +518,7 @@ def _worker(run: _Run) -> str:
     change = _start_change(started)
     if change:
         run.change(change)
-    standby = (f"; standby parked in {started['standby']} (the next restart is warm)"
+    standby = (f"; a standby parks in {started['standby']} (the next restart starts warm)"
                if started.get("standby") else "")
     return (f"{started['node']} (pid {started['pid']}) on revision {run.revision[:7]}"
             + (f"; {change}" if change else "") + standby)
