@@ -13,6 +13,7 @@ push/transport, watchdog via watch, rich for rendering) inside its own body: ``-
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -32,6 +33,18 @@ if TYPE_CHECKING:  # imported by the commands that use them (see the module docs
     from .push import PushResult
 
 __all__ = ["cli", "main"]
+
+
+# A file name may hold anything but "/" and NUL: a newline (which would fake a line of output),
+# a terminal escape, or bytes that are not UTF-8 (Python keeps them as lone surrogates, which a
+# strict UTF-8 stdout refuses to encode). Shown escaped, a name stays on its one line.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _shown(text: str) -> str:
+    """``text`` as one printable line: control characters and undecodable bytes escaped
+    (``new\\nline.txt``, ``bad\\udcff.txt``)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _project(path: str | None) -> Project:
@@ -242,7 +255,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
                     _warn(w)
                 if dry_run:
                     for line in result.plan.lines():
-                        click.echo(f"  {line}")
+                        click.echo(f"  {_shown(line)}")
                 click.echo(_summary(result))
             if t.name in fleet.errors:
                 click.echo(f"syncagent: error: {fleet.errors[t.name]}", err=True)
@@ -258,9 +271,11 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
 
 def _warn(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
+    # a path in the message is text, not markup: "kept a[/b]" must not end a style (or raise)
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[yellow]warning:[/] {message}", markup=True)
+        f"[yellow]warning:[/] {escape(_shown(message))}", markup=True)
 
 
 def _render_event(event: dict) -> str:
@@ -270,7 +285,8 @@ def _render_event(event: dict) -> str:
     if kind == "synced":
         if not event["changed"]:
             return f"{stamp} {name}: up to date, revision {event['revision'][:7]}"
-        what = ", ".join(event["paths"][:3]) + (" ..." if len(event["paths"]) > 3 else "")
+        what = (", ".join(map(_shown, event["paths"][:3]))
+                + (" ..." if len(event["paths"]) > 3 else ""))
         parts = [f"{event['files_sent']} sent"]
         if event["deleted"]:
             parts.append(f"{event['deleted']} deleted")
@@ -296,6 +312,8 @@ def _render_event(event: dict) -> str:
         return f"{stamp} {name}: HALTED: {event['message']}: {event['way_out']}"
     if kind == "resumed":
         return f"{stamp} {name}: resumed ({event['reason']}), reconciling"
+    if kind == "warning":  # one line, often naming a path
+        return f"{stamp} {name}: warning: {_shown(event['message'])}"
     return f"{stamp} {name}: {kind}: {event.get('message') or event.get('error') or ''}"
 
 
@@ -799,9 +817,18 @@ def sandbox_status(name, directory, as_json):
         sys.exit(1)
 
 
+def _tolerant_output() -> None:
+    """Never fail over printing: an error message may quote a file name whose bytes are not
+    UTF-8, and a UTF-8 locale's stdout (en_US.UTF-8, unlike C.UTF-8) refuses them."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: typed errors -> one line on stderr and the documented exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _tolerant_output()
     try:  # the argv travels to a holder (syncagent.holder) when one serves the target
         cli.main(args=argv, prog_name="syncagent", standalone_mode=False, obj={"argv": argv})
     except SyncAgentError as e:

@@ -27,7 +27,8 @@ from typing import Callable
 from . import agent, guard, holder
 from . import restart as restart_mod
 from .config import Project, Target
-from .errors import ConnectError, MassDeleteError, SyncAgentError, WorkerStartError
+from .errors import (ConnectError, MassDeleteError, OperationalError, SyncAgentError,
+                     WorkerStartError)
 from .manifest import local_rules
 from .push import PushOptions, PushResult, Syncer
 from .watcher import Batch, Watcher
@@ -171,6 +172,9 @@ class Restarter(threading.Thread):
                 self.stop_event.wait(1.0)
             except SyncAgentError as e:
                 self.emit({"event": "error", "target": name, "error": str(e)})
+            except Exception as e:  # a bug must not end the restarts for the rest of the watch
+                _emit_quietly(self.emit, {"event": "error", "target": name,
+                                          "error": f"restart failed: {_internal(e)}"})
             finally:
                 with self.cond:
                     self.busy = False
@@ -180,6 +184,18 @@ class Restarter(threading.Thread):
         self.wake()
         if self.session is not None:
             self.session.close()
+
+
+def _internal(e: BaseException) -> str:
+    return f"internal error ({type(e).__name__}: {e})"
+
+
+def _emit_quietly(emit: Emit, event: dict) -> None:
+    """Report after an unexpected error, which may have come from ``emit`` itself."""
+    try:
+        emit(event)
+    except Exception:
+        pass
 
 
 def _release_memory() -> None:
@@ -345,11 +361,17 @@ class TargetLoop(threading.Thread):
             self.fatal = e
             self.emit({"event": "error", "target": self.syncer.target.name, "error": str(e),
                        "fatal": True})
+        except Exception as e:  # a bug: this target stops syncing, so the watch must say so
+            # (and end, if it was the only one) rather than run on as if it were watching
+            name = self.syncer.target.name
+            self.fatal = OperationalError(f"{name}: stopped watching: {_internal(e)}")
+            _emit_quietly(self.emit, {"event": "error", "target": name,
+                                      "error": str(self.fatal), "fatal": True})
         finally:
             self.restarter.close()
             self.restarter.join(timeout=5)
             self.syncer.close()
-            self.emit({"event": "stopped", "target": self.syncer.target.name})
+            _emit_quietly(self.emit, {"event": "stopped", "target": self.syncer.target.name})
 
     def _loop(self) -> None:
         syncer, emit, stop, options = self.syncer, self.emit, self.stop_event, self.options

@@ -1,0 +1,148 @@
+"""What the terminal shows for odd file names, and a watch that cannot go on silently.
+
+A file name may hold anything but "/" and NUL: a newline, a terminal escape, bytes that are
+not UTF-8 (kept by Python as lone surrogates, which a strict UTF-8 stdout refuses: the case of
+en_US.UTF-8, simulated here with PYTHONIOENCODING=utf-8:strict), rich markup ("[/b]"). Each
+must print escaped on its one line, and never crash a command or a watch. Real sshd (the
+session's sandbox), the CLI run as a user runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from syncagent.config import load_project, resolve_target
+from syncagent.errors import OperationalError
+from syncagent.push import PushOptions
+from syncagent.watch import WatchOptions, watch
+from tests.helpers.procs import start_process, stop_process, wait_until
+from tests.test_push import proj, push  # noqa: F401 (fixture)
+
+CLI = [sys.executable, "-c", "import sys; from syncagent.cli import main; sys.exit(main())"]
+BAD = b"bad\xff.txt"  # not UTF-8
+
+
+def _write_bad(root: Path) -> None:
+    with open(os.path.join(os.fsencode(root), BAD), "wb") as f:
+        f.write(b"b")
+
+
+def _strict_env() -> dict:
+    """The test's environment (its hermetic HOME) with a stdout that refuses surrogates."""
+    return {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(args):
+    import subprocess
+
+    return subprocess.run(CLI + list(args), capture_output=True, env=_strict_env(), timeout=60)
+
+
+def test_dry_run_shows_odd_names_escaped_on_one_line_each(proj):
+    root, remote = proj
+    (root / "ok.py").write_text("x = 1\n")
+    (root / "new\nline.txt").write_text("n")
+    (root / "esc\x1b[31mred.txt").write_text("e")
+    _write_bad(root)
+    out = _cli(["push", "sbx", "--path", str(root), "--remote-path", str(remote), "--dry-run"])
+    text = out.stdout.decode()
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"Traceback" not in out.stderr and b"\x1b" not in out.stdout
+    creates = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("create")]
+    assert sorted(c.split()[1] for c in creates) == sorted(
+        ["bad\\udcff.txt", "esc\\x1b[31mred.txt", "new\\nline.txt", "ok.py"]), text
+    assert "dry run: 4 to send" in text
+
+
+def test_watch_goes_on_after_an_undecodable_file_name(tmp_path, proj):
+    """Before: the target's thread died on printing the name (UnicodeEncodeError), the watch
+    synced nothing more, and after a few seconds it exited 0 as if stopped by the user."""
+    root, remote = proj
+    (root / "app.py").write_text("v = 1\n")
+    log = tmp_path / "watch.log"
+    proc = start_process(CLI + ["watch", "sbx", "--path", str(root), "--remote-path",
+                                str(remote), "--no-restart"], log, env=_strict_env())
+    try:
+        wait_until(lambda: b"up to date" in log.read_bytes() or b"sent" in log.read_bytes(),
+                   30, "the initial reconcile")
+        _write_bad(root)
+        wait_until(lambda: b"bad\\udcff.txt" in log.read_bytes(), 15, "the odd name's line")
+        (root / "app.py").write_text("v = 2\n")
+        wait_until(lambda: (remote / "app.py").read_text() == "v = 2\n", 15,
+                   "the next edit on the remote")
+        assert os.path.exists(os.fsencode(remote) + b"/" + BAD)
+        assert proc.poll() is None, log.read_text(errors="replace")
+    finally:
+        code = stop_process(proc)
+    assert b"Traceback" not in log.read_bytes(), log.read_text(errors="replace")
+    assert code == 0
+
+
+def test_warning_naming_a_bracketed_path_is_text_not_markup(capsys, proj):
+    """A rich markup tag in a path ("[/y]") made the warning raise MarkupError after the
+    push had been applied: a traceback, exit 1, for a push that worked."""
+    root, remote = proj
+    (root / "x[" / "y]").mkdir(parents=True)
+    (root / "x[" / "y]" / "f.txt").write_text("f")
+    assert push(capsys, root, remote)[0] == 0
+    (remote / "x[" / "y]" / ".env").write_text("REMOTE_ONLY=1\n")  # protected, remote-only
+    (root / "x[" / "y]" / "f.txt").unlink()
+    (root / "x[" / "y]").rmdir()
+    (root / "x[").rmdir()
+    code, _, err = push(capsys, root, remote)
+    assert code == 0, err
+    assert "kept remote directory x[/y]/" in err
+    assert (remote / "x[" / "y]" / ".env").read_text() == "REMOTE_ONLY=1\n"
+
+
+def test_a_broken_consumer_ends_the_watch_with_an_error(proj, box):
+    """Anything unexpected in a target's loop ends the watch with an error (exit 1 at the
+    CLI), where before the thread died and the watch returned as if stopped by the user."""
+    root, remote = proj
+    (root / "app.py").write_text("v = 1\n")
+    project = load_project(root)
+    target = resolve_target("sbx", project, remote_path=str(remote))
+    events: list[dict] = []
+
+    def emit(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "synced" and event["changed"] and not event["full"]:
+            raise RuntimeError("consumer broke")
+
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            watch(project, target, emit, stop, PushOptions(restart=False), WatchOptions())
+        except BaseException as e:  # checked below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: any(e["event"] == "synced" for e in events), 30, "initial reconcile")
+        (root / "app.py").write_text("v = 2\n")
+        thread.join(timeout=20)
+        assert not thread.is_alive(), events
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    error = outcome.get("error")
+    assert isinstance(error, OperationalError), (error, events)
+    assert "consumer broke" in str(error) and error.exit_code == 1
+    assert any(e["event"] == "error" and e.get("fatal") for e in events)
+
+
+@pytest.mark.parametrize("name", ["new\nline.txt", "bad\udcff.txt", "esc\x1b]0;x\x07.txt"])
+def test_shown_keeps_a_name_on_one_printable_line(name):
+    from syncagent.cli import _shown
+
+    shown = _shown(name)
+    assert shown.isprintable() and "\n" not in shown
+    assert shown.encode("utf-8")  # encodable whatever the locale
