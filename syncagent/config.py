@@ -7,6 +7,7 @@ project config, then the environment fallbacks of sync-to-remote.sh, then the de
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,12 +18,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, SafetyError, TargetError
 
 __all__ = [
     "CONFIG_NAME", "Target", "Project", "find_root", "load_project", "parse_target_spec",
     "resolve_target", "user_config_dir", "user_state_dir", "write_user_target",
-    "remove_user_target", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "RESTART_SCOPES", "expand_specs",
+    "remove_user_target", "remote_path_problem", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "RESTART_SCOPES", "expand_specs",
 ]
 
 CONFIG_NAME = "syncagent.toml"
@@ -38,6 +39,14 @@ SPEC = re.compile(
     r"(?P<host>[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])"
     r"(?::(?P<port>[0-9]{1,5}))?$"
 )
+
+# A push makes its remote root equal to the local tree: whatever else is there goes. These can
+# never be a project's root (a home holds .ssh/authorized_keys; the rest belong to the system).
+SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
+                         "/lib64", "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin",
+                         "/srv", "/sys", "/tmp", "/usr", "/usr/local", "/var", "/var/tmp",
+                         "/Users"})
+_HOME_DIR = re.compile(r"/(?:home|Users)/[^/]+")
 
 
 @dataclass(frozen=True)
@@ -310,7 +319,52 @@ def resolve_target(
                         port=port)
     chosen = (remote_path or target.remote_path or env.get("REMOTE_PATH")
               or f"{target.remote_root.rstrip('/')}/{project.root.name}")
+    problem = remote_path_problem(chosen, target.remote_root)
+    if problem:
+        raise SafetyError(f"refusing remote path '{chosen}' for {target.name}: {problem}",
+                          hint="a push deletes whatever else is there; name the project's own "
+                               f"directory, e.g. ~/{project.root.name or 'project'}")
+    if not chosen.startswith(("/", "~")):  # sshd starts in the home: say so, so that a
+        chosen = f"~/{chosen}"  # remote whose HOME is not the login directory agrees
     return replace(target, remote_path=chosen, identity=identity or target.identity)
+
+
+def _depth(relative: str) -> int | None:
+    """How many directories below its start ``relative`` ends; None if it climbs above it."""
+    depth = 0
+    for part in relative.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif part not in ("", "."):
+            depth += 1
+    return depth
+
+
+def remote_path_problem(path: str, home: str = "~") -> str | None:
+    """Why ``path`` cannot be a remote project root, or None. No I/O.
+
+    Args:
+        path: the remote path as given (``~/x``, ``/srv/x``; relative means below the home).
+        home: the target's stand-in home as well (the sandbox's ``<dir>/remote``).
+    """
+    if not path.strip():
+        return "it is empty"
+    if path.startswith("~"):
+        head, _, rest = path.partition("/")
+        depth = _depth(rest)
+        if depth is None:
+            return f"it climbs out of the remote home ({head})"
+        return f"it is the remote home directory ({head})" if depth == 0 else None
+    if not path.startswith("/"):
+        return remote_path_problem("~/" + path, home)
+    norm = posixpath.normpath("/" + path.lstrip("/"))
+    if norm in SYSTEM_DIRS or _HOME_DIR.fullmatch(norm):
+        return f"{norm} is a system or home directory"
+    if home.startswith("/") and norm == posixpath.normpath(home):
+        return "it is the remote home directory"
+    return None
 
 
 def expand_specs(project: Project, specs: tuple[str, ...], all_: bool) -> list[str | None]:
