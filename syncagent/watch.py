@@ -17,7 +17,11 @@ loop keeps reading the local tree; once the files are back, or once the user con
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
+import hashlib
+import json
+import os
 import queue
 import threading
 import time
@@ -26,9 +30,9 @@ from typing import Callable
 
 from . import agent, guard, holder
 from . import restart as restart_mod
-from .config import Project, Target
-from .errors import (ConnectError, MassDeleteError, OperationalError, SyncAgentError,
-                     WorkerStartError)
+from .config import Project, Target, user_state_dir
+from .errors import (ConnectError, MassDeleteError, OperationalError, SafetyError,
+                     SyncAgentError, WorkerStartError)
 from .manifest import local_rules
 from .push import PushOptions, PushResult, Syncer
 from .watcher import Batch, Watcher
@@ -488,6 +492,37 @@ class TargetLoop(threading.Thread):
             self.emit(skipped)
 
 
+def _claim(target: Target) -> int:
+    """Be the one watch of this machine that writes to ``target``'s remote root.
+
+    Two watches of one remote path would both sync and both restart every save, and two of
+    different local trees would delete each other's files. Keyed on where the files go, not
+    on the local tree; the lock goes with the process (flock), so a killed watch leaves none.
+
+    Returns:
+        the lock's file descriptor (closed by :func:`watch` when it ends).
+    Raises:
+        SafetyError: another watch holds it.
+    """
+    key = json.dumps([target.host, target.port, target.user, target.ssh_config,
+                      target.remote_path])
+    name = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=10).hexdigest()
+    directory = user_state_dir() / "watch"
+    directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+    fd = os.open(directory / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder_pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SafetyError(f"another `syncagent watch` (pid {holder_pid}) is already syncing to "
+                          f"{target.name} ({target.remote_path})",
+                          hint="stop that one first; one watch per remote path") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: threading.Event,
           push_options: PushOptions = PushOptions(), options: WatchOptions = WatchOptions(),
           policy: str = "rolling") -> None:
@@ -501,8 +536,21 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
         SafetyError, ConfigError: every target was refused at its start (unknown host key,
             path escape, ...). Connection failures are retried with backoff, never raised; a
             mass delete halts its target (see above), it does not end the watch.
+        SafetyError: another watch on this machine already syncs to one of the targets.
     """
     targets = [targets] if isinstance(targets, Target) else list(targets)
+    claims: list[int] = []
+    try:
+        for t in targets:
+            claims.append(_claim(t))
+        _watch(project, targets, emit, stop, push_options, options, policy)
+    finally:
+        for fd in claims:
+            os.close(fd)
+
+
+def _watch(project: Project, targets: list[Target], emit: Emit, stop: threading.Event,
+           push_options: PushOptions, options: WatchOptions, policy: str) -> None:
     rules = local_rules(str(project.root), project.exclude, project.protect)
     watcher = Watcher(str(project.root), rules, quiet=options.quiet,
                       max_wait=options.max_wait, git_hold=options.git_hold,
