@@ -538,6 +538,9 @@ def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_js
         except SyncAgentError as e:  # a target that is down does not hide the others
             results.append({"target": t.name, "remote_root": t.remote_path, "error": str(e),
                             "exit_code": e.exit_code})
+    for r in results:
+        if _supervisord_down(r):
+            r["exit_code"] = max(r.get("exit_code", 0), 1)
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else {"targets": results}))
     elif len(results) == 1 and "error" not in results[0]:
@@ -548,6 +551,12 @@ def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_js
     if not code:
         _leave_holder(project, resolved, no_holder)
     sys.exit(code)
+
+
+def _supervisord_down(r: dict) -> bool:
+    """Provisioned, but its supervisord is gone (killed, or the box rebooted without --boot):
+    nothing serves, which status must say (and exit 1 for), not show as an old revision."""
+    return bool(r.get("provisioned")) and r.get("supervisord") == "down"
 
 
 def _status_detail(r: dict) -> None:
@@ -561,6 +570,10 @@ def _status_detail(r: dict) -> None:
                    f"files; nothing is applied there: {h['way_out']}")
     if not r["provisioned"]:
         click.echo(f"  worker  none (run `syncagent provision {r['target']}`)")
+        return
+    if _supervisord_down(r):
+        click.echo(f"  worker  DOWN: supervisord is not running, so no worker is (run "
+                   f"`syncagent provision {r['target']}`)")
         return
     click.echo(f"  live    {(r['live_revision'] or '-')[:7]}  {r['live_node'] or ''} "
                + ("(the pushed revision)" if r["live"] else
@@ -609,7 +622,7 @@ def _status_table(results: list[dict]) -> None:
                        f"{r['error']}")
             continue
         state = ("HALTED" if r.get("halted") else "no worker" if not r["provisioned"] else
-                 "failing" if r.get("failing") else
+                 "DOWN" if _supervisord_down(r) else "failing" if r.get("failing") else
                  "live" if r["live"] else "stale")
         last = (r.get("last_restart") or {}).get("timings", {}).get("total")
         click.echo(f"{r['target']:<14} {state:<13} {(r['pushed_revision'] or '-')[:7]:<8} "
