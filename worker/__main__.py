@@ -142,8 +142,7 @@ def _run(root: Path, install: bool, full_start: bool) -> int:
     if warning:
         log.warning("%s; run: chmod 600 %s", warning, root / envmod.ENV_FILE_NAME)
     if report.env is None:
-        _print_problems(report)
-        return 2
+        return _invalid_env(root, report)
     for message in report.warnings:
         log.warning("%s", message)
     try:
@@ -153,6 +152,26 @@ def _run(root: Path, install: bool, full_start: bool) -> int:
         return 2
     return launch.run_worker(report.env, root, install=install, full_start=full_start,
                              colour=colour)
+
+
+def _invalid_env(root: Path, report: envmod.EnvReport) -> int:
+    """A slot that cannot start for its .env.worker has failed to start like any other: its
+    error line is recorded (``status`` says "worker failing", a restart names it) and after
+    MAX_STARTS supervisord leaves it down. Run by hand (not under supervisord): exit 2."""
+    from worker import ready
+
+    _print_problems(report)
+    if not os.environ.get("SUPERVISOR_ENABLED"):
+        return 2
+    try:
+        colour = ready.colour_from_env()
+    except ValueError:
+        return 2
+    error = envmod.redact_text("invalid .env.worker: " + "; ".join(report.problems),
+                               set(envmod.secrets_of(envmod.load_values(root))))
+    count = ready.record_failed_start(root, colour, ready.read_revision(root), error,
+                                      os.getppid())
+    return ready.GAVE_UP_EXIT if count >= ready.MAX_STARTS else ready.FAILED_START_EXIT
 
 
 def _enter_ready_env(root: Path, argv: list[str]) -> None:
