@@ -736,7 +736,7 @@ def trust_cmd(target, path):
     """Show TARGET's host key fingerprint and record it in known_hosts."""
     from .transport import connect
 
-    resolved = resolve_target(target, _project(path))
+    resolved = resolve_target(target, _project(path), check_path=False)
     client, ep, recorded = connect(resolved, trust_new=True)
     client.close()
     if recorded:

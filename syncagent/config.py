@@ -286,6 +286,7 @@ def resolve_target(
     remote_path: str | None = None,
     identity: str | None = None,
     env: Mapping[str, str] | None = None,
+    check_path: bool = True,
 ) -> Target:
     """Turn a TARGET argument (or its absence) into a Target with its remote path decided.
 
@@ -295,6 +296,12 @@ def resolve_target(
         remote_path: ``--remote-path``; wins over everything.
         identity: ``--identity``; wins over the configured key.
         env: the environment for the REMOTE_HOST/USER/PORT/PATH fallbacks.
+        check_path: refuse a remote path that cannot be a project root (off for ``trust``,
+            which never touches it).
+
+    Raises:
+        TargetError: no target, or a bad spec. SafetyError: the remote path is a home, ``/``
+            or a system directory (see :func:`remote_path_problem`).
     """
     env = os.environ if env is None else env
     if spec is None:
@@ -319,7 +326,7 @@ def resolve_target(
                         port=port)
     chosen = (remote_path or target.remote_path or env.get("REMOTE_PATH")
               or f"{target.remote_root.rstrip('/')}/{project.root.name}")
-    problem = remote_path_problem(chosen, target.remote_root)
+    problem = remote_path_problem(chosen, target.remote_root) if check_path else None
     if problem:
         raise SafetyError(f"refusing remote path '{chosen}' for {target.name}: {problem}",
                           hint="a push deletes whatever else is there; name the project's own "

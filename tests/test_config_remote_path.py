@@ -45,6 +45,9 @@ def test_remote_path_from_the_environment_is_checked(tmp_path):
     assert info.value.exit_code == 3 and "remote home" in str(info.value)
     target = resolve_target("winter@gpu:2222", project, env={"REMOTE_PATH": "ClippyFront"})
     assert target.remote_path == "~/ClippyFront"
+    # `trust` only records a host key: an exported REMOTE_PATH=~ does not stop it
+    assert resolve_target("winter@gpu:2222", project, env={"REMOTE_PATH": "~"},
+                          check_path=False).remote_path == "~"
 
 
 def test_push_into_the_remote_home_is_refused_and_deletes_nothing(capsys, proj, box):
