@@ -146,3 +146,19 @@ def test_shown_keeps_a_name_on_one_printable_line(name):
     shown = _shown(name)
     assert shown.isprintable() and "\n" not in shown
     assert shown.encode("utf-8")  # encodable whatever the locale
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["push", "gpu", "--mode", "fast"], "Invalid value for '--mode': 'fast' is not one of"),
+    (["provision", "gpu", "--env", "BAD KEY=x"], "--env expects KEY=VALUE"),
+    (["watch", "gpu", "--path", "/etc/passwd"], "is a file"),
+    (["push", "gpu", "--no-such-flag"], "No such option '--no-such-flag'"),
+    (["pusj"], "No such command 'pusj'"),
+])
+def test_usage_errors_are_one_line_exit_2(capsys, args, needle):
+    from tests.test_push import one_line, run
+
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith("syncagent: error: ") and needle in line and "--help" in line
