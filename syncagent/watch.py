@@ -492,6 +492,23 @@ class TargetLoop(threading.Thread):
             self.emit(skipped)
 
 
+def _identity(root) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _root_gone(root) -> OperationalError:
+    """The watched directory was renamed, deleted or replaced (``rm -rf`` and a fresh clone):
+    what is at its path now is not what the watch reads events of, and syncing the tree it
+    sees (empty) would delete the remote's files. Stop instead, before sending anything."""
+    return OperationalError(f"the project root {root} was moved, deleted or replaced: stopped "
+                            "watching; nothing was deleted on the remote because of it",
+                            hint="run `syncagent watch` again where the project is now")
+
+
 def _claim(target: Target) -> int:
     """Be the one watch of this machine that writes to ``target``'s remote root.
 
@@ -551,6 +568,7 @@ def watch(project: Project, targets: Target | list[Target], emit: Emit, stop: th
 
 def _watch(project: Project, targets: list[Target], emit: Emit, stop: threading.Event,
            push_options: PushOptions, options: WatchOptions, policy: str) -> None:
+    root_id = _identity(project.root)
     rules = local_rules(str(project.root), project.exclude, project.protect)
     watcher = Watcher(str(project.root), rules, quiet=options.quiet,
                       max_wait=options.max_wait, git_hold=options.git_hold,
@@ -574,6 +592,8 @@ def _watch(project: Project, targets: list[Target], emit: Emit, stop: threading.
             while len(watcher.warnings) > warned:
                 emit({"event": "warning", "target": "*", "message": watcher.warnings[warned]})
                 warned += 1
+            if _identity(project.root) != root_id:
+                raise _root_gone(project.root)
             if batch is None:
                 continue
             fresh, problems = None, []
@@ -588,7 +608,8 @@ def _watch(project: Project, targets: list[Target], emit: Emit, stop: threading.
         watcher.stop()
         for loop in loops:
             loop.join(timeout=10)
-        agent.save_digest_cache(str(project.root), cache)
+        if _identity(project.root) == root_id:  # never into a tree that replaced it
+            agent.save_digest_cache(str(project.root), cache)
     fatal = [loop.fatal for loop in loops if loop.fatal is not None]
     if fatal and len(fatal) == len(loops):
         raise fatal[0]
