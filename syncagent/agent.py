@@ -46,6 +46,8 @@ __all__ = [
     "protected_name",
     "is_protected",
     "under_any",
+    "manifest_delta",
+    "apply_delta",
     "apply_batch",
     "read_frame",
     "write_frame",
@@ -194,13 +196,16 @@ class CompiledRules(object):
     rule, and one failed match of the alternation says so at a fraction of the cost. ``protect``
     is one alternation of the extra protected patterns (None: the built-in ones only)."""
 
-    __slots__ = ("ordered", "any", "protect")
+    __slots__ = ("ordered", "any", "protect", "seen")
 
     def __init__(self, wire_rules, protect=()):
         pairs = [(rx, bool(inc)) for rx, inc in wire_rules]
         self.ordered = [(re.compile(rx), inc) for rx, inc in pairs]
         self.any = _alternation(rx for rx, _ in pairs)
         self.protect = compile_protect(protect)
+        # {path (a directory's with a trailing "/"): scanning verdict}, kept by a long-lived
+        # process (an agent, a holder) that scans the same tree again and again; None: none
+        self.seen = None
 
 
 def compile_rules(wire_rules, protect=()):
@@ -265,16 +270,33 @@ def is_protected(path, extra=None):
     return extra is not None and bool(extra.match(path) or extra.match(path + "/"))
 
 
+_KEEP, _SKIP, _HOLD = 0, 1, 2  # scanning verdicts: kept, excluded, protected (reported)
+
+
 def _held(rules, rel, name, is_dir, held):
     """Scanning: True if ``rel`` is skipped. A protected path the rules let through is
     recorded in ``held`` (the dev side reports it as kept); its parents are not protected,
-    the scan never descends into a protected directory."""
-    if _excluded_by_rules(rules, rel, is_dir):
-        return True
-    if protected_name(name) or (rules.protect is not None and is_protected(rel, rules.protect)):
+    the scan never descends into a protected directory. With ``rules.seen``, each path's
+    verdict is worked out once (it depends on the rules and the path only)."""
+    seen = rules.seen
+    if seen is None:
+        verdict = _verdict(rules, rel, name, is_dir)
+    else:
+        key = rel + "/" if is_dir else rel
+        verdict = seen.get(key)
+        if verdict is None:
+            verdict = seen[key] = _verdict(rules, rel, name, is_dir)
+    if verdict == _HOLD:
         held.append(rel)
-        return True
-    return False
+    return verdict != _KEEP
+
+
+def _verdict(rules, rel, name, is_dir):
+    if _excluded_by_rules(rules, rel, is_dir):
+        return _SKIP
+    if protected_name(name) or (rules.protect is not None and is_protected(rel, rules.protect)):
+        return _HOLD
+    return _KEEP
 
 
 # ---------------------------------------------------------------- hashing and scanning
@@ -604,18 +626,24 @@ def _hash(path, rel, st, mode, cache, problems):
     return rec
 
 
-def scan_root(root, wire_rules, protect=()):
+def scan_root(root, wire_rules, protect=(), memory=None):
     """The agent's manifest request: scan with the persistent digest cache.
+
+    Args:
+        memory: what this agent keeps of ``root`` between requests (see :class:`_Memory`);
+            None: a one-off scan (the cache read from disk).
 
     Returns:
         (entries, problems, held): held lists the protected paths the rules let through."""
-    cache = load_digest_cache(root)
+    mem = _Memory(root) if memory is None else memory
+    if mem.cache is None:
+        mem.cache = load_digest_cache(root)
     problems = []
     held = []
     temps = []
-    entries = scan(root, compile_rules(wire_rules, protect), cache, problems, held=held,
+    entries = scan(root, mem.compiled(wire_rules, protect), mem.cache, problems, held=held,
                    temps=temps)
-    save_digest_cache(root, cache)
+    save_digest_cache(root, mem.cache)  # only if it changed
     for path in temps:  # left by a batch that was killed (never visible in a manifest)
         try:
             os.unlink(path)
@@ -623,6 +651,76 @@ def scan_root(root, wire_rules, protect=()):
             pass
     _LINK_INDEX.pop(root, None)  # the tree may have changed since this agent last saw it
     return entries, problems, held
+
+
+# ---------------------------------------------------------------- what an agent remembers
+# An agent lives as long as its session, and a holder (syncagent.holder) keeps its session for
+# many commands. Per root it keeps what the next manifest request can use again: the digest
+# cache (not read from disk again: 20,000 records cost 0.06 s), the compiled rules with each
+# path's verdict, and the manifest it last sent, named by a token, so that a dev side that
+# kept that manifest can ask for what changed since (a stat-level walk all the same: only
+# what crosses the wire shrinks).
+
+_RECORDS_MAX = 2000  # a batch that wrote more: the cache is read again from disk, not rebuilt
+
+
+class _Memory(object):
+    __slots__ = ("cache", "rules_key", "rules", "token", "sent")
+
+    def __init__(self, root):
+        self.cache = None  # read when first needed
+        self.rules_key = self.rules = self.token = self.sent = None
+
+    def compiled(self, wire_rules, protect):
+        """The rules compiled, again only when the request's rules differ from the last."""
+        key = json.dumps([wire_rules, protect])
+        if key != self.rules_key:
+            self.rules = compile_rules(wire_rules, protect)
+            self.rules.seen = {}
+            self.rules_key = key
+        return self.rules
+
+    def answer(self, entries, since):
+        """The manifest as sent: in full, or as the difference from the one sent with token
+        ``since`` (when it is the last this agent sent for this root); a new token either
+        way."""
+        out = {}
+        if since is not None and since == self.token and self.sent is not None:
+            changed, removed = manifest_delta(self.sent, entries)
+            out["delta"] = {"changed": to_wire(changed), "removed": removed}
+        else:
+            out["entries"] = to_wire(entries)
+        self.token = out["token"] = os.urandom(12).hex()
+        self.sent = entries
+        return out
+
+
+_MEMORY = {}  # root -> _Memory
+
+
+def _memory(root):
+    mem = _MEMORY.get(root)
+    if mem is None:
+        mem = _MEMORY[root] = _Memory(root)
+    return mem
+
+
+def manifest_delta(old, new):
+    """What turns manifest ``old`` into ``new``: ({path: entry} added or different, [paths
+    removed]). ``apply_delta(old, *manifest_delta(old, new)) == new``."""
+    changed = {p: e for p, e in new.items() if old.get(p) != e}
+    removed = [p for p in old if p not in new] if len(new) - len(changed) != len(old) else []
+    return changed, removed
+
+
+def apply_delta(old, changed, removed):
+    """A new manifest: ``old`` without ``removed``, with ``changed`` (``old`` is left as it
+    is)."""
+    out = dict(old)
+    for p in removed:
+        out.pop(p, None)
+    out.update(changed)
+    return out
 
 
 # ---------------------------------------------------------------- path safety
@@ -1196,18 +1294,26 @@ def _apply_deletes(dirs, deletes, kept):
 
 
 def _update_cache(root, batch, digests, stats):
-    """Record what was just written so the next manifest needs no re-hash."""
-    cache = load_digest_cache(root)
+    """Record what was just written so the next manifest needs no re-hash: in the cache this
+    agent keeps for ``root`` (a small batch), or in the one on disk (read again next time)."""
+    mem = _MEMORY.get(root)
+    kept = mem is not None and mem.cache is not None and len(digests) <= _RECORDS_MAX
+    cache = mem.cache if kept else load_digest_cache(root)
     for d in batch.get("deletes", []):
         cache.pop(d["path"], None)
     for path, digest in digests.items():
         st = stats[path]
         # the digest is of the very bytes this process wrote: not racy, whatever the times
         changed = max(st.st_mtime_ns, st.st_ctime_ns)
-        # an on-disk row, not a record: this cache is only saved (20,000 records cost 0.17 s)
-        cache[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
-                       changed + RACY_NS, st.st_mode & 0o777]
+        row = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+               changed + RACY_NS, st.st_mode & 0o777]
+        # a record in a kept cache; else an on-disk row: that cache is only saved (20,000
+        # records cost 0.17 s)
+        cache[path] = Entry("f", row[0], row[1], row[6], digest, None, row[2], row[3],
+                            row[5]) if kept else row
     save_digest_cache(root, cache)
+    if mem is not None and not kept:
+        mem.cache = None
 
 
 def to_wire(entries):
@@ -2236,11 +2342,15 @@ def handle(req, inp):
         if not os.path.isdir(root):
             return {"root": root, "exists": False, "entries": {}, "problems": [],
                     "revision": None}
-        entries, problems, held = scan_root(root, req.get("rules", []), req.get("protect", []))
-        return {"root": root, "exists": True, "entries": to_wire(entries),
-                "problems": problems, "protected": held, "revision": read_revision(root),
-                "provisioned": os.path.exists(supervisor_socket(root)),
-                "imports": live_imports(root)}
+        mem = _memory(root)
+        entries, problems, held = scan_root(root, req.get("rules", []), req.get("protect", []),
+                                            mem)
+        body = mem.answer(entries, req.get("since"))  # "entries", or a "delta" since then
+        body.update({"root": root, "exists": True, "problems": problems, "protected": held,
+                     "revision": read_revision(root),
+                     "provisioned": os.path.exists(supervisor_socket(root)),
+                     "imports": live_imports(root)})
+        return body
     if op == "apply":
         root = _root(req)
         batch = req.get("batch")

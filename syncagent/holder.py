@@ -6,8 +6,10 @@ exits after ``holder_idle`` seconds without a command. A later command hands it 
 a 0600 unix socket; the holder runs the very same command code on its held session (so the
 safety policy, protected paths, exit codes and ``--json`` output are those of a direct run)
 and answers with the command's output and exit code. It revalidates both sides each time:
-the local tree is scanned with the digest cache (stat-level, racy entries re-hashed) and the
-remote manifest is read afresh from the agent.
+the local tree is scanned with the digest cache kept in memory (stat-level, racy entries
+re-hashed), and the agent walks the remote tree again, sending only what changed since the
+manifest it sent last time (``push.Warm``; the holder keeps that manifest). The digest cache
+is written to disk after the answer.
 
 The holder is never required: when none answers, or it dies mid-command, the client runs the
 command directly. The client side (``forward``, ``spawn``) imports only the standard library
@@ -267,7 +269,7 @@ def _held_session_class():
     return HeldSession
 
 
-def _run(request: dict, held: _Held) -> dict:
+def _run(request: dict, held: _Held, warm) -> dict:
     """One client's command, run here exactly as the client would have run it."""
     from .cli import main
 
@@ -288,6 +290,7 @@ def _run(request: dict, held: _Held) -> dict:
         os.environ.update(saved_env)
     if code != 0:  # after a failure, start the next command on a new connection
         held.drop()
+        warm.forget()
     return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
 
 
@@ -323,12 +326,14 @@ def serve(root: str, target: Target, idle: float) -> None:
     wait their turn) until ``idle`` seconds pass without one."""
     global SERVING
     SERVING = True
+    from .push import Warm
     from .session import Session
 
     path = socket_path(root, target)
     sock, _lock, inode = _listen(path)
     held = _Held(target)
     Session.provider = held.open
+    warm = Warm.held = Warm(os.path.realpath(root), keep=True)
     served = 0
     try:
         try:
@@ -351,7 +356,7 @@ def serve(root: str, target: Target, idle: float) -> None:
                         _send(conn, {"pid": os.getpid(), "served": served,
                                      "connected": held.session is not None})
                     elif request.get("op") == "run":
-                        answer = _run(request, held)
+                        answer = _run(request, held, warm)
                         served += 1
                         _send(conn, answer)
                 except (OSError, ValueError, KeyError, struct.error) as e:
@@ -359,11 +364,15 @@ def serve(root: str, target: Target, idle: float) -> None:
                 except Exception as e:  # no answer: the client runs the command itself
                     print(f"holder: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     held.drop()
+                    warm.forget()
+            warm.save()  # the client has its answer: the cache write is off its clock
     finally:
         if path.exists() and os.stat(path).st_ino == inode:  # not a successor's
             path.unlink()
         sock.close()
         Session.provider = None
+        Warm.held = None
+        warm.save()
         held.drop()
 
 

@@ -19,7 +19,8 @@ from . import agent
 from .agent import Entry
 from .ignore import Rules, build_rules
 
-__all__ = ["Entry", "LocalScan", "find_gitignores", "local_rules", "scan_local", "from_wire"]
+__all__ = ["Entry", "LocalScan", "find_gitignores", "local_rules", "scan_local", "from_wire",
+           "unchanged"]
 
 
 @dataclass
@@ -33,46 +34,88 @@ class LocalScan:
         return [p for p, _ in self.problems]
 
 
-def find_gitignores(root: str, base: Rules) -> dict[str, list[str]]:
-    """{directory relative to root: lines} for every .gitignore outside excluded directories."""
+def find_gitignores(root: str, base: Rules, stamps: dict | None = None
+                    ) -> dict[str, list[str]]:
+    """{directory relative to root: lines} for every .gitignore outside excluded directories.
+
+    Args:
+        stamps: filled with {path: stat stamp} of every directory listed and every .gitignore
+            read (see :func:`unchanged`): what a later look can check instead of walking.
+    """
     compiled = base.compiled()
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        rel = "" if rel == "." else rel.replace(os.sep, "/")
-        dirnames[:] = [
-            d for d in dirnames
-            if not agent.is_excluded(compiled, f"{rel}/{d}" if rel else d, True)
-        ]
-        if ".gitignore" in filenames:
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        try:
+            if stamps is not None:  # before the listing: a change after it shows next time
+                stamps[(path, False)] = _stamp(os.lstat(path))
+            listing = list(os.scandir(path))
+        except OSError:
+            continue
+        for de in listing:
             try:
-                with open(os.path.join(dirpath, ".gitignore"), encoding="utf-8",
-                          errors="surrogateescape") as f:
-                    found[rel] = f.read().splitlines()
+                is_dir = de.is_dir()  # as os.walk: a link to a directory is listed, not entered
             except OSError:
                 continue
+            if is_dir:
+                sub = f"{rel}/{de.name}" if rel else de.name
+                if not de.is_symlink() and not agent.is_excluded(compiled, sub, True):
+                    stack.append(sub)
+            elif de.name == ".gitignore":
+                try:
+                    if stamps is not None:
+                        stamps[(de.path, True)] = _stamp(os.stat(de.path))
+                    with open(de.path, encoding="utf-8", errors="surrogateescape") as f:
+                        found[rel] = f.read().splitlines()
+                except OSError:
+                    continue
     return found
 
 
-def local_rules(root: str, extra: Sequence[str] = (), protect: Sequence[str] = ()) -> Rules:
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size
+
+
+def unchanged(stamps: dict, since_ns: int) -> bool:
+    """True if every path ``find_gitignores`` stamped at ``since_ns`` (a clock reading taken
+    before the walk) is as it was then: no .gitignore added, removed or edited, no directory
+    added or removed where the walk went. Stamps taken less than ``agent.RACY_NS`` after a
+    change vouch for nothing (the racy-entry rule: a later change in the same tick would not
+    show)."""
+    for (path, follow), stamp in stamps.items():
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError:
+            return False
+        if _stamp(st) != stamp or since_ns - max(stamp[0], stamp[1]) < agent.RACY_NS:
+            return False
+    return True
+
+
+def local_rules(root: str, extra: Sequence[str] = (), protect: Sequence[str] = (),
+                stamps: dict | None = None) -> Rules:
     """The rules for this tree: defaults, its .gitignore files, then the config's patterns;
-    protection after them all."""
+    protection after them all. ``stamps``: as for :func:`find_gitignores`."""
     base = build_rules(extra, protect=protect)
-    return build_rules(extra, find_gitignores(root, base), protect=protect)
+    return build_rules(extra, find_gitignores(root, base, stamps), protect=protect)
 
 
-def scan_local(root: str, rules: Rules, cache: dict | None = None) -> LocalScan:
+def scan_local(root: str, rules: Rules, cache: dict | None = None, save: bool = True
+               ) -> LocalScan:
     """Scan the dev tree, re-hashing only files the digest cache cannot vouch for.
 
     Args:
-        cache: the digest cache to use and update (default: loaded from the tree's state dir);
-            it is saved back either way.
+        cache: the digest cache to use and update (default: loaded from the tree's state dir).
+        save: write it back now, if it changed (a holder writes it after answering).
     """
     cache = agent.load_digest_cache(root) if cache is None else cache
     problems: list[tuple[str, str]] = []
     held: list[str] = []
     entries = agent.scan(root, rules.compiled(), cache, problems, held=held)
-    agent.save_digest_cache(root, cache)
+    if save:
+        agent.save_digest_cache(root, cache)
     return LocalScan(entries, problems, held)
 
 

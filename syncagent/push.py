@@ -8,10 +8,11 @@ manifest kept in memory.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 from . import agent, guard
 from . import restart as restart_mod
@@ -19,12 +20,12 @@ from .config import Project, Target
 from .errors import (MassDeleteError, OperationalError, PathEscapeError, SyncAgentError,
                      WorkerStartError)
 from .ignore import Rules, restart_matcher
-from .manifest import Entry, LocalScan, local_rules, scan_local
+from .manifest import Entry, LocalScan, local_rules, scan_local, unchanged
 from .plan import (MASS_DELETE_MIN, Ledger, Plan, Verdict, apply_plan, escaping_links,
                    judge, plan, revision)
 from .session import RemoteTree, Session
 
-__all__ = ["PushOptions", "PushResult", "FleetResult", "Syncer", "push", "push_many"]
+__all__ = ["PushOptions", "PushResult", "FleetResult", "Syncer", "Warm", "push", "push_many"]
 
 MAX_PASSES = 3  # files that change while being sent get another pass
 Progress = Callable[[int, int, int, int], None]  # bytes sent, bytes total, files sent, total
@@ -72,6 +73,84 @@ class PushResult:
         return out
 
 
+class Warm:
+    """What one process keeps of both trees from one command to the next: the local digest
+    cache, and each target's remote manifest as its agent last sent it (with the token that
+    lets the agent answer the next request with only what changed). A holder
+    (``syncagent.holder``) keeps one for as long as it lives; a direct command starts with an
+    empty one: the same code, nothing known. Nothing here is trusted without a look: the
+    cache vouches for a file only when its stat still matches, and a remote manifest is only
+    the base the agent's own fresh walk is compared with.
+    """
+
+    held: ClassVar["Warm | None"] = None  # set in a holder process: its commands share it
+
+    def __init__(self, root: str, keep: bool = False):
+        self.root = root
+        self.keep = keep  # a holder's: the cache is saved after the answer (``save``)
+        self.cache: agent.DigestCache | None = None
+        self.remote: dict[tuple[str, str], tuple[str, dict[str, Entry]]] = {}
+        self._revision: tuple[dict[str, Entry], str] | None = None  # (local manifest, its rev)
+        self._rules: tuple | None = None  # (config patterns, Rules, stamps, when found)
+
+    @classmethod
+    def for_command(cls, root: str) -> "Warm":
+        """The holder's, when this process is one for ``root``; else an empty one."""
+        held = cls.held
+        if held is not None and held.root == os.path.realpath(root):
+            return held
+        return cls(os.path.realpath(root))
+
+    def digest_cache(self) -> "agent.DigestCache":
+        if self.cache is None:
+            self.cache = agent.load_digest_cache(self.root)
+        return self.cache
+
+    def rules(self, project: Project) -> Rules:
+        """The tree's rules: the .gitignore files found again only when a look at what the
+        last search saw (its directories and .gitignore files) finds a change."""
+        key = (tuple(project.exclude), tuple(project.protect))
+        kept = self._rules
+        if kept is None or kept[0] != key or not unchanged(kept[2], kept[3]):
+            stamps: dict = {}
+            since = time.time_ns()
+            rules = local_rules(str(project.root), project.exclude, project.protect, stamps)
+            kept = self._rules = (key, rules, stamps, since)
+        rules = kept[1]
+        compiled = rules.compiled()
+        if self.keep and compiled.seen is None:  # the same rules scan the same tree again
+            compiled.seen = {}
+        return rules
+
+    def known(self, target: Target) -> tuple[str, dict[str, Entry]] | None:
+        return self.remote.get((target.name, target.remote_path or ""))
+
+    def remember(self, target: Target, tree: RemoteTree) -> None:
+        """Keep ``tree`` as the agent sent it (a copy: the command changes its own)."""
+        key = (target.name, target.remote_path or "")
+        if tree.token and tree.exists:
+            self.remote[key] = (tree.token, dict(tree.entries))
+        else:
+            self.remote.pop(key, None)
+
+    def revision(self, local: dict[str, Entry]) -> str:
+        """``plan.revision(local)``, hashed again only when the local manifest differs from the
+        last one (a no-op command compares 20,000 records, where hashing them took 0.04 s)."""
+        memo = self._revision
+        if memo is None or memo[0] != local:
+            memo = self._revision = (dict(local), revision(local))
+        return memo[1]
+
+    def forget(self) -> None:
+        """After a failed command: the next one reads the remote in full."""
+        self.remote.clear()
+
+    def save(self) -> None:
+        """Write the digest cache (only if it changed), as a direct command does at once."""
+        if self.cache is not None:
+            agent.save_digest_cache(self.root, self.cache)
+
+
 def _changed_paths(p: Plan) -> list[str]:
     return sorted({u.path for u in p.uploads} | {ln.path for ln in p.links}
                   | {d.path for d in p.dirs} | {c.path for c in p.chmods}
@@ -82,8 +161,10 @@ class Syncer:
     """One target: its session, the local and remote manifests as last seen, and the rules."""
 
     def __init__(self, project: Project, target: Target, options: PushOptions = PushOptions(),
-                 rules: Rules | None = None, cache: dict | None = None):
+                 rules: Rules | None = None, cache: dict | None = None,
+                 warm: Warm | None = None):
         self.project = project
+        self.warm = warm  # None: a watch's, which keeps its own manifests in memory
         self.target = target
         self.options = options
         self.root = str(project.root)
@@ -119,8 +200,11 @@ class Syncer:
         return self._read_remote()
 
     def _read_remote(self) -> RemoteTree:
+        known = self.warm.known(self.target) if self.warm is not None else None
         tree = self.session.manifest(self.target.remote_path, self.rules.to_wire(),
-                                     self.rules.protect_wire())
+                                     self.rules.protect_wire(), known)
+        if self.warm is not None:
+            self.warm.remember(self.target, tree)
         self.remote = tree.entries
         self.remote_root = tree.root
         self.provisioned = tree.provisioned
@@ -203,11 +287,12 @@ class Syncer:
             t0 = time.perf_counter()
             p = plan(local.entries, self.remote, keep=local.unreadable)
             durations.setdefault("plan", time.perf_counter() - t0)
-            self.remote = _share_equal(self.remote, self.local)
+            if self.warm is None:  # a watch keeps its manifests: one copy of what is equal
+                self.remote = _share_equal(self.remote, self.local)
             if _pass == 0:
                 self._check_safety(p)
             step = self._apply(p, progress, dry_run=self.options.dry_run,
-                               force_marker=remote.revision != revision(local.entries))
+                               force_marker=remote.revision != self._local_revision())
             result = step if result is None else _merge(result, step)
             if self.options.dry_run or not step.unsettled:
                 break
@@ -226,9 +311,13 @@ class Syncer:
         result.durations = durations
         return result
 
+    def _local_revision(self) -> str:
+        return revision(self.local) if self.warm is None else self.warm.revision(self.local)
+
     def scan_all(self) -> LocalScan:
         """The whole local tree (re-hashing only what the digest cache cannot vouch for)."""
-        return scan_local(self.root, self.rules, self.cache)
+        return scan_local(self.root, self.rules, self.cache,
+                          save=self.warm is None or not self.warm.keep)
 
     # ---------------------------------------------------------------- partial sync
 
@@ -359,7 +448,7 @@ class Syncer:
 
     def _apply(self, p: Plan, progress: Progress | None, dry_run: bool,
                force_marker: bool) -> PushResult:
-        rev = revision(self.local)
+        rev = self._local_revision()
         result = PushResult(target=self.target.name, remote_root=self.remote_root, revision=rev,
                             changed=not p.empty, dry_run=dry_run, local_files=len(self.local),
                             plan=p, paths=_changed_paths(p))
@@ -445,7 +534,8 @@ class FleetResult:
 
 
 def push_many(project: Project, targets: list[Target], options: PushOptions = PushOptions(),
-              policy: str = "rolling", progress: Progress | None = None) -> FleetResult:
+              policy: str = "rolling", progress: Progress | None = None,
+              warm: Warm | None = None) -> FleetResult:
     """Make every target equal to the local tree, then restart the workers that need it.
 
     The local tree is scanned and hashed once; connections and transfers run concurrently,
@@ -456,8 +546,11 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
 
     Args:
         progress: called as for :func:`push`; only used with a single target.
+        warm: what is known of both trees from earlier commands (default: a holder's, in a
+            holder process; else nothing).
     """
     t_start = time.perf_counter()
+    warm = Warm.for_command(str(project.root)) if warm is None else warm
     fleet = FleetResult()
     trees: dict[str, tuple[RemoteTree, float]] = {}
     syncers: list[Syncer] = []
@@ -487,9 +580,9 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
 
     try:
         with pool:
-            rules = local_rules(str(project.root), project.exclude, project.protect)
-            cache = agent.load_digest_cache(str(project.root))
-            syncers += [Syncer(project, t, options, rules, cache) for t in targets]
+            rules = warm.rules(project)
+            cache = warm.digest_cache()
+            syncers += [Syncer(project, t, options, rules, cache, warm) for t in targets]
             connecting = _each(pool, connect, syncers)
             t0 = time.perf_counter()
             local = syncers[0].scan_all()  # once, while the connections come up

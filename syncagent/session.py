@@ -92,6 +92,7 @@ class RemoteTree:
     provisioned: bool = False  # a supervisord-managed worker lives under the root
     protected: list = field(default_factory=list)  # kept by the agent though the rules let them
     imports: list | None = None  # project files the serving worker imported (None: unknown)
+    token: str | None = None  # names this manifest to the agent that sent it (see manifest())
 
 
 class _Channel:
@@ -291,14 +292,31 @@ class Session:
                 chan.settimeout(60)
         return time.monotonic() - t0
 
-    def manifest(self, root: str, rules_wire: list, protect: list | None = None) -> RemoteTree:
-        body = self.request({"op": "manifest", "root": root, "rules": rules_wire,
-                             "protect": protect or []})
+    def manifest(self, root: str, rules_wire: list, protect: list | None = None,
+                 known: tuple[str, dict[str, Entry]] | None = None) -> RemoteTree:
+        """The remote tree as the agent scans it now (stat-level, with its digest cache).
+
+        Args:
+            known: (token, entries) of a manifest this session's agent sent earlier, kept as
+                it came: the agent may then send only what changed since (its own walk
+                decides what did). An agent that did not send it (a new session) sends all.
+        """
+        request = {"op": "manifest", "root": root, "rules": rules_wire,
+                   "protect": protect or []}
+        if known is not None:
+            request["since"] = known[0]
+        body = self.request(request)
+        if "delta" in body and known is not None:
+            delta = body["delta"]
+            entries = agent.apply_delta(known[1], from_wire(delta["changed"]),
+                                        delta["removed"])
+        else:
+            entries = from_wire(body["entries"])
         rev = body.get("revision") or {}
-        return RemoteTree(body["root"], body["exists"], from_wire(body["entries"]),
+        return RemoteTree(body["root"], body["exists"], entries,
                           rev.get("revision"), body.get("problems", []),
                           bool(body.get("provisioned")), body.get("protected", []),
-                          body.get("imports"))
+                          body.get("imports"), body.get("token"))
 
     def restart(self, root: str, revision: str, mode: str = "blue-green",
                 timeout: float = 120.0, grace: float = 3.0) -> dict:
