@@ -643,7 +643,10 @@ def scan_root(root, wire_rules, protect=(), memory=None):
     temps = []
     entries = scan(root, mem.compiled(wire_rules, protect), mem.cache, problems, held=held,
                    temps=temps)
-    save_digest_cache(root, mem.cache)  # only if it changed
+    if memory is None:
+        save_digest_cache(root, mem.cache)  # only if it changed
+    else:
+        _UNSAVED.add(root)  # saved once the answer is sent
     for path in temps:  # left by a batch that was killed (never visible in a manifest)
         try:
             os.unlink(path)
@@ -696,6 +699,17 @@ class _Memory(object):
 
 
 _MEMORY = {}  # root -> _Memory
+_UNSAVED = set()  # roots whose kept digest cache may hold what the disk does not yet
+
+
+def save_kept():
+    """Write the kept digest caches that changed: after an answer is sent, off the dev side's
+    clock (a killed agent loses only hints: the files they covered are hashed again)."""
+    while _UNSAVED:
+        root = _UNSAVED.pop()
+        mem = _MEMORY.get(root)
+        if mem is not None and mem.cache is not None:
+            save_digest_cache(root, mem.cache)
 
 
 def _memory(root):
@@ -1311,9 +1325,12 @@ def _update_cache(root, batch, digests, stats):
         # records cost 0.17 s)
         cache[path] = Entry("f", row[0], row[1], row[6], digest, None, row[2], row[3],
                             row[5]) if kept else row
-    save_digest_cache(root, cache)
-    if mem is not None and not kept:
-        mem.cache = None
+    if kept:
+        _UNSAVED.add(root)  # saved once the answer is sent
+    else:
+        save_digest_cache(root, cache)
+        if mem is not None:
+            mem.cache = None
 
 
 def to_wire(entries):
@@ -2392,17 +2409,21 @@ def serve(inp, out):
         try:
             req = _request(inp)
         except EOFError:
+            save_kept()
             return 0
         except AgentFailure as e:
             _send(out, {"error": {"type": e.kind, "message": e.message}})
+            save_kept()
             return 1  # the stream can no longer be trusted
         if req["op"] == "bye":
             _send(out, {"bye": True, "error": None})
+            save_kept()
             return 0
         try:
             body = handle(req, inp)
             body["error"] = None
         except EOFError:
+            save_kept()
             return 0
         except AgentFailure as e:
             body = {"error": {"type": e.kind, "message": e.message}}
@@ -2412,6 +2433,7 @@ def serve(inp, out):
         except Exception as e:  # never a traceback over the wire
             body = {"error": {"type": "Internal", "message": type(e).__name__}}
         _send(out, body)
+        save_kept()
 
 
 def main():

@@ -92,6 +92,7 @@ class Warm:
         self.remote: dict[tuple[str, str], tuple[str, dict[str, Entry]]] = {}
         self._revision: tuple[dict[str, Entry], str] | None = None  # (local manifest, its rev)
         self._rules: tuple | None = None  # (config patterns, Rules, stamps, when found)
+        self._plan: tuple | None = None  # (local, remote, keep, the plan for them)
 
     @classmethod
     def for_command(cls, root: str) -> "Warm":
@@ -140,6 +141,15 @@ class Warm:
         if memo is None or memo[0] != local:
             memo = self._revision = (dict(local), revision(local))
         return memo[1]
+
+    def plan(self, local: dict[str, Entry], remote: dict[str, Entry], keep: list[str]) -> Plan:
+        """``plan.plan(local, remote, keep)`` (a pure function), worked out again only when an
+        argument differs from the last call's (planning 20,000 paths took 0.025 s)."""
+        memo = self._plan
+        if memo is None or memo[2] != keep or memo[0] != local or memo[1] != remote:
+            memo = self._plan = (dict(local), dict(remote), list(keep),
+                                 plan(local, remote, keep=keep))
+        return memo[3]
 
     def forget(self) -> None:
         """After a failed command: the next one reads the remote in full."""
@@ -285,7 +295,8 @@ class Syncer:
         for _pass in range(MAX_PASSES):
             self.local = local.entries
             t0 = time.perf_counter()
-            p = plan(local.entries, self.remote, keep=local.unreadable)
+            p = (plan(local.entries, self.remote, keep=local.unreadable) if self.warm is None
+                 else self.warm.plan(local.entries, self.remote, local.unreadable))
             durations.setdefault("plan", time.perf_counter() - t0)
             if self.warm is None:  # a watch keeps its manifests: one copy of what is equal
                 self.remote = _share_equal(self.remote, self.local)
