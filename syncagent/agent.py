@@ -720,11 +720,24 @@ def _memory(root):
 
 
 def manifest_delta(old, new):
-    """What turns manifest ``old`` into ``new``: ({path: entry} added or different, [paths
-    removed]). ``apply_delta(old, *manifest_delta(old, new)) == new``."""
-    changed = {p: e for p, e in new.items() if old.get(p) != e}
-    removed = [p for p in old if p not in new] if len(new) - len(changed) != len(old) else []
+    """What turns manifest ``old`` into ``new`` as sent (``to_wire``): ({path: entry} added or
+    different, [paths removed]), so that ``to_wire(apply_delta(old, *manifest_delta(old,
+    new))) == to_wire(new)``. A record that differs in what is not sent only (a file hashed
+    again: its times) is left out."""
+    changed = {}
+    for p, e in new.items():
+        o = old.get(p)
+        if o != e and (o is None or not _same_on_wire(o, e)):
+            changed[p] = e
+    unchanged = len(new) - len(changed)  # all of them paths of ``old`` too
+    removed = [p for p in old if p not in new] if unchanged != len(old) else []
     return changed, removed
+
+
+def _same_on_wire(a, b):
+    """Kind, digest form and mode (the first four bytes), digest and link target (the tail):
+    what ``to_wire`` sends of a record."""
+    return a[:4] == b[:4] and a[_HEAD.size:] == b[_HEAD.size:]
 
 
 def apply_delta(old, changed, removed):

@@ -290,3 +290,55 @@ def test_chmod_of_an_unreadable_file_works_for_its_owner(tmp_path):
         assert (root / "f").stat().st_mode & 0o777 == 0o640
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- manifests since a token
+
+record = st.one_of(  # records as a scan makes them: the times vary, what is sent may not
+    st.builds(lambda mode, digest, t: agent.Entry("f", 3, t, mode, digest, None, t, 7, t),
+              st.sampled_from([0o644, 0o755]), st.sampled_from(["a" * 40, "b" * 40, "zz"]),
+              st.integers(0, 2)),
+    st.builds(lambda mode: agent.Entry("d", 0, 0, mode), st.sampled_from([0o755, 0o700])),
+    st.builds(lambda link: agent.Entry("l", 0, 0, 0, None, link), st.sampled_from(["x", "../y"])),
+)
+manifests = st.dictionaries(st.sampled_from(["a", "b", "a/b", "a/c", "d/e/f", "ü", "s p"]),
+                            record)
+
+
+@given(manifests, manifests)
+def test_a_delta_applied_to_the_old_manifest_gives_the_new_one(old, new):
+    changed, removed = agent.manifest_delta(old, new)
+    before = dict(old)
+    assert agent.to_wire(agent.apply_delta(old, changed, removed)) == agent.to_wire(new)
+    assert old == before  # the base is left as it was: the caller may keep it
+    assert set(changed) <= set(new) and not set(removed) & set(new)
+    assert all(agent.to_wire({p: e})[p] != agent.to_wire({p: old[p]})[p]
+               for p, e in changed.items() if p in old)  # nothing sent that reads the same
+    # as it crosses the wire: the dev side applies it to the manifest it was sent before
+    assert agent.apply_delta(agent.from_wire(agent.to_wire(old)),
+                             agent.from_wire(agent.to_wire(changed)), removed) == \
+        agent.from_wire(agent.to_wire(new))
+
+
+def test_manifest_since_a_token_is_what_changed_and_an_unknown_token_gets_all(tmp_path):
+    root = tmp_path / "r"
+    (root / "d").mkdir(parents=True)
+    for name in ("a.py", "b.py", "d/c.py"):
+        (root / name).write_text(name)
+    ask = {"op": "manifest", "root": str(root), "rules": build_rules().to_wire()}
+    first = agent.handle(dict(ask), None)
+    assert "delta" not in first and set(first["entries"]) == {"a.py", "b.py", "d", "d/c.py"}
+    quiet = agent.handle(dict(ask, since=first["token"]), None)
+    assert quiet["delta"] == {"changed": {}, "removed": []} and "entries" not in quiet
+    assert quiet["token"] != first["token"]
+    (root / "a.py").unlink()
+    (root / "b.py").chmod(0o700)
+    (root / "d" / "c.py").write_text("c.P")  # same size; the ctime still tells
+    changed = agent.handle(dict(ask, since=quiet["token"]), None)
+    assert changed["delta"]["removed"] == ["a.py"]
+    assert set(changed["delta"]["changed"]) == {"b.py", "d/c.py"}
+    # a token that is not the last one this agent sent for this root: everything
+    for since in (first["token"], "not-a-token"):
+        again = agent.handle(dict(ask, since=since), None)
+        assert "delta" not in again
+        assert again["entries"] == agent.to_wire(scan(str(root), RULES))

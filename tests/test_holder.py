@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from syncagent import agent, holder
-from syncagent.config import load_project, resolve_target
+from syncagent.config import Target, load_project, resolve_target
+from syncagent.ignore import build_rules
+from syncagent.manifest import find_gitignores, unchanged
+from syncagent.session import Session
 from tests.helpers.procs import pid_running, wait_until
 from tests.test_push import run, view
 
@@ -137,6 +143,143 @@ def test_stale_holder_after_the_remote_changed_under_it(capsys, proj):
     assert code == 0, err
     assert served(root) == 2 and json.loads(out)["changed"]
     assert view(remote) == view(root)
+
+
+def test_stale_holder_after_every_kind_of_remote_change(capsys, proj):
+    """The holder's remote manifest is only the base of the agent's answer: what changed
+    behind its back (kinds, modes, same-size edits with the mtime put back) is found by the
+    agent's own walk and put right."""
+    root, remote = proj
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "pkg" / "sub" / "deep.py").write_text("deep\n")
+    (root / "lib.py").write_text("lib\n")
+    (root / "ln").symlink_to("lib.py")
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    assert push(capsys, root)[0] == 0 and served(root) == 1  # the holder holds a manifest
+    st = (remote / "m08.py").stat()
+    (remote / "m08.py").write_text("x = 8 \n"[::-1])  # same size, same mtime
+    os.utime(remote / "m08.py", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (remote / "lib.py").unlink()
+    (remote / "lib.py").mkdir()  # a file replaced by a directory
+    (remote / "lib.py" / "inside").write_text("?")
+    shutil.rmtree(remote / "pkg")
+    (remote / "pkg").write_text("a directory replaced by a file")
+    (remote / "ln").unlink()
+    (remote / "ln").symlink_to("m09.py")
+    (remote / "m10.py").chmod(0o600)
+    code, out, err = push(capsys, root, "--json")
+    assert code == 0, err
+    assert served(root) == 2 and json.loads(out)["changed"]
+    assert view(remote) == view(root)
+    assert json.loads(push(capsys, root, "--json")[1])["changed"] is False  # and it stays so
+
+
+def test_held_manifest_since_a_token_equals_a_full_one_after_random_changes(box, tmp_path):
+    """One held session (as a holder keeps it), its agent answering with what changed since
+    the manifest it sent last; after each round of random changes behind its back, what the
+    dev side makes of that equals a full manifest from a fresh agent (which does not know the
+    token and sends everything)."""
+    target = Target("sbx", "sbx", ssh_config=box.ssh_config, remote_root=box.remote_root)
+    remote = Path(box.remote_root) / f"delta-{tmp_path.name}"
+    rules = build_rules()
+    rng = random.Random(12)
+    names = [f"d{i}" for i in range(3)] + [f"d{i}/f{j}" for i in range(3) for j in range(4)] + [
+        f"f{i}" for i in range(6)] + ["d0/x/deep", "d1/x"]
+
+    def change() -> None:
+        path = remote / rng.choice(names)
+        what = rng.choice(["write", "same", "rm", "chmod", "mkdir", "link"])
+        if what != "same" and (path.is_dir() and not path.is_symlink()):
+            shutil.rmtree(path)
+        elif what != "same" and (path.exists() or path.is_symlink()):
+            path.unlink()
+        if not path.parent.is_dir():
+            return
+        if what == "write":
+            path.write_text(rng.choice("abc") * rng.randrange(1, 5))
+        elif what == "same" and path.is_file() and not path.is_symlink():
+            st = path.stat()
+            path.write_bytes(bytes(b ^ 1 for b in path.read_bytes()))
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        elif what == "chmod":
+            path.write_text("m")
+            path.chmod(rng.choice([0o600, 0o755]))
+        elif what == "mkdir":
+            path.mkdir()
+        elif what == "link":
+            path.symlink_to(rng.choice(["f0", "../f1", "d0"]))
+
+    remote.mkdir()
+    for _ in range(40):
+        change()
+    with Session.open_new(target) as held:
+        tree = held.manifest(str(remote), rules.to_wire())
+        for _round in range(8):
+            for _ in range(rng.randrange(1, 8)):
+                change()
+            known = (tree.token, dict(tree.entries))
+            tree, body = answered(held, lambda s: s.manifest(str(remote), rules.to_wire(),
+                                                                known=known))
+            assert "delta" in body and "entries" not in body
+            with Session.open_new(target) as fresh:
+                full, body = answered(fresh, lambda s: s.manifest(str(remote), rules.to_wire(),
+                                                                    known=known))
+            assert "entries" in body and "delta" not in body  # not its token: all of it
+            assert tree.entries == full.entries
+            assert agent.to_wire(tree.entries) == agent.to_wire(
+                agent.scan(str(remote), rules.compiled()))
+    shutil.rmtree(remote)
+
+
+def answered(session, ask):
+    """``ask(session)``, and the agent's last answer body as it came."""
+    bodies = []
+    request = session.request
+    session.request = lambda obj: bodies.append(request(obj)) or bodies[-1]
+    try:
+        return ask(session), bodies[-1]
+    finally:
+        del session.request
+
+
+def test_rules_are_searched_again_after_a_change_where_the_search_went(tmp_path):
+    """A holder keeps the tree's rules while the directories and .gitignore files the last
+    search saw are unchanged (and were not changed just before it: the racy rule)."""
+    root = tmp_path / "p"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / ".gitignore").write_text("*.log\n")
+    (root / "node_modules").mkdir()  # excluded by default: the search does not go there
+    edits = [lambda: (root / "a" / "b" / ".gitignore").write_text("x\n"),
+             lambda: (root / "a" / ".gitignore").write_text("*.tmp\n"),
+             lambda: (root / "a" / ".gitignore").unlink(),
+             lambda: (root / "new").mkdir(),
+             lambda: shutil.rmtree(root / "a" / "b")]
+    for edit in edits:
+        stamps: dict = {}
+        since = time.time_ns()
+        find_gitignores(str(root), build_rules(), stamps)
+        assert not unchanged(stamps, since)  # just changed: the stamps vouch for nothing
+        later = since + 10 * agent.RACY_NS  # as if the search had come long after
+        assert unchanged(stamps, later)
+        (root / "node_modules" / ".gitignore").write_text("!*\n")
+        assert unchanged(stamps, later)  # where the search does not go
+        edit()
+        assert not unchanged(stamps, later)
+
+
+def test_a_gitignore_added_while_the_holder_runs_is_honoured(capsys, proj):
+    root, remote = proj
+    (root / "logs2").mkdir()
+    (root / "logs2" / "a.txt").write_text("a")
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    assert push(capsys, root)[0] == 0 and served(root) == 1
+    (root / "logs2" / "secret.txt").write_text("never sent")
+    (root / "logs2" / ".gitignore").write_text("secret.txt\n")
+    assert push(capsys, root)[0] == 0 and served(root) == 2
+    assert not (remote / "logs2" / "secret.txt").exists()
+    assert (remote / "logs2" / ".gitignore").exists()
 
 
 def test_two_concurrent_pushes_through_one_holder(capsys, proj):
