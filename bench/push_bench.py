@@ -253,7 +253,7 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"{tool} failed ({proc.returncode}): {' '.join(cmd)}\n"
                                f"{proc.stderr.decode(errors='replace')}")
-        info = json.loads(proc.stdout) if tool == "syncagent" else None
+        info = json.loads(proc.stdout) if tool in ("syncagent", "holder") else None
         if tool == "holder":
             self.wait_holder()
         return elapsed, info
@@ -314,7 +314,8 @@ def median(xs):
 def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0.0,
                tools: tuple = TOOLS) -> dict:
     res: dict = {"samples": {t: {c: [] for c in CASES} for t in tools},
-                 "stages": {c: [] for c in CASES}, "cold": {}, "correctness": []}
+                 "stages": {c: [] for c in CASES}, "holder_stages": {c: [] for c in CASES},
+                 "cold": {}, "correctness": []}
     change_file = pick_change_file(src)
     res["change_file"] = str(change_file.relative_to(src))
     src_view = tree_view(src) if tree == "gen" else None
@@ -351,7 +352,8 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
             secs, info = b.run(t, tree, src)
             res["samples"][t]["initial"].append(secs)
             if info:
-                res["stages"]["initial"].append(info["durations"] | {"files_sent": info["files_sent"]})
+                res["stages" if t == "syncagent" else "holder_stages"]["initial"].append(
+                    info["durations"] | {"files_sent": info["files_sent"]})
         check(f"rep {rep} initial")
         # no-op
         time.sleep(settle)
@@ -359,7 +361,8 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
             secs, info = b.run(t, tree, src)
             res["samples"][t]["noop"].append(secs)
             if info:
-                res["stages"]["noop"].append(info["durations"] | {"files_sent": info["files_sent"]})
+                res["stages" if t == "syncagent" else "holder_stages"]["noop"].append(
+                    info["durations"] | {"files_sent": info["files_sent"]})
                 assert not info["changed"], info
         # one-file change (same source for both tools; both destinations are up to date)
         time.sleep(settle)
@@ -369,7 +372,8 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
             secs, info = b.run(t, tree, src)
             res["samples"][t]["change"].append(secs)
             if info:
-                res["stages"]["change"].append(info["durations"] | {"files_sent": info["files_sent"]})
+                res["stages" if t == "syncagent" else "holder_stages"]["change"].append(
+                    info["durations"] | {"files_sent": info["files_sent"]})
                 assert info["files_sent"] == 1, info
         log(f"  rep {rep}: " + "  ".join(
             f"{c} sa={res['samples']['syncagent'][c][-1]:.3f} rs={res['samples']['rsync'][c][-1]:.3f}"
@@ -389,6 +393,16 @@ def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0
     for c in CASES:  # what --json does not see: interpreter start, imports, exit
         res["stage_median"][c]["outside"] = median(
             [w - s["total"] for w, s in zip(res["samples"]["syncagent"][c], res["stages"][c])])
+    if "holder" in tools:  # the same, as the holder reports them (outside: client and socket)
+        res["holder_stage_median"] = {
+            c: {k: median([s[k] for s in res["holder_stages"][c] if k in s])
+                for k in dict.fromkeys(k for s in res["holder_stages"][c] for k in s
+                                       if k != "files_sent")}
+            for c in CASES}
+        for c in CASES:
+            res["holder_stage_median"][c]["outside"] = median(
+                [w - s["total"] for w, s in zip(res["samples"]["holder"][c],
+                                                res["holder_stages"][c])])
     return res
 
 
@@ -425,6 +439,19 @@ def print_table(results: dict, reps: int) -> None:
             print(f"{tree:8s} {c:8s} " + " ".join(f"{s.get(k, float('nan')):9.3f}" for k in keys)
                   + f" {r['median']['syncagent'][c]:9.3f}")
     print("(outside = wall - total: interpreter start, imports, exit; not in --json)")
+    if any("holder_stage_median" in r for r in results.values()):
+        keys = list(dict.fromkeys(k for r in results.values() if "holder_stage_median" in r
+                                  for c in CASES for k in r["holder_stage_median"][c]))
+        print()
+        print("holder stage medians from --json (s; outside: the client process and the "
+              "socket round trip):")
+        print(f"{'tree':8s} {'case':8s} " + " ".join(f"{k:>9s}" for k in keys + ["wall"]))
+        for tree, r in results.items():
+            for c in CASES:
+                s = r.get("holder_stage_median", {}).get(c, {})
+                print(f"{tree:8s} {c:8s} "
+                      + " ".join(f"{s.get(k, float('nan')):9.3f}" for k in keys)
+                      + f" {r['median']['holder'][c]:9.3f}")
     print()
     for tree, r in results.items():
         bad = [c for c in r["correctness"] if not c["ok"]]
