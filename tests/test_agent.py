@@ -342,3 +342,32 @@ def test_manifest_since_a_token_is_what_changed_and_an_unknown_token_gets_all(tm
         again = agent.handle(dict(ask, since=since), None)
         assert "delta" not in again
         assert again["entries"] == agent.to_wire(scan(str(root), RULES))
+
+
+def test_an_agent_keeps_what_its_batches_wrote_and_saves_it_after_the_answer(tmp_path,
+                                                                              monkeypatch):
+    """Digests of what a batch wrote go into the cache the agent keeps (no re-hash by the
+    next manifest of the same agent) and onto disk once the answer is sent."""
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    for i in range(3):
+        (local / f"m{i}.py").write_text(f"x = {i}\n")
+    mine = scan(str(local), RULES)
+    batch = plan(mine, {}).to_wire(revision(mine), len(mine))
+    ask = {"op": "manifest", "root": str(remote), "rules": build_rules().to_wire()}
+    data = []
+    for up in batch["uploads"]:
+        data += [(local / up["path"]).read_bytes(), b""]
+    hashed = []
+    monkeypatch.setattr(agent, "hash_file", lambda p: hashed.append(p) or "0" * 40)
+    out = io.BytesIO()
+    agent.serve(frames(json.dumps(ask).encode(),
+                       json.dumps({"op": "apply", "root": str(remote), "batch": batch}).encode(),
+                       *data, json.dumps(ask).encode()), out)
+    _banner, empty, applied, after = responses(out.getvalue())
+    assert empty["entries"] == {} and applied["written"] == 3
+    assert hashed == []  # the second manifest took the batch's own digests
+    assert agent.to_wire(agent.from_wire(after["entries"])) == agent.to_wire(mine)
+    saved = agent.load_digest_cache(str(remote))
+    assert {p: e.digest for p, e in saved.items()} == {p: e.digest for p, e in mine.items()}
