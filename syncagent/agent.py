@@ -48,6 +48,7 @@ __all__ = [
     "under_any",
     "manifest_delta",
     "apply_delta",
+    "batch_claims",
     "apply_batch",
     "read_frame",
     "write_frame",
@@ -749,6 +750,31 @@ def _same_on_wire(a, b):
     """Kind, digest form and mode (the first four bytes), digest and link target (the tail):
     what ``to_wire`` sends of a record."""
     return a[:4] == b[:4] and a[_HEAD.size:] == b[_HEAD.size:]
+
+
+def batch_claims(base, batch):
+    """``base`` (a manifest as sent) as the batch says the tree is after it: its deletes gone,
+    its uploads (with the digests the sender planned), links, directories and modes in place.
+
+    The sender of a batch and the agent that receives it both apply this to their copies of
+    the manifest last sent, which stay equal (the same function of the same batch), so that
+    the next manifest request carries only what differs from the claim. A claim is never
+    trusted: where the batch did not do what it says (a file changed while being sent, a
+    protected path refused), the agent's next walk finds it and the delta says so."""
+    out = dict(base)
+    for d in batch.get("deletes", []):
+        out.pop(d["path"], None)
+    for d in batch.get("dirs", []):
+        out[d["path"]] = Entry("d", 0, 0, int(d["mode"]) & 0o777)
+    for up in batch.get("uploads", []):
+        out[up["path"]] = Entry("f", 0, 0, int(up["mode"]) & 0o777, up.get("digest"))
+    for link in batch.get("links", []):
+        out[link["path"]] = Entry("l", 0, 0, 0, None, link["target"])
+    for ch in batch.get("chmods", []):
+        e = out.get(ch["path"])
+        if e is not None:
+            out[ch["path"]] = e.with_mode(int(ch["mode"]) & 0o777)
+    return out
 
 
 def apply_delta(old, changed, removed):
@@ -2396,6 +2422,9 @@ def handle(req, inp):
         batch = req.get("batch")
         if not isinstance(batch, dict):
             raise AgentFailure("Protocol", "apply needs a 'batch' object")
+        mem = _MEMORY.get(root)
+        if mem is not None and mem.sent is not None:  # as the sender does with its copy
+            mem.sent = batch_claims(mem.sent, batch)
         out = apply_batch(root, batch, _data_chunks(inp), req.get("protect", []))
         out["imports"] = live_imports(root)
         return out

@@ -86,8 +86,10 @@ class Plan:
     def to_wire(self, revision: str, files: int) -> dict:
         """The batch as the agent's ``apply_batch`` takes it."""
         return {
-            "uploads": [{"path": u.path, "mode": u.mode, "mtime_ns": u.mtime_ns}
-                        for u in self.uploads],
+            # the digest: what the sender and the agent both take the file to hold after the
+            # batch (agent.batch_claims), never trusted (the agent's next walk looks)
+            "uploads": [{"path": u.path, "mode": u.mode, "mtime_ns": u.mtime_ns,
+                         "digest": u.digest} for u in self.uploads],
             "links": [{"path": ln.path, "target": ln.target} for ln in self.links],
             "dirs": [{"path": d.path, "mode": d.mode} for d in self.dirs],
             "chmods": [{"path": c.path, "mode": c.mode} for c in self.chmods],

@@ -320,6 +320,17 @@ def test_a_delta_applied_to_the_old_manifest_gives_the_new_one(old, new):
         agent.from_wire(agent.to_wire(new))
 
 
+@given(manifests, manifests)
+def test_a_batch_claims_what_its_plan_makes_of_the_remote(local, remote):
+    """What sender and agent take a batch to have done (``batch_claims``) reads, on the wire,
+    as the local tree the batch was planned from: a batch that does what it says leaves the
+    next answer empty."""
+    batch = plan(local, remote).to_wire(revision(local), len(local))
+    claimed = agent.batch_claims(remote, batch)
+    assert agent.to_wire(claimed) == agent.to_wire(local)
+    assert agent.manifest_delta(claimed, local) == ({}, [])
+
+
 def test_manifest_since_a_token_is_what_changed_and_an_unknown_token_gets_all(tmp_path):
     root = tmp_path / "r"
     (root / "d").mkdir(parents=True)

@@ -20,6 +20,7 @@ from syncagent import agent, holder
 from syncagent.config import Target, load_project, resolve_target
 from syncagent.ignore import build_rules
 from syncagent.manifest import find_gitignores, unchanged
+from syncagent.plan import plan, revision
 from syncagent.session import Session
 from tests.helpers.procs import pid_running, wait_until
 from tests.test_push import run, view
@@ -229,7 +230,49 @@ def test_held_manifest_since_a_token_equals_a_full_one_after_random_changes(box,
             assert tree.entries == full.entries
             assert agent.to_wire(tree.entries) == agent.to_wire(
                 agent.scan(str(remote), rules.compiled()))
-    shutil.rmtree(remote)
+    shutil.rmtree(remote, ignore_errors=True)  # an agent may still be saving its cache
+
+
+def test_after_a_batch_the_next_answer_carries_only_what_the_batch_did_not_do(box, tmp_path):
+    """Sender and agent both take a batch's claims into their copies of the last manifest
+    (``agent.batch_claims``): after a push the next answer is empty where the batch did what
+    it says, and says what it did not do (here: a protected path the agent refused)."""
+    target = Target("sbx", "sbx", ssh_config=box.ssh_config, remote_root=box.remote_root)
+    local, remote = tmp_path / "local", Path(box.remote_root) / f"claims-{tmp_path.name}"
+    (local / "pkg").mkdir(parents=True)
+    for i in range(5):
+        (local / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+    (local / "run.sh").write_text("#!/bin/sh\n")
+    (local / "run.sh").chmod(0o755)
+    (local / "ln").symlink_to("run.sh")
+    (local / "keep.txt").write_text("refused on the remote")
+    remote.mkdir()
+    (remote / "stale.py").write_text("deleted by the batch")
+    rules = build_rules(protect=["keep.txt"])
+    mine = agent.scan(str(local), build_rules().compiled())  # the sender does not protect it
+    ask = lambda s, known=None: s.manifest(str(remote), rules.to_wire(), rules.protect_wire(),
+                                           known)
+    with Session.open_new(target) as held:
+        tree = ask(held)
+        for step in range(2):  # a batch that creates, then one that changes
+            p = plan(mine, tree.entries)
+            batch = p.to_wire(revision(mine), len(mine))
+            held.apply(str(remote), str(local), p, revision(mine), len(mine),
+                       protect=rules.protect_wire())
+            known = (tree.token, agent.batch_claims(tree.entries, batch))
+            tree, body = answered(held, lambda s: ask(s, known))
+            assert body["delta"] == {"changed": {}, "removed": ["keep.txt"]}, step
+            with Session.open_new(target) as fresh:
+                assert tree.entries == ask(fresh).entries
+            if step == 0:
+                (local / "pkg" / "m1.py").write_text("x = 'one'\n")
+                (local / "pkg" / "m2.py").chmod(0o700)
+                (local / "pkg" / "m3.py").unlink()
+                (local / "ln").unlink()
+                (local / "ln").mkdir()  # a link replaced by a directory
+                mine = agent.scan(str(local), build_rules().compiled())
+    assert not (remote / "keep.txt").exists() and not (remote / "stale.py").exists()
+    shutil.rmtree(remote, ignore_errors=True)  # an agent may still be saving its cache
 
 
 def answered(session, ask):
