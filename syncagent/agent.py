@@ -2405,10 +2405,11 @@ def handle(req, inp):
         return {"pong": True}
     if op == "manifest":
         root = _root(req)
-        if not os.path.isdir(root):
-            return {"root": root, "exists": False, "entries": {}, "problems": [],
-                    "revision": None}
         mem = _memory(root)
+        if not os.path.isdir(root):  # empty, and named by a token: a batch will claim it
+            body = mem.answer({}, req.get("since"))
+            body.update({"root": root, "exists": False, "problems": [], "revision": None})
+            return body
         entries, problems, held = scan_root(root, req.get("rules", []), req.get("protect", []),
                                             mem)
         body = mem.answer(entries, req.get("since"))  # "entries", or a "delta" since then

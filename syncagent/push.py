@@ -129,7 +129,7 @@ class Warm:
     def remember(self, target: Target, tree: RemoteTree) -> None:
         """Keep ``tree`` as the agent sent it (a copy: the command changes its own)."""
         key = (target.name, target.remote_path or "")
-        if tree.token and tree.exists:
+        if tree.token:
             self.remote[key] = (tree.token, dict(tree.entries))
         else:
             self.remote.pop(key, None)

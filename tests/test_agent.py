@@ -382,3 +382,25 @@ def test_an_agent_keeps_what_its_batches_wrote_and_saves_it_after_the_answer(tmp
     assert agent.to_wire(agent.from_wire(after["entries"])) == agent.to_wire(mine)
     saved = agent.load_digest_cache(str(remote))
     assert {p: e.digest for p, e in saved.items()} == {p: e.digest for p, e in mine.items()}
+
+
+def test_a_root_that_does_not_exist_yet_is_named_by_a_token_too(tmp_path):
+    """The first push to a new root: the empty manifest has a token, the batch's claims fill
+    it, and the next answer is empty."""
+    local, remote = tmp_path / "local", tmp_path / "new" / "remote"
+    (local / "d").mkdir(parents=True)
+    (local / "d" / "a.py").write_text("a\n")
+    (local / "b.py").write_text("b\n")
+    mine = scan(str(local), RULES)
+    batch = plan(mine, {}).to_wire(revision(mine), len(mine))
+    ask = {"op": "manifest", "root": str(remote), "rules": build_rules().to_wire()}
+    first = agent.handle(dict(ask), None)
+    assert not first["exists"] and first["entries"] == {} and first["token"]
+    data = []
+    for up in batch["uploads"]:
+        data += [(local / up["path"]).read_bytes(), b""]
+    agent.handle({"op": "apply", "root": str(remote), "batch": batch}, frames(*data))
+    after = agent.handle(dict(ask, since=first["token"]), None)
+    assert after["exists"] and after["delta"] == {"changed": {}, "removed": []}
+    claimed = agent.batch_claims({}, batch)
+    assert agent.to_wire(claimed) == agent.to_wire(scan(str(remote), RULES))
