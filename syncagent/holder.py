@@ -365,7 +365,8 @@ def serve(root: str, target: Target, idle: float) -> None:
                     print(f"holder: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     held.drop()
                     warm.forget()
-            warm.save()  # the client has its answer: the cache write is off its clock
+            warm.save()  # the client has its answer: the cache write is off its clock,
+            warm.prepare()  # and so is planning for the trees as this command left them
     finally:
         if path.exists() and os.stat(path).st_ino == inode:  # not a successor's
             path.unlink()

@@ -93,6 +93,7 @@ class Warm:
         self._revision: tuple[dict[str, Entry], str] | None = None  # (local manifest, its rev)
         self._rules: tuple | None = None  # (config patterns, Rules, stamps, when found)
         self._plan: tuple | None = None  # (local, remote, keep, the plan for them)
+        self._next: tuple | None = None  # (local, remote, keep) after the last batch
 
     @classmethod
     def for_command(cls, root: str) -> "Warm":
@@ -134,14 +135,27 @@ class Warm:
         else:
             self.remote.pop(key, None)
 
-    def claim(self, target: Target, batch: dict) -> None:
+    def claim(self, target: Target, batch: dict, local: dict[str, Entry],
+              keep: list[str]) -> None:
         """After a batch: the kept remote manifest as the batch says the tree now is
         (``agent.batch_claims``; the agent did the same with its copy, so the next request
-        carries only what the batch did not do as it says)."""
+        carries only what the batch did not do as it says). ``local``, ``keep``: what the
+        batch was planned from (see ``prepare``)."""
         key = (target.name, target.remote_path or "")
         kept = self.remote.get(key)
         if kept is not None:
-            self.remote[key] = (kept[0], agent.batch_claims(kept[1], batch))
+            claimed = agent.batch_claims(kept[1], batch)
+            self.remote[key] = (kept[0], claimed)
+            self._next = (local, claimed, list(keep)) if self.keep else None
+
+    def prepare(self) -> None:
+        """Off the clock (a holder, after its answer): plan for the trees as the last batch
+        left them, so that the next command, when neither side changed since, finds that
+        plan in the memo (its own call to ``plan`` compares the manifests)."""
+        if self._next is not None:
+            local, remote, keep = self._next
+            self._next = None
+            self.plan(local, remote, keep)
 
     def revision(self, local: dict[str, Entry]) -> str:
         """``plan.revision(local)``, hashed again only when the local manifest differs from the
@@ -210,6 +224,7 @@ class Syncer:
         self.started = False  # the first reconcile has run: the session has started
         self.lost: dict[str, str | None] = {}  # applied losses not yet confirmed
         self._recorded: frozenset[str] = frozenset()  # the losses guard's record holds
+        self._keep: list[str] = []  # local paths that could not be read, as last planned
 
     # ---------------------------------------------------------------- connection
 
@@ -305,7 +320,7 @@ class Syncer:
                      for path in sorted(set(local.protected) | set(remote.protected))]
         result = None
         for _pass in range(MAX_PASSES):
-            self.local = local.entries
+            self.local, self._keep = local.entries, local.unreadable
             t0 = time.perf_counter()
             p = (plan(local.entries, self.remote, keep=local.unreadable) if self.warm is None
                  else self.warm.plan(local.entries, self.remote, local.unreadable))
@@ -495,7 +510,8 @@ class Syncer:
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
                                  report, self.rules.protect_wire())
         if self.warm is not None:  # as the agent did with the manifest it sent
-            self.warm.claim(self.target, p.to_wire(rev, len(self.local)))
+            self.warm.claim(self.target, p.to_wire(rev, len(self.local)), self.local,
+                            self._keep)
         result.durations["transfer"] = time.perf_counter() - t0
         self.remote = apply_plan(self.remote, p, self.local)
         self.revision = rev
