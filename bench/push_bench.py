@@ -22,7 +22,7 @@ which every later push of that column goes through. The ``syncagent`` column run
 Times are the wall clock of the whole CLI command (``subprocess`` + ``time.perf_counter``), which
 is what a user waits for. syncagent's local digest cache (``<source>/.syncagent/``) is kept
 between runs as a user would have it; one cold first push (no cache) is timed separately before
-the repetitions. syncagent's own ``--json`` stage durations are recorded too.
+the repetitions. syncagent's own ``--json`` stage durations are recorded too (both columns).
 
 Correctness: after every initial push (and after the last change) the destination trees are
 hashed and compared (path, kind, mode, content, link target); the ``gen`` tree is also compared
