@@ -1241,6 +1241,7 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
         fd = dirs.open(d["path"].split("/"), create=True)
         os.fchmod(fd, int(d["mode"]) & 0o777)
     sfd, tmp = marker
+    _owe(root, batch)  # before the marker: a commit never loses the restart it needs
     os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
     _update_cache(root, batch, cache_updates, stats)
     return {"written": len(staged), "bytes": received, "deleted": deleted, "kept": kept}
@@ -1448,6 +1449,51 @@ def _supervisor(root):
 
 def _marker(root, colour):
     return read_state(root, "ready-%s.json" % colour)
+
+
+OWED = "restart-owed.json"
+
+
+def restart_owed(root):
+    """The restart a committed batch needed and that has not run yet ({revision, why,
+    time}), or None. The sender decides before it sends (``syncagent/restart.py``) and the
+    batch carries the answer, so a push cut off between its commit and its restart (Ctrl-C,
+    a dropped connection) leaves it on record: the next push or watch restarts even though
+    nothing is left to send. None while what is pushed is live."""
+    owed = read_state(root, OWED)
+    if not isinstance(owed, dict) or _pushed(root) in _live_revisions(root):
+        return None
+    return owed
+
+
+def _live_revisions(root):
+    return {m.get("revision") for m in (_marker(root, c) for c in COLOURS)
+            if isinstance(m, dict) and _running(m.get("pid"))}
+
+
+def _owe(root, batch):
+    """Keep the restart ``batch`` needs on record; a batch that brings the tree back to what
+    runs owes nothing, and pays what earlier ones owed."""
+    if batch.get("revision") in _live_revisions(root):
+        try:
+            os.unlink(os.path.join(root, STATE_DIR, OWED))
+        except OSError:
+            pass
+    elif batch.get("restart"):
+        write_state(root, OWED, json.dumps({"revision": batch.get("revision"),
+                                            "why": str(batch["restart"])[:500],
+                                            "time": time.time()}))
+
+
+def _settle_owed(r, out):
+    """A restart attempt onto the pushed revision (started or failed: a failed start is
+    reported, not retried by every later push) pays what was owed."""
+    if r.revision and r.revision == _pushed(r.root):
+        try:
+            os.unlink(os.path.join(r.root, STATE_DIR, OWED))
+        except OSError:
+            pass
+    return out
 
 
 def live_imports(root):
@@ -2160,7 +2206,7 @@ def restart_worker(root, revision, mode="blue-green", timeout=120.0, grace=3.0,
     try:
         with restart_lock(root, r.deadline) as lock:  # no standby parked in its middle
             r.timings["lock_wait"] = lock.waited
-            return _restart(r, mode, grace)
+            return _settle_owed(r, _restart(r, mode, grace))
     finally:
         r.proxy("close")()  # the XML-RPC connection: an agent lives for a whole watch
 
@@ -2288,7 +2334,7 @@ def start_worker(root, revision, restart=False, timeout=120.0, group="worker"):
     try:
         with restart_lock(root, r.deadline) as lock:
             r.timings["lock_wait"] = lock.waited
-            out = _first_start(r, restart)
+            out = _settle_owed(r, _first_start(r, restart))
             if out["ok"]:
                 found = _standby_for(r, [c for c in COLOURS if c in _slot_states(r)])
                 out["standby"] = found and found["colour"]
@@ -2416,7 +2462,7 @@ def handle(req, inp):
         body.update({"root": root, "exists": True, "problems": problems, "protected": held,
                      "revision": read_revision(root),
                      "provisioned": os.path.exists(supervisor_socket(root)),
-                     "imports": live_imports(root)})
+                     "imports": live_imports(root), "owed": restart_owed(root)})
         return body
     if op == "apply":
         root = _root(req)
@@ -2438,7 +2484,8 @@ def handle(req, inp):
                             bool(req.get("restart")), float(req.get("timeout") or 120))
     if op == "worker":
         root = _root(req)
-        return {"worker": worker_state(root), "revision": read_revision(root), "root": root}
+        return {"worker": worker_state(root), "revision": read_revision(root), "root": root,
+                "owed": restart_owed(root)}
     if op == "logs":
         root = _root(req)
         state = worker_state(root) or {}

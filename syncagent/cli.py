@@ -575,8 +575,11 @@ def _status_detail(r: dict) -> None:
         click.echo(f"  worker  DOWN: supervisord is not running, so no worker is (run "
                    f"`syncagent provision {r['target']}`)")
         return
+    owed = r.get("owed")
     click.echo(f"  live    {(r['live_revision'] or '-')[:7]}  {r['live_node'] or ''} "
                + ("(the pushed revision)" if r["live"] else
+                  f"(older than the push, whose restart never ran: {owed['why']}; the next "
+                  f"push restarts it, or run `syncagent restart {r['target']}`)" if owed else
                   "(older than the push: no restart-worthy change since, or not restarted)"))
     standby = r.get("standby") or {}
     for colour, p in sorted(r["programs"].items()):

@@ -79,6 +79,8 @@ def status(project: Project, target: Target) -> dict:
         "halted": halted(project, target),
         # the pushed revision failed to start (the launcher's error line, secrets masked)
         "failing": failing,
+        # a committed push whose restart never ran (agent.restart_owed): the next push runs it
+        "owed": body.get("owed"),
         "exit_code": 1 if failing else 0,
     }
 

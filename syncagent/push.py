@@ -216,6 +216,7 @@ class Syncer:
         self.provisioned = False
         self.needs_restart = restart_matcher(project.restart_on)
         self.imports: list[str] | None = None  # what the serving worker imported, as last told
+        self.owed: dict | None = None  # a restart an earlier command committed but never ran
         # The safety policy's memory: losses since the last confirmation (opened with the
         # first remote manifest; see ``plan.judge``), and the confirmation the options carry,
         # spent by the first reconcile (a watch's flag covers its initial reconcile only).
@@ -246,6 +247,7 @@ class Syncer:
         self.remote_root = tree.root
         self.provisioned = tree.provisioned
         self.imports = tree.imports
+        self.owed = tree.owed
         return tree
 
     # ---------------------------------------------------------------- the worker
@@ -257,7 +259,8 @@ class Syncer:
         return restart_mod.decide(result.paths if result.changed else (), self.needs_restart,
                                   result.revision, live, enabled=self.options.restart,
                                   provisioned=self.provisioned, nothing_serving=nothing_serving,
-                                  imports=self.imports, scope=self.options.scope)
+                                  imports=self.imports, scope=self.options.scope,
+                                  owed=(self.owed or {}).get("why"))
 
     def restart_wanted(self, result: PushResult) -> bool:
         """One-shot: the decision, asking the remote for its live revision only when a restart
@@ -285,6 +288,7 @@ class Syncer:
         out = (session or self.session).restart(self.remote_root, revision, mode,
                                                 self.options.restart_timeout,
                                                 self.options.requeue_grace)
+        self.owed = None  # the agent settles it with the attempt
         if not out["ok"]:
             serving = out.get("serving")
             note = f" (previous worker still serving: {', '.join(serving)})" if serving else ""
@@ -506,9 +510,15 @@ class Syncer:
             if progress:
                 progress(sent, total, files, len(p.uploads))
 
+        # decided before sending, so that the commit keeps it even if the restart never runs
+        # (this batch's own reason: what an earlier one owed is on record already)
+        owes = restart_mod.decide(result.paths, self.needs_restart, rev, None,
+                                  enabled=self.options.restart, provisioned=self.provisioned,
+                                  imports=self.imports, scope=self.options.scope)
         t0 = time.perf_counter()
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
-                                 report, self.rules.protect_wire())
+                                 report, self.rules.protect_wire(),
+                                 restart=owes.why if owes.restart else None)
         if self.warm is not None:  # as the agent did with the manifest it sent
             self.warm.claim(self.target, p.to_wire(rev, len(self.local)), self.local,
                             self._keep)

@@ -43,7 +43,7 @@ class Decision:
 def decide(changed: Iterable[str], matches: Callable[[str], bool], pushed: str | None,
            live: str | None, *, enabled: bool = True, provisioned: bool = True,
            nothing_serving: bool = False, imports: Collection[str] | None = None,
-           scope: str = "imports") -> Decision:
+           scope: str = "imports", owed: str | None = None) -> Decision:
     """Does this batch restart the worker?
 
     Args:
@@ -56,6 +56,8 @@ def decide(changed: Iterable[str], matches: Callable[[str], bool], pushed: str |
         nothing_serving: no worker serves at all (start one even if nothing changed).
         imports: the project files the serving worker has imported; None when unknown.
         scope: ``imports`` or ``any`` (see the module's docstring).
+        owed: why an earlier batch, committed on the remote, needed a restart that never ran
+            (its command was cut off); None when none is owed.
 
     Returns:
         A :class:`Decision`.
@@ -67,17 +69,22 @@ def decide(changed: Iterable[str], matches: Callable[[str], bool], pushed: str |
     if nothing_serving:
         return Decision(True, "no worker is serving")
     changed = list(changed)
-    if not changed:
+    if not changed and not owed:
         return Decision(False, "nothing changed")
     if live is not None and live == pushed:
         return Decision(False, f"the tree is back at {live[:7]}, the revision that is live",
                         back_at_live=True)
-    if scope == "imports" and imports is not None:
-        return _by_imports(changed, matches, frozenset(imports))
-    hit = next((p for p in changed if matches(p)), None)
-    if hit is None:
-        return Decision(False, "no change matches restart_on")
-    return Decision(True, f"{hit} changed")
+    if not changed:
+        own = Decision(False, "nothing changed")
+    elif scope == "imports" and imports is not None:
+        own = _by_imports(changed, matches, frozenset(imports))
+    else:
+        hit = next((p for p in changed if matches(p)), None)
+        own = (Decision(True, f"{hit} changed") if hit is not None else
+               Decision(False, "no change matches restart_on"))
+    if owed and not own.restart:  # the worker runs older code than an earlier push needed
+        return Decision(True, f"the restart an earlier push needed never ran: {owed}")
+    return own
 
 
 def _by_imports(changed: list[str], matches: Callable[[str], bool],

@@ -93,6 +93,7 @@ class RemoteTree:
     protected: list = field(default_factory=list)  # kept by the agent though the rules let them
     imports: list | None = None  # project files the serving worker imported (None: unknown)
     token: str | None = None  # names this manifest to the agent that sent it (see manifest())
+    owed: dict | None = None  # a committed batch's restart that has not run (agent.restart_owed)
 
 
 class _Channel:
@@ -316,7 +317,7 @@ class Session:
         return RemoteTree(body["root"], body["exists"], entries,
                           rev.get("revision"), body.get("problems", []),
                           bool(body.get("provisioned")), body.get("protected", []),
-                          body.get("imports"), body.get("token"))
+                          body.get("imports"), body.get("token"), body.get("owed"))
 
     def restart(self, root: str, revision: str, mode: str = "blue-green",
                 timeout: float = 120.0, grace: float = 3.0) -> dict:
@@ -360,15 +361,20 @@ class Session:
         return other
 
     def apply(self, root: str, local_root: str, p: Plan, revision: str, files: int,
-              progress: Progress | None = None, protect: list | None = None) -> dict:
+              progress: Progress | None = None, protect: list | None = None,
+              restart: str | None = None) -> dict:
         """Send one batch and its file data in one stream; one round trip whatever its size.
 
         Returns the agent's result plus ``changed``: paths whose content changed while being
         sent (what was sent is what the file held then; the next push sends the rest).
         ``protect``: the config's extra protected patterns (the agent has the built-in ones).
+        ``restart``: why the batch restarts the worker, if it does: the agent keeps it on
+        record with the commit until a restart runs (``agent.restart_owed``).
         """
-        self._send({"op": "apply", "root": root, "batch": p.to_wire(revision, files),
-                    "protect": protect or []})
+        batch = p.to_wire(revision, files)
+        if restart:
+            batch["restart"] = restart
+        self._send({"op": "apply", "root": root, "batch": batch, "protect": protect or []})
         changed = []
         sent = 0
         last = time.monotonic()

@@ -26,9 +26,20 @@ A, B = "a" * 40, "b" * 40
     (["app/x.py"], A, A, {"nothing_serving": True}, Decision(True, "no worker is serving")),
     ([], A, None, {"nothing_serving": True, "enabled": False},
      Decision(False, "restarts are off (--no-restart)")),
+    ([], B, A, {"owed": "app/x.py changed"},
+     Decision(True, "the restart an earlier push needed never ran: app/x.py changed")),
+    (["static/site.css"], B, None, {"owed": "app/x.py changed"},
+     Decision(True, "the restart an earlier push needed never ran: app/x.py changed")),
+    (["requirements.txt"], B, A, {"owed": "app/x.py changed"},
+     Decision(True, "requirements.txt changed")),
+    ([], A, A, {"owed": "app/x.py changed"},
+     Decision(False, "the tree is back at aaaaaaa, the revision that is live", True)),
+    ([], B, A, {"owed": "app/x.py changed", "enabled": False},
+     Decision(False, "restarts are off (--no-restart)")),
 ], ids=["code", "code-live-unknown", "requirements", "static-only", "back-at-live", "no-change",
         "no-restart-flag", "not-provisioned", "nothing-serving", "nothing-serving-at-live",
-        "nothing-serving-but-off"])
+        "nothing-serving-but-off", "owed", "owed-web-only-batch", "owed-and-own-reason",
+        "owed-but-live", "owed-but-off"])
 def test_decide(changed, pushed, live, flags, expected) -> None:
     assert decide(changed, MATCH, pushed, live, **flags) == expected
 

@@ -187,6 +187,36 @@ def test_broken_code_then_its_fix_restarts_nothing(lbx, broker):
         assert broker.send_task("app.tasks.demo.add", args=(20, 22)).get(timeout=10) == 42
 
 
+def test_a_push_cut_off_before_its_restart_is_restarted_by_the_next(lbx, broker, capsys):
+    """Ctrl-C or a dropped connection between a batch's commit and its restart: the commit
+    keeps the restart it needed, status says so, and the next push (nothing left to send)
+    runs it; once it has run, nothing is owed."""
+    from syncagent.push import Syncer
+
+    project, root = project_of(lbx)
+    target = target_of(lbx, project)
+    push(project, target, PushOptions())  # whatever earlier tests left: live and in sync
+    set_version(root, "owed-1")
+    syncer = Syncer(project, target, PushOptions())
+    try:
+        syncer.connect()
+        cut = syncer.reconcile()  # committed; then the command dies before its restart
+    finally:
+        syncer.close()
+    assert cut.changed and "app/version.py" in cut.paths
+    code, out, _ = cli(capsys, "status", "lbx", "--path", str(root), "--remote-path",
+                       target.remote_path)
+    assert code == 0 and "whose restart never ran: app/version.py changed" in out
+
+    again = push(project, target, PushOptions())
+    assert not again.changed  # nothing left to send ...
+    assert again.restart["ok"] and again.restart["revision"] == cut.revision  # ... restarted
+    assert "never ran: app/version.py changed" in again.restart_why
+    assert broker.send_task("app.tasks.demo.version").get(timeout=10) == "owed-1"
+    third = push(project, target, PushOptions())
+    assert third.restart is None and third.restart_why == "nothing changed"
+
+
 def git(root, *args):
     subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
                    env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",

@@ -36,6 +36,9 @@ class Watching:
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is not None:  # the events, in the failed test's captured output
+            for event in self.events[-40:]:
+                print(event)
         self.stop.set()
         self.thread.join(timeout=15)
         assert not self.thread.is_alive()
