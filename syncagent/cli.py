@@ -59,12 +59,21 @@ def _targets(project: Project, specs: tuple[str, ...], all_: bool, remote_path: 
     return [resolve_target(s, project, remote_path=remote_path, identity=identity) for s in names]
 
 
+def _remote_path_given(ctx, param, value: str | None) -> str | None:
+    """An empty --remote-path (e.g. an unset shell variable) is a mistake, never "the
+    default": refuse it rather than push to another directory than the user named."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("must not be empty (leave the option out for the default)")
+    return value
+
+
 def common_target_options(f):
     """Options shared by commands that act on targets (the interface contract)."""
     for option in reversed([
         click.option("--path", "path", type=click.Path(file_okay=False), default=None,
                      help="Local project root (default: nearest dir with syncagent.toml, or .)."),
-        click.option("--remote-path", default=None, help="Remote project root for the target."),
+        click.option("--remote-path", default=None, callback=_remote_path_given,
+                     help="Remote project root for the target."),
         click.option("--identity", type=click.Path(dir_okay=False), default=None,
                      help="SSH private key to use."),
         click.option("--all", "all_", is_flag=True, help="Every configured target."),

@@ -75,3 +75,16 @@ def test_push_to_a_misspelt_name_is_one_error_line_with_the_hint(capsys, project
     assert err.startswith("syncagent: error: cannot reach ") and err.count("\n") == 1, err
     assert err.rstrip().endswith("(no target named 'gpuu' in syncagent.toml; did you mean "
                                  "'gpu'? configured: sandbox, gpu)"), err
+
+
+@pytest.mark.parametrize("command", ["push", "watch", "status", "provision", "restart", "logs",
+                                     "doctor"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_remote_path_is_a_usage_error(capsys, project, command, value) -> None:
+    """It used to mean the default path silently (an unset variable in --remote-path "$DIR")."""
+    capsys.readouterr()
+    assert main([command, "sandbox", "--path", str(project), "--remote-path", value]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"syncagent: error: Invalid value for '--remote-path': must not be empty "
+                   f"(leave the option out for the default) (see `syncagent {command} "
+                   f"--help`)\n"), err
