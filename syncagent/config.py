@@ -286,15 +286,21 @@ def parse_target_spec(spec: str) -> tuple[str | None, str, int | None]:
 _BARE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no user@, :port or dot: maybe a target's name
 
 
-def unknown_name_hint(spec: str, names: list[str]) -> str | None:
+def unknown_name_hint(spec: str, project: Project) -> str | None:
     """What to say when ``spec`` may be a misspelt (or removed) target name rather than a
-    host: it is a bare name and the project has targets; None otherwise."""
+    host: it is a bare name and there are targets; None otherwise. The project's names come
+    first, then the user's (``targets.d``, e.g. a sandbox)."""
+    names = list(project.targets)
     if not names or not _BARE_NAME.fullmatch(spec) or spec in names:
         return None
-    close = difflib.get_close_matches(spec, names, n=1)
+    own = [n for n in names if n in project.project_targets]
+    users = [n for n in names if n not in project.project_targets]
+    close = difflib.get_close_matches(spec, own + users, n=1)
     guess = f"did you mean '{close[0]}'? " if close else ""
+    listed = [f"configured: {', '.join(own)}" if own else "",
+              f"user targets: {', '.join(users)}" if users else ""]
     return (f"no target named '{spec}' in {CONFIG_NAME}; {guess}"
-            f"configured: {', '.join(names)}")
+            + "; ".join(part for part in listed if part))
 
 
 def resolve_target(
@@ -341,7 +347,7 @@ def resolve_target(
     else:
         user, host, port = parse_target_spec(spec)
         target = Target(name=spec, host=host, user=user or env.get("REMOTE_USER") or None,
-                        port=port, name_hint=unknown_name_hint(spec, list(project.targets)))
+                        port=port, name_hint=unknown_name_hint(spec, project))
     chosen = (remote_path or target.remote_path or env.get("REMOTE_PATH")
               or f"{target.remote_root.rstrip('/')}/{project.root.name}")
     problem = remote_path_problem(chosen, target.remote_root) if check_path else None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from syncagent.cli import main
+from syncagent.config import Target, write_user_target
 
 CONFIG = """
 [targets.sandbox]
@@ -19,7 +20,8 @@ host = "gpu.invalid"
 
 
 @pytest.fixture
-def project(tmp_path, hermetic_home) -> Path:
+def project(tmp_path, hermetic_home, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no user targets
     root = tmp_path / "proj"
     root.mkdir()
     (root / "syncagent.toml").write_text(CONFIG)
@@ -88,3 +90,11 @@ def test_an_empty_remote_path_is_a_usage_error(capsys, project, command, value) 
     assert err == (f"syncagent: error: Invalid value for '--remote-path': must not be empty "
                    f"(leave the option out for the default) (see `syncagent {command} "
                    f"--help`)\n"), err
+
+
+def test_user_targets_are_listed_after_the_project_s(capsys, project, tmp_path) -> None:
+    write_user_target(Target("mybox", "mybox.invalid"))
+    code, err = _status(capsys, "mybx", project)
+    assert code == 1, err
+    assert err.endswith("(no target named 'mybx' in syncagent.toml; did you mean 'mybox'? "
+                        "configured: sandbox, gpu; user targets: mybox)"), err
