@@ -12,6 +12,7 @@ push/transport, watchdog via watch, rich for rendering) inside its own body: ``-
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
@@ -47,6 +48,59 @@ def _shown(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+# --json: a lone surrogate is legal in Python's JSON but refused by strict parsers (and by
+# UTF-8 itself), so the output never holds one. See the README's "--json and file names".
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    return _SURROGATE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _raw_b64(text: str) -> str:
+    """The bytes ``text`` was decoded from (a file name's, with surrogateescape), base64."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte decodes to: keep it as it came
+        raw = text.encode("utf-8", "surrogatepass")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _raw_form(value):
+    """``<field>_b64`` for a field holding undecodable bytes (a string, or a list of them:
+    one entry per item, null for a clean one); None when the field is clean."""
+    if isinstance(value, str):
+        return _raw_b64(value) if _SURROGATE.search(value) else None
+    if isinstance(value, (list, tuple)) and any(isinstance(v, str) and _SURROGATE.search(v)
+                                                for v in value):
+        return [_raw_form(v) if isinstance(v, str) else None for v in value]
+    return None
+
+
+def _json_safe(value):
+    """``value`` with every string valid Unicode: undecodable bytes escaped as the text output
+    escapes them (``bad\\udcff.txt``), the exact bytes beside them in ``<field>_b64``."""
+    if isinstance(value, str):
+        return _escape_surrogates(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            name = _escape_surrogates(key) if isinstance(key, str) else key
+            out[name] = _json_safe(item)
+            raw = _raw_form(item)
+            if raw is not None:
+                out[f"{name}_b64"] = raw
+        return out
+    return value
+
+
+def _dumps(value) -> str:
+    """What every ``--json`` prints: strict JSON (see :func:`_json_safe`)."""
+    return json.dumps(_json_safe(value))
+
+
 def _project(path: str | None) -> Project:
     return load_project(find_root(explicit=path))
 
@@ -59,12 +113,21 @@ def _targets(project: Project, specs: tuple[str, ...], all_: bool, remote_path: 
     return [resolve_target(s, project, remote_path=remote_path, identity=identity) for s in names]
 
 
+def _remote_path_given(ctx, param, value: str | None) -> str | None:
+    """An empty --remote-path (e.g. an unset shell variable) is a mistake, never "the
+    default": refuse it rather than push to another directory than the user named."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("must not be empty (leave the option out for the default)")
+    return value
+
+
 def common_target_options(f):
     """Options shared by commands that act on targets (the interface contract)."""
     for option in reversed([
         click.option("--path", "path", type=click.Path(file_okay=False), default=None,
                      help="Local project root (default: nearest dir with syncagent.toml, or .)."),
-        click.option("--remote-path", default=None, help="Remote project root for the target."),
+        click.option("--remote-path", default=None, callback=_remote_path_given,
+                     help="Remote project root for the target."),
         click.option("--identity", type=click.Path(dir_okay=False), default=None,
                      help="SSH private key to use."),
         click.option("--all", "all_", is_flag=True, help="Every configured target."),
@@ -245,7 +308,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
                    for t in resolved}
         for name, e in fleet.errors.items():
             payload[name].update(target=name, error=str(e), exit_code=e.exit_code)
-        click.echo(json.dumps(payload[resolved[0].name] if len(resolved) == 1
+        click.echo(_dumps(payload[resolved[0].name] if len(resolved) == 1
                               else {"targets": list(payload.values())}))
     else:
         for t in resolved:
@@ -355,7 +418,7 @@ def watch_cmd(targets, path, remote_path, identity, all_, trust_new_host, no_res
     def emit(event: dict) -> None:
         with lock:
             if as_json:
-                click.echo(json.dumps(event))
+                click.echo(_dumps(event))
                 sys.stdout.flush()
             else:
                 board.show(event, _render_event(event))
@@ -516,7 +579,7 @@ def provision_cmd(targets, path, remote_path, identity, all_, trust_new_host, ve
             click.echo(f"  status: {result.supervisorctl}")
     if as_json:
         payload = [r.to_json() for r in results]
-        click.echo(json.dumps(payload[0] if len(payload) == 1 else {"targets": payload}))
+        click.echo(_dumps(payload[0] if len(payload) == 1 else {"targets": payload}))
 
 
 @cli.command("status")
@@ -542,7 +605,7 @@ def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_js
         if _supervisord_down(r):
             r["exit_code"] = max(r.get("exit_code", 0), 1)
     if as_json:
-        click.echo(json.dumps(results[0] if len(results) == 1 else {"targets": results}))
+        click.echo(_dumps(results[0] if len(results) == 1 else {"targets": results}))
     elif len(results) == 1 and "error" not in results[0]:
         _status_detail(results[0])
     else:
@@ -666,7 +729,7 @@ def restart_cmd(targets, path, remote_path, identity, all_, trust_new_host, mode
     for t in resolved:
         out = done.get(t.name)
         if out is not None:
-            click.echo(json.dumps(out) if as_json else
+            click.echo(_dumps(out) if as_json else
                        _live_line(t.name, out["revision"], out["timings"]) +
                        f" [{out['mode']}, {out['colour']}, node {out.get('node')}]")
         elif len(resolved) > 1:
@@ -709,7 +772,7 @@ def doctor_cmd(target, path, remote_path, identity, all_, trust_new_host, as_jso
     (resolved,) = _targets(project, (target,) if target else (), False, remote_path, identity)
     code, report = control.doctor(resolved)
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(_dumps(report))
     else:
         for problem in report.get("problems", []):
             click.echo(f"  env     {problem}")
@@ -779,7 +842,7 @@ def sandbox_up(name, directory, redis_url, no_worker, env_pairs, timeout, as_jso
     box = sandbox_mod.up(name, directory, provision=not no_worker, redis_url=redis_url,
                          env=dict(env_pairs), timeout=timeout)
     if as_json:
-        click.echo(json.dumps(box.to_json()))
+        click.echo(_dumps(box.to_json()))
         return
     click.echo(f"sandbox '{box.name}' up: {box.user}@{box.host}:{box.port} (sshd pid "
                f"{box.sshd_pid})\n  remote root: {box.remote_root}\n"
@@ -823,7 +886,7 @@ def sandbox_status(name, directory, as_json):
 
     box = sandbox_mod.status(name, directory)
     if as_json:
-        click.echo(json.dumps(box.to_json() if box else {"name": name, "running": False}))
+        click.echo(_dumps(box.to_json() if box else {"name": name, "running": False}))
     elif box is None:
         click.echo(f"sandbox '{name}': none")
     else:

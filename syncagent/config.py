@@ -6,6 +6,7 @@ project config, then the environment fallbacks of sync-to-remote.sh, then the de
 
 from __future__ import annotations
 
+import difflib
 import os
 import posixpath
 import re
@@ -23,7 +24,7 @@ from .errors import ConfigError, SafetyError, TargetError
 __all__ = [
     "CONFIG_NAME", "Target", "Project", "find_root", "load_project", "parse_target_spec",
     "resolve_target", "user_config_dir", "user_state_dir", "write_user_target",
-    "remove_user_target", "remote_path_problem", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "RESTART_SCOPES", "expand_specs",
+    "remove_user_target", "remote_path_problem", "unknown_name_hint", "INIT_TEMPLATE", "RESTART_MODES", "RESTART_POLICIES", "RESTART_SCOPES", "expand_specs",
 ]
 
 CONFIG_NAME = "syncagent.toml"
@@ -63,6 +64,9 @@ class Target:
     remote_root: str = "~"  # parent of the default remote path (the sandbox's stand-in home)
     python: str = "python3"
     restart_mode: str = "blue-green"
+    # for a bare name that is no configured target: what to add if it does not resolve either
+    # (a typo of a target name reads like a hostname; see transport.connect)
+    name_hint: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,26 @@ def parse_target_spec(spec: str) -> tuple[str | None, str, int | None]:
     return m.group("user"), m.group("host").strip("[]"), int(port) if port else None
 
 
+_BARE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no user@, :port or dot: maybe a target's name
+
+
+def unknown_name_hint(spec: str, project: Project) -> str | None:
+    """What to say when ``spec`` may be a misspelt (or removed) target name rather than a
+    host: it is a bare name and there are targets; None otherwise. The project's names come
+    first, then the user's (``targets.d``, e.g. a sandbox)."""
+    names = list(project.targets)
+    if not names or not _BARE_NAME.fullmatch(spec) or spec in names:
+        return None
+    own = [n for n in names if n in project.project_targets]
+    users = [n for n in names if n not in project.project_targets]
+    close = difflib.get_close_matches(spec, own + users, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    listed = [f"configured: {', '.join(own)}" if own else "",
+              f"user targets: {', '.join(users)}" if users else ""]
+    return (f"no target named '{spec}' in {CONFIG_NAME}; {guess}"
+            + "; ".join(part for part in listed if part))
+
+
 def resolve_target(
     spec: str | None,
     project: Project,
@@ -323,7 +347,7 @@ def resolve_target(
     else:
         user, host, port = parse_target_spec(spec)
         target = Target(name=spec, host=host, user=user or env.get("REMOTE_USER") or None,
-                        port=port)
+                        port=port, name_hint=unknown_name_hint(spec, project))
     chosen = (remote_path or target.remote_path or env.get("REMOTE_PATH")
               or f"{target.remote_root.rstrip('/')}/{project.root.name}")
     problem = remote_path_problem(chosen, target.remote_root) if check_path else None

@@ -404,8 +404,11 @@ def _requirements(run: _Run) -> str:
     env = os.path.basename(result.get("path") or "")
     if result["action"] == "failed":
         tail = [redact(line, run.secrets) for line in result.get("tail", [])]
+        # the installer's own account of a conflict is the error; its lines stay below it
+        why = redact(result.get("reason") or "", run.secrets)
         raise StepError(f"{run.target.name}: installing requirements failed "
-                        f"({result['installer']}, {result['seconds']:.1f} s)", tail,
+                        f"({result['installer']}, {result['seconds']:.1f} s)"
+                        + (f": the requirements conflict: {why}" if why else ""), tail,
                         hint="fix requirements*.txt locally, then run provision again (the "
                              "worker keeps its current environment)")
     if result["action"] == "none":

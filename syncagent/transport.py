@@ -54,6 +54,13 @@ def _ssh_config(target: Target) -> paramiko.SSHConfigDict:
     return paramiko.SSHConfig.from_path(str(path)).lookup(target.host)
 
 
+def _ssh_alias(target: Target) -> bool:
+    """True when ``target.host`` is a ``Host`` entry of the ssh_config (not only a pattern's
+    match): then it is the user's name for a host, not a misspelt target."""
+    path = Path(target.ssh_config or "~/.ssh/config").expanduser()
+    return path.is_file() and target.host in paramiko.SSHConfig.from_path(str(path)).get_hostnames()
+
+
 def resolve_endpoint(target: Target) -> Endpoint:
     """Apply flag > ssh_config > project config > default, one line per field."""
     cfg = _ssh_config(target)
@@ -143,7 +150,9 @@ def connect(target: Target, *, trust_new: bool = False, timeout: float = 10.0
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
             reason = "connection refused"
-        raise ConnectError(f"cannot reach {where}: {reason}") from e
+        unresolved = isinstance(e, socket.gaierror) and not _ssh_alias(target)
+        raise ConnectError(f"cannot reach {where}: {reason}",
+                           hint=target.name_hint if unresolved else None) from e
     transport = client.get_transport()
     transport.set_keepalive(KEEPALIVE_S)
     return client, ep, recorder.recorded if recorder else None

@@ -9,6 +9,8 @@ session's sandbox), the CLI run as a user runs it.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sys
 import threading
@@ -81,6 +83,47 @@ def test_watch_goes_on_after_an_undecodable_file_name(tmp_path, proj):
         code = stop_process(proc)
     assert b"Traceback" not in log.read_bytes(), log.read_text(errors="replace")
     assert code == 0
+
+
+def _strict_json(line: bytes):
+    """Parse as a strict parser does: UTF-8 without lone surrogates, escaped or not."""
+    value = json.loads(line.decode("utf-8"))
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    return value
+
+
+def test_push_json_names_undecodable_bytes_escaped_with_the_raw_bytes_beside(proj):
+    root, remote = proj
+    (root / "ok.py").write_text("x = 1\n")
+    _write_bad(root)
+    out = _cli(["push", "sbx", "--path", str(root), "--remote-path", str(remote), "--dry-run",
+                "--json"])
+    assert out.returncode == 0, out.stderr.decode()
+    result = _strict_json(out.stdout.strip())
+    line = next(i for i, ln in enumerate(result["plan"]) if "bad" in ln)
+    assert "bad\\udcff.txt" in result["plan"][line]  # as the text output shows it
+    raw = [base64.b64decode(b) if b else None for b in result["plan_b64"]]
+    assert BAD in raw[line] and raw.count(None) == len(raw) - 1, result
+
+
+def test_watch_json_events_are_strict_json_with_raw_names(tmp_path, proj):
+    root, remote = proj
+    (root / "app.py").write_text("v = 1\n")
+    log = tmp_path / "watch.log"
+    proc = start_process(CLI + ["watch", "sbx", "--path", str(root), "--remote-path",
+                                str(remote), "--no-restart", "--json"], log, env=_strict_env())
+    try:
+        wait_until(lambda: b'"synced"' in log.read_bytes(), 30, "the initial reconcile")
+        _write_bad(root)
+        wait_until(lambda: b"bad\\\\udcff.txt" in log.read_bytes(), 15, "the odd name's event")
+    finally:
+        assert stop_process(proc) == 0, log.read_text(errors="replace")
+    events = [_strict_json(line) for line in log.read_bytes().splitlines()
+              if line.startswith(b"{")]
+    synced = next(e for e in events if "bad\\udcff.txt" in e.get("paths", []))
+    i = synced["paths"].index("bad\\udcff.txt")
+    assert base64.b64decode(synced["paths_b64"][i]) == BAD, synced
+    assert all(b is None for j, b in enumerate(synced["paths_b64"]) if j != i), synced
 
 
 def test_warning_naming_a_bracketed_path_is_text_not_markup(capsys, proj):

@@ -27,6 +27,7 @@ from syncagent import provision as prov
 from syncagent import sandbox
 from syncagent.errors import ConfigError
 from tests.helpers.procs import pid_running, wait_until
+from tests.helpers.wheels import write_wheel
 from worker import ready
 
 SECRET = "wbx-api-key-5b1f0e7c2d9a"  # WORKER_API_KEY given with --env: must never be shown
@@ -337,6 +338,48 @@ def test_failing_requirements_say_what_was_done_what_failed_and_next(wbx, tmp_pa
     assert not (remote / ".env.worker").exists()  # later steps did not run
     assert not (remote / ".syncagent" / "supervisord.conf").exists()
     assert not list((remote / ".syncagent" / "envs").glob("*/bin"))  # no half-built env
+
+
+def _venv_with_uv(directory: Path) -> Path:
+    """The test venv seen from another directory, with a real uv beside its python (where
+    worker.envs looks first): what ``provision`` makes, without a download of its runtime."""
+    venv = directory / "uv-venv"
+    (venv / "bin").mkdir(parents=True)
+    shutil.copy(Path(sys.prefix, "pyvenv.cfg"), venv / "pyvenv.cfg")
+    (venv / "lib").symlink_to(Path(sys.prefix, "lib"))
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--disable-pip-version-check", "--target", str(directory / "uv"), "uv"],
+                   check=True, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    (venv / "bin" / "uv").symlink_to(directory / "uv" / "bin" / "uv")
+    return venv
+
+
+def test_conflicting_pins_fail_on_uv_s_account_without_a_pip_retry(wbx, tmp_path) -> None:
+    """The trial's redis==5.0.1 beside celery, offline: sa-top 1.0 needs sa-dep 2.0, the
+    requirements pin sa-dep 1.0 (the index options ride in requirements.txt, which both
+    installers read)."""
+    wheels = tmp_path / "wheels"
+    write_wheel(wheels, "sa-top", "1.0", ["sa-dep==2.0"])
+    write_wheel(wheels, "sa-dep", "1.0")
+    write_wheel(wheels, "sa-dep", "2.0")
+    project = tmp_path / "conflict"
+    shutil.copytree(sandbox.DEMO_APP, project)
+    (project / "requirements.txt").write_text(f"--no-index\n--find-links {wheels}\n"
+                                              "sa-top==1.0\nsa-dep==1.0\n")
+    venv = _venv_with_uv(tmp_path)
+    remote = Path(wbx["remote_root"], "conflict")
+    code, out = syncagent("provision", "wbx", "--path", str(project), "--remote-path",
+                          str(remote), "--venv", str(venv), *_settings(wbx, 3))
+    assert code == 1, out
+    assert "wbx: provision stopped at requirements; done before it: push" in out
+    failed = next(line for line in out.splitlines() if "installing requirements failed" in line)
+    assert re.search(r"installing requirements failed \(uv, [0-9.]+ s\): the requirements "
+                     r"conflict: Because .*you require sa-top==1\.0.* you require "
+                     r"sa-dep==1\.0, we can conclude that your requirements are unsatisfiable\."
+                     r" \(fix requirements\*\.txt locally", failed), failed
+    assert "pip" not in out, out  # no fallback, no pip error as the last word
+    assert not (remote / ".env.worker").exists()
 
 
 def test_invalid_first_env_writes_nothing_and_a_corrected_one_works(wbx, tmp_path) -> None:

@@ -41,7 +41,7 @@ from worker.ready import ensure_state_dir, state_dir
 
 __all__ = ["EnvResult", "env_key", "envs_dir", "ensure_env", "find_uv", "has_requirements",
            "install_lock", "live_envs", "prune", "ready_env", "requirements_files",
-           "requirements_hash", "TAIL_LINES"]
+           "requirements_hash", "unsatisfiable", "TAIL_LINES"]
 
 ENVS_DIR = "envs"
 READY_FILE = ".syncagent-env-ready"
@@ -64,6 +64,8 @@ class EnvResult:
         seconds: build time (0 when nothing was built).
         tail: the installer's last output lines (for a failure: what to show).
         pruned: envs removed after the build.
+        reason: for a failure the installer explained (uv found the requirements cannot be
+            satisfied): that explanation, on one line; else empty.
     """
 
     action: str
@@ -72,6 +74,7 @@ class EnvResult:
     seconds: float = 0.0
     tail: tuple[str, ...] = ()
     pruned: tuple[str, ...] = field(default=())
+    reason: str = ""
 
     @property
     def python(self) -> str | None:
@@ -168,9 +171,13 @@ _INSTALLER_ENV = {"PIP_PROGRESS_BAR": "off", "PIP_DISABLE_PIP_VERSION_CHECK": "1
 def _stream(argv: list[str], cwd: Path, on_line: Line | None) -> tuple[int, list[str]]:
     """Run ``argv``, passing each output line on as it comes; returns (code, all lines)."""
     lines: list[str] = []
-    with subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace",
-                          env={**os.environ, **_INSTALLER_ENV}) as proc:
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env={**os.environ, **_INSTALLER_ENV})
+    except OSError as e:  # e.g. a uv built for another machine: a failure like any other
+        return 127, [f"cannot run {argv[0]}: {e.strerror or e}"]
+    with proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip()
@@ -202,6 +209,37 @@ def _build(root: Path, path: Path, files: Sequence[Path], base_python: str,
         argv = [str(env_python), "-m", "pip", "install", *requirement_args]
     code, lines = _stream(argv, root, on_line)
     return code == 0, lines
+
+
+_NO_SOLUTION = "No solution found when resolving dependencies"
+# uv reads neither pip.conf nor PIP_* settings: a package missing altogether from what uv sees
+# may be on the index pip is configured for, so that one is not taken as the requirements' fault
+_MISSING_PACKAGE = ("not found in the package registry", "not found in the provided package")
+
+
+def unsatisfiable(lines: Sequence[str]) -> str | None:
+    """uv's explanation, on one line, when its output says it resolved the requirements and
+    they cannot be satisfied (pip, retried, would only fail later and less clearly); None for
+    any other outcome (uv cannot run, network, a build failed, a package it cannot see).
+
+    uv writes ``error: No solution ...`` then ``cause: Because ...`` to a pipe (older
+    versions: ``× No solution ...:`` then ``╰─▶ Because ...``), continued on indented lines.
+    """
+    start = next((i for i, line in enumerate(lines) if _NO_SOLUTION in line), None)
+    if start is None:
+        return None
+    because = []
+    for line in lines[start + 1:]:
+        text = line.strip().lstrip("╰─▶│").strip()
+        if text.startswith("cause:"):
+            text = text[len("cause:"):].strip()
+        if not text or text.startswith(("hint:", "help:", "error:")) or not line[:1].isspace():
+            break
+        because.append(text)
+    reason = " ".join(because)
+    if not reason or any(marker in reason for marker in _MISSING_PACKAGE):
+        return None
+    return reason
 
 
 def live_envs(root: str | os.PathLike[str]) -> set[str]:
@@ -275,7 +313,10 @@ def ensure_env(root: str | os.PathLike[str], base_python: str = sys.executable,
         uv = find_uv(base_python) if use_uv else None
         started = time.monotonic()
         ok, lines = _build(root_path, path, files, base_python, uv, on_line)
-        if not ok and uv:  # pip is the fallback, whatever made uv fail
+        reason = unsatisfiable(lines) if not ok and uv else None
+        # pip is the fallback, unless uv said the requirements themselves conflict: pip would
+        # backtrack through old releases and fail later, on something unrelated
+        if not ok and uv and reason is None:
             if on_line:
                 on_line(f"uv failed, building with pip instead: "
                         f"{lines[-1].strip() if lines else '?'}")
@@ -285,7 +326,8 @@ def ensure_env(root: str | os.PathLike[str], base_python: str = sys.executable,
         installer = "uv" if uv else "pip"
         if not ok:
             shutil.rmtree(path, ignore_errors=True)
-            return EnvResult("failed", str(path), installer, seconds, tuple(lines[-TAIL_LINES:]))
+            return EnvResult("failed", str(path), installer, seconds, tuple(lines[-TAIL_LINES:]),
+                             reason=reason or "")
         (path / READY_FILE).write_text(json.dumps({"installer": installer, "seconds": seconds,
                                                    "requirements": digest,
                                                    "time": time.time()}) + "\n")
