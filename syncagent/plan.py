@@ -255,9 +255,16 @@ def _contents(lost: Mapping[str, str | None]) -> int:
     return len({d if d is not None else ("?", p) for p, d in lost.items()})
 
 
+def _files_after(p: Plan, remote: Manifest) -> int:
+    """How many files the remote holds once ``p`` has run."""
+    deleted = {d.path for d in p.deletes}
+    kept = {path for path, e in remote.items() if e.kind == "f" and path not in deleted}
+    return len(kept | {u.path for u in p.uploads})
+
+
 def judge(p: Plan, remote: Manifest, ledger: Ledger | None = None, *,
           ratio: float = MASS_DELETE_RATIO, minimum: int = MASS_DELETE_MIN,
-          allow: bool = False) -> Verdict:
+          allow: bool = False, confirmed: bool = False) -> Verdict:
     """May ``p`` run against ``remote``? The one mass-delete rule, for every plan.
 
     A file is lost when it leaves the remote (deleted, or replaced by a directory or a link)
@@ -274,6 +281,10 @@ def judge(p: Plan, remote: Manifest, ledger: Ledger | None = None, *,
         remote: the remote tree the plan applies to.
         ledger: the losses so far; None: ``remote`` is the confirmed tree.
         allow: the user confirmed (``--allow-mass-delete``): never refused.
+        confirmed: the plan's own losses were confirmed by the way they were made (a live
+            batch made by git: every content it removes is in git): never refused, and they
+            are not counted; earlier losses not restored stay counted, and the ratio's base
+            becomes the remote's files once the plan has run (what is confirmed now).
 
     Returns:
         A Verdict; its ``ledger`` is the one to keep once the plan is applied.
@@ -297,6 +308,10 @@ def judge(p: Plan, remote: Manifest, ledger: Ledger | None = None, *,
                      if e.kind == "f" and path not in deleted and path not in uploaded)
         lost = {path: digest for path, digest in gone.items()
                 if digest is None or digest not in after}
+    if confirmed:
+        lost = {path: digest for path, digest in lost.items() if path in ledger.lost}
+        base = _files_after(p, remote)
+        return Verdict(True, lost, _contents(lost), base, Ledger(lost, base))
     count = _contents(lost)
     allowed = allow or not (count > minimum and count > ratio * ledger.base)
     return Verdict(allowed, lost, count, ledger.base, Ledger(lost, ledger.base))

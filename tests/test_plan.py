@@ -339,3 +339,52 @@ def test_a_file_moved_then_edited_is_not_lost():
     edited = {p: F(e.digest + "'") if e.kind == "f" else e for p, e in local.items()}
     v3 = judge(plan(edited, after), after, v2.ledger)
     assert v3.allowed and v3.count == 0
+
+
+# ---------------------------------------------------------------- a change git made (watch)
+
+
+def test_a_branch_switch_made_by_git_is_not_counted():
+    """The user trial: 31 files confirmed, a branch adds 30 (synced), switching back deletes
+    them: refused as a plain delete ("35 of 31"), let through when git made it, and the base
+    becomes the 31 files the remote holds after."""
+    master = tree(31)
+    feature = {**master, "feat": D(), **{f"feat/f{i}.py": F(f"f{i}") for i in range(30)}}
+    ledger = judge(plan(feature, master), master).ledger  # the branch's files, synced
+    back = plan(master, feature)
+    assert judge(back, feature, ledger).refused
+    verdict = judge(back, feature, ledger, confirmed=True)
+    assert verdict.allowed and not verdict.lost and verdict.ledger.base == 31
+    # what follows is judged against the tree git left: rm -rf of 21 of its 31 is refused
+    after = apply_plan(feature, back, master)
+    rm = without(after, *[f"app/m{i}.py" for i in range(21)])
+    assert judge(plan(rm, after), after, verdict.ledger).refused
+
+
+def test_a_change_git_made_keeps_the_earlier_losses_counted():
+    """15 files lost by hand, then a checkout: the 15 still count, so 6 more are refused."""
+    remote = tree(40)
+    local = without(remote, *[f"app/m{i}.py" for i in range(15)])
+    v1 = judge(plan(local, remote), remote)
+    remote = apply_plan(remote, plan(local, remote), local)
+    switched = {**local, "b.py": F("b")}
+    v2 = judge(plan(switched, remote), remote, v1.ledger, confirmed=True)
+    assert v2.allowed and set(v2.lost) == set(v1.lost) and v2.ledger.base == 26
+    remote = apply_plan(remote, plan(switched, remote), switched)
+    rm = without(switched, *[f"app/m{i}.py" for i in range(15, 21)])
+    assert judge(plan(rm, remote), remote, v2.ledger).refused
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes(), st.data())
+def test_a_change_git_made_is_never_refused_and_confirms_the_tree_it_leaves(change, data):
+    remote, local = change
+    earlier = {f"gone{i}": f"g{i}" for i in range(data.draw(st.integers(0, 25)))}
+    current, ledger = remote, Ledger.confirmed(remote, earlier, len(remote))
+    for paths in batches_of(data.draw, remote, local):
+        p = batch_plan(local, current, paths)
+        verdict = judge(p, current, ledger, confirmed=True)
+        assert verdict.allowed and set(verdict.lost) <= set(ledger.lost)
+        current, ledger = apply_plan(current, p, local), verdict.ledger
+        assert ledger.base == sum(1 for e in current.values() if e.kind == "f")
+    assert dict(ledger.lost) == earlier  # none of them came back; nothing new counted
