@@ -310,8 +310,9 @@ class TargetLoop(threading.Thread):
             fresh = None if full or fresh is None or more_fresh is None else {
                 **{p: e for p, e in fresh.items() if p not in more.paths}, **more_fresh}
             problems = [p for p in problems if p[0] not in more.paths] + more_problems
+            # git made the merged batch only if it made each part
             batch = Batch(batch.paths | more.paths, full, batch.first_event,
-                          batch.held_for_git or more.held_for_git)
+                          batch.by_git and more.by_git)
 
     # ---------------------------------------------------------------- halted
 

@@ -43,7 +43,20 @@ class Batch:
     paths: frozenset[str]
     full: bool
     first_event: float  # time.monotonic() of the first event in the batch
-    held_for_git: bool = False
+    # Git made it: the event stream showed ``.git/index.lock`` created during the batch, and
+    # every event of the batch came while git held that lock (a checkout, switch, reset,
+    # rebase, merge or stash; however fast). What git changes that way it keeps.
+    by_git: bool = False
+
+
+def _lock_state(event: FileSystemEvent, lock: str) -> bool | None:
+    """What an event on ``.git/index.lock`` says: taken (True), released (False: renamed
+    onto the index, or removed), or nothing (git writing into it)."""
+    if event.event_type == "created" or getattr(event, "dest_path", "") == lock:
+        return True
+    if event.event_type in ("moved", "deleted"):
+        return False
+    return None
 
 
 class _Recorder(FileSystemEventHandler):
@@ -58,8 +71,7 @@ class _Recorder(FileSystemEventHandler):
             paths.append(event.dest_path)
         lock = self.watcher.git_lock
         if lock in paths:  # events arrive in order: what comes between these is the checkout
-            self.watcher._git_lock_event(
-                event.event_type == "created" or getattr(event, "dest_path", "") == lock)
+            self.watcher._git_lock_event(_lock_state(event, lock))
             return
         # A file still being written may get more writes; one closed, moved or deleted is done.
         settled = event.event_type in SETTLING_EVENTS or event.is_directory
@@ -105,6 +117,9 @@ class Watcher:
         self._pending: set[str] = set()
         self._writing: set[str] = set()  # pending paths not yet closed after a write
         self._git_locked = False  # as the event stream tells it, in order with the file events
+        # since the last cut: the stream showed the lock taken / a file event outside it
+        self._git_taken = False
+        self._outside_git = False
         self.git_lock = os.path.join(self.root, GIT_LOCK)
         self._full_reason: str | None = None
         self._first = 0.0
@@ -130,9 +145,11 @@ class Watcher:
             return None
         return rel
 
-    def _git_lock_event(self, locked: bool) -> None:
+    def _git_lock_event(self, locked: bool | None) -> None:
         with self._cond:
-            self._git_locked = locked
+            if locked is not None:
+                self._git_locked = locked
+                self._git_taken = self._git_taken or locked
             self._last = time.monotonic()
             self._cond.notify_all()
 
@@ -146,6 +163,7 @@ class Watcher:
                 self._first = now
             self._last = now
             self._pending.update(rels)
+            self._outside_git = self._outside_git or not self._git_locked
             if settled:
                 self._writing.difference_update(rels)
             else:
@@ -155,6 +173,9 @@ class Watcher:
     def request_full(self, reason: str) -> None:
         """Make the next batch a full reconcile (after lost events, a reconnect, ...)."""
         with self._cond:
+            # events may be lost: the stream no longer says what git did
+            self._git_locked = os.path.exists(self.git_lock)
+            self._outside_git = True
             if self._full_reason is None:
                 self._full_reason = reason
                 if not self._pending:
@@ -229,7 +250,7 @@ class Watcher:
                     self._check_observer()
                 finally:
                     self._cond.acquire()
-            held = False
+            held = False  # a hold: events may still be in flight after it
             while True:
                 now = time.monotonic()
                 if (self._git_locked or os.path.exists(self.git_lock)) \
@@ -246,11 +267,13 @@ class Watcher:
                     break
                 self._cond.wait(max(0.001, min(quiet_left, max_left) if max_left > 0
                                     else quiet_left))
-            batch = Batch(frozenset(self._pending), self._full_reason is not None, self._first,
-                          held)
+            full = self._full_reason is not None
+            by_git = self._git_taken and not self._outside_git and not full
+            batch = Batch(frozenset(self._pending), full, self._first, by_git)
             self._pending = set()
             self._writing = set()
             self._full_reason = None
+            self._git_taken = self._outside_git = False
             return batch
 
     def batches(self, stop: threading.Event | None = None) -> Iterator[Batch]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_without_the_lock_a_burst_is_cut_by_max_wait(tmp_path):
         finally:
             stop.set()
             t.join()
-    assert first is not None and second is not None and not first.held_for_git
+    assert first is not None and second is not None and not first.by_git
 
 
 def test_queue_overflow_asks_for_a_full_reconcile(tree):
@@ -209,3 +210,79 @@ def test_watch_limit_falls_back_to_polling(tree, monkeypatch):
         (tree / "b.py").write_text("b")
         batch = w.next_batch(timeout=10)
         assert batch is not None and "b.py" in batch.paths
+
+
+# ---------------------------------------------------------------- which batches git made
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A repository on main (31 files) with a branch 'feature' that adds 30 more."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    for i in range(31):
+        (root / f"m{i}.py").write_text(f"V = {i}\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "main")
+    git(root, "checkout", "-q", "-b", "feature")
+    (root / "feat").mkdir()
+    for i in range(30):
+        (root / "feat" / f"f{i}.py").write_text(f"F = {i}\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "feature")
+    return root
+
+
+def batches_after(watcher: Watcher, action) -> list:
+    """Run ``action`` to its end first (a fast git command: its index.lock is long gone when
+    the consumer looks), then take every batch it made."""
+    action()
+    out = []
+    while (b := watcher.next_batch(timeout=0.5)) is not None:
+        out.append(b)
+    return out
+
+
+def rm_during_git_status(root: Path) -> None:
+    git(root, "status", "--porcelain")  # takes and releases index.lock (an IDE does this)
+    shutil.rmtree(root / "feat")
+
+
+@pytest.mark.parametrize("action,by_git", [
+    (lambda root: git(root, "checkout", "-q", "main"), True),
+    (lambda root: git(root, "switch", "-q", "main"), True),
+    (lambda root: git(root, "reset", "-q", "--hard", "main"), True),
+    (lambda root: git(root, "stash", "-q"), True),
+    (lambda root: shutil.rmtree(root / "feat"), False),
+    (rm_during_git_status, False),
+    # its untracked files go by `git clean`, as below: no lock
+    (lambda root: git(root, "stash", "-q", "-u"), False),
+    (lambda root: git(root, "clean", "-q", "-f", "-d", "-x"), False),
+], ids=["checkout", "switch", "reset-hard", "stash", "rm-rf", "rm-after-git-status",
+        "stash-untracked", "git-clean"])
+def test_a_batch_says_whether_git_made_it(repo, action, by_git):
+    """Git's own changes happen while it holds .git/index.lock; `git clean` (and the
+    untracked part of `stash -u`) takes no lock: those files are not in git."""
+    (repo / "m0.py").write_text("edited\n")  # before the watch: the action is the batch
+    for i in range(25):
+        (repo / f"build{i}.o").write_text("untracked\n")
+    with Watcher(str(repo), RULES) as w:
+        batches = batches_after(w, lambda: action(repo))
+    assert batches and all(b.by_git == by_git for b in batches), [
+        (sorted(b.paths)[:3], b.by_git) for b in batches]
+
+
+def test_a_fast_checkout_is_made_by_git_though_its_lock_is_gone_when_the_batch_is_cut(repo):
+    with Watcher(str(repo), RULES) as w:
+        batches = batches_after(w, lambda: git(repo, "checkout", "-q", "main"))
+        assert not os.path.exists(repo / ".git" / "index.lock")
+    assert len(batches) == 1 and batches[0].by_git
+    assert sum(1 for p in batches[0].paths if p.startswith("feat/")) == 30
+
+
+def test_an_edit_after_a_checkout_is_not_made_by_git(repo):
+    with Watcher(str(repo), RULES) as w:
+        assert batches_after(w, lambda: git(repo, "checkout", "-q", "main"))[0].by_git
+        edit = batches_after(w, lambda: (repo / "m1.py").write_text("mine\n"))
+    assert [b.by_git for b in edit] == [False]
