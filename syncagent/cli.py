@@ -28,7 +28,7 @@ from . import __version__
 from .config import (CONFIG_NAME, INIT_TEMPLATE, RESTART_MODES, RESTART_POLICIES, Project,
                      Target, expand_specs, find_root, load_project, resolve_target)
 from . import holder
-from .errors import ConfigError, SyncAgentError
+from .errors import ConfigError, SyncAgentError, mass_delete_counts
 
 if TYPE_CHECKING:  # imported by the commands that use them (see the module docstring)
     from .push import PushResult
@@ -352,7 +352,8 @@ def _render_event(event: dict) -> str:
                 + (" ..." if len(event["paths"]) > 3 else ""))
         parts = [f"{event['files_sent']} sent"]
         if event["deleted"]:
-            parts.append(f"{event['deleted']} deleted")
+            parts.append(f"{event['deleted']} deleted"
+                         + (" (by git: confirmed)" if event.get("confirmed") == "git" else ""))
         latency = event.get("latency")
         took = f" in {latency * 1000:.0f} ms" if latency is not None else ""
         return (f"{stamp} {name}: {', '.join(parts)} ({what}){took}, revision "
@@ -480,8 +481,8 @@ class _StatusBoard:
             elif kind == "error" and not st["state"].startswith("HALTED"):
                 st["state"] = "error (see above)"
             elif kind == "halted":
-                st["state"] = (f"HALTED ({event['lost']} of {event['files']} files would be "
-                               f"lost; push --allow-mass-delete or restore them)")
+                st["state"] = (f"HALTED ({mass_delete_counts(event['lost'], event['files'])}"
+                               f" would be lost; push --allow-mass-delete or restore them)")
             elif kind == "resumed":
                 st["state"] = "watching"
         if self.live is None:
@@ -629,8 +630,9 @@ def _status_detail(r: dict) -> None:
     click.echo(f"  pushed  {(r['pushed_revision'] or '-')[:7]}")
     if r.get("halted"):
         h = r["halted"]
-        click.echo(f"  HALTED  a watch refused to delete {h['lost']} of {h['files']} remote "
-                   f"files; nothing is applied there: {h['way_out']}")
+        click.echo(f"  HALTED  a watch refused to delete "
+                   f"{mass_delete_counts(h['lost'], h['files'])}; nothing is applied there: "
+                   f"{h['way_out']}")
     if not r["provisioned"]:
         click.echo(f"  worker  none (run `syncagent provision {r['target']}`)")
         return
@@ -698,8 +700,9 @@ def _status_table(results: list[dict]) -> None:
             click.echo(f"{'':<14}" + _failing_line(r["failing"]))
     for r in results:
         if r.get("halted"):
-            click.echo(f"{r['target']}: halted, {r['halted']['lost']} of "
-                       f"{r['halted']['files']} files would be lost: {r['halted']['way_out']}")
+            click.echo(f"{r['target']}: halted, refused to delete "
+                       f"{mass_delete_counts(r['halted']['lost'], r['halted']['files'])}: "
+                       f"{r['halted']['way_out']}")
     live = {r["live_revision"] for r in results if r.get("live_revision")}
     if len(live) > 1:
         by = ", ".join(f"{r['target']} {r['live_revision'][:7]}" for r in results

@@ -21,6 +21,7 @@ __all__ = [
     "UnknownHostKeyError",
     "HostKeyChangedError",
     "MassDeleteError",
+    "mass_delete_counts",
     "PathEscapeError",
     "AgentCacheError",
     "error_from_wire",
@@ -123,15 +124,25 @@ class HostKeyChangedError(SafetyError):
         self.host, self.fingerprint, self.expected = host, fingerprint, expected
 
 
+def mass_delete_counts(deletes: int, files: int, where: str = "") -> str:
+    """What a refusal counts, in words: ``deletes`` files lost since the last confirmation,
+    when the remote held ``files``. Losses add up over batches, including files that arrived
+    after the confirmation, so ``deletes`` can exceed ``files``: "35 of 31" would be nonsense.
+    """
+    on = f" {where}" if where else ""
+    if deletes <= files:
+        return f"{deletes} of {files} remote files{on}"
+    return f"{deletes} files{on} since the last confirmation, when the remote held {files}"
+
+
 class MassDeleteError(SafetyError):
     """The safety policy refused a plan: more files would lose their content than allowed."""
 
     def __init__(self, deletes: int, remote_files: int, target: str | None = None,
                  hint: str | None = None, paths: tuple[str, ...] = ()):
-        what = (f"{deletes} of {remote_files} remote files" if deletes <= remote_files else
-                f"{deletes} remote files (it held {remote_files} when last confirmed)")
         super().__init__(
-            f"refusing to delete {what}" + (f" on {target}" if target else ""),
+            "refusing to delete " + mass_delete_counts(deletes, remote_files,
+                                                       f"on {target}" if target else ""),
             hint=hint or "check --remote-path and --path, then pass --allow-mass-delete",
         )
         self.deletes, self.remote_files, self.target = deletes, remote_files, target

@@ -226,6 +226,7 @@ class Syncer:
         self.lost: dict[str, str | None] = {}  # applied losses not yet confirmed
         self._recorded: frozenset[str] = frozenset()  # the losses guard's record holds
         self._keep: list[str] = []  # local paths that could not be read, as last planned
+        self.confirming: str | None = None  # why the batch being applied needs no confirmation
 
     # ---------------------------------------------------------------- connection
 
@@ -364,7 +365,8 @@ class Syncer:
     # ---------------------------------------------------------------- partial sync
 
     def sync_paths(self, paths: Iterable[str], fresh: dict | None = None,
-                   problems: list | None = None, _pass: int = 1) -> PushResult:
+                   problems: list | None = None, _pass: int = 1,
+                   confirmed: str | None = None) -> PushResult:
         """Send what the filesystem holds now at ``paths`` (and below, for directories).
 
         Named files are compared by content, never skipped on size and mtime.
@@ -372,16 +374,23 @@ class Syncer:
         Args:
             fresh, problems: what ``agent.scan_paths`` found at ``paths`` and could not read,
                 when the caller has read them already (a watch reads once for all targets).
+            confirmed: why this batch's own deletions need no confirmation (``"git"``: git
+                made the change and keeps every content it removed; ``plan.judge``'s
+                ``confirmed``), or None: judged as any plan.
         """
         t_start = time.perf_counter()
         paths = set(paths)
         problems = [] if problems is None else list(problems)
         p = self.note_paths(paths, fresh, problems)
-        result = self._apply(p, None, dry_run=False, force_marker=False)
+        self.confirming = confirmed
+        try:
+            result = self._apply(p, None, dry_run=False, force_marker=False)
+        finally:
+            self.confirming = None
         result.warnings[:0] = [f"skipped {path}: {why}" for path, why in problems]
         result.durations["total"] = time.perf_counter() - t_start
         if result.unsettled and _pass < MAX_PASSES:
-            result = _merge(result, self.sync_paths(paths, None, None, _pass + 1))
+            result = _merge(result, self.sync_paths(paths, None, None, _pass + 1, confirmed))
         agent.save_digest_cache(self.root, self.cache)
         return result
 
@@ -443,7 +452,7 @@ class Syncer:
         """
         verdict = judge(p, self.remote, self.open_ledger(),
                         ratio=self.project.mass_delete_ratio, minimum=MASS_DELETE_MIN,
-                        allow=self.allow)
+                        allow=self.allow, confirmed=self.confirming is not None)
         if verdict.refused:
             raise MassDeleteError(verdict.count, verdict.base, self.target.name,
                                   hint=guard.way_out(self.target.name),
@@ -472,7 +481,8 @@ class Syncer:
             self.record()  # and a halt (a watch's, elsewhere) is lifted
         else:
             self.ledger, self.lost = verdict.ledger, dict(verdict.lost)
-            if frozenset(self.lost) != self._recorded:
+            # (a confirmed batch also moves the base the record keeps)
+            if frozenset(self.lost) != self._recorded or (self.confirming and self.lost):
                 self.record()
 
     def record(self, halted: dict | None = None) -> None:

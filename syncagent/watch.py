@@ -12,6 +12,14 @@ their content) is *halted*: nothing more is applied there, one "halted" event sa
 counts and the way out, and this machine's record (``guard``) tells ``syncagent status``. The
 loop keeps reading the local tree; once the files are back, or once the user confirmed with
 ``push --allow-mass-delete`` (which clears the record), it says "resumed" and reconciles.
+
+A live batch git made (a checkout, switch, reset, rebase, merge or stash, holding
+``.git/index.lock``: ``Batch.by_git``) is a confirmed change: git keeps every content it
+removes, so its deletions are not counted, and the tree it leaves is the guard's new base
+(``plan.judge``'s ``confirmed``); its "synced" event says ``"confirmed": "git"`` when it deleted
+files. It lifts no halt by itself: while halted it is noted like any batch, and the target
+resumes only if the files are back. Deletions git makes without the lock (``git clean``, the
+untracked files of ``stash -u``), ``rm -rf``, and every full reconcile are judged as before.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from .watcher import Batch, Watcher
 __all__ = ["WatchOptions", "Backoff", "Restarter", "TargetLoop", "watch"]
 
 Emit = Callable[[dict], None]
+GIT = "git"  # a "synced" event's "confirmed": git made the batch (watcher.Batch.by_git)
 
 
 @dataclass(frozen=True)
@@ -212,7 +221,8 @@ def _release_memory() -> None:
         pass
 
 
-def _synced(result: PushResult, latency: float | None, full: bool) -> dict:
+def _synced(result: PushResult, latency: float | None, full: bool,
+            confirmed: str | None = None) -> dict:
     event = {"event": "synced", "target": result.target, "revision": result.revision,
              "changed": result.changed, "files_sent": result.files_sent,
              "bytes_sent": result.bytes_sent, "deleted": result.deleted,
@@ -220,6 +230,8 @@ def _synced(result: PushResult, latency: float | None, full: bool) -> dict:
              "durations": {k: round(v, 4) for k, v in result.durations.items()}}
     if latency is not None:
         event["latency"] = round(latency, 4)
+    if confirmed:  # its deletes were let through without --allow-mass-delete: say why
+        event["confirmed"] = confirmed
     return event
 
 
@@ -451,12 +463,14 @@ class TargetLoop(threading.Thread):
                 batch, fresh, problems = item
                 if batch.full:
                     result = self._reconcile()
-                else:
-                    result = syncer.sync_paths(batch.paths, fresh, problems)
+                else:  # git's own changes keep their content in git: confirmed as made
+                    result = syncer.sync_paths(batch.paths, fresh, problems,
+                                               confirmed=GIT if batch.by_git else None)
                 last_contact = time.monotonic()
                 backoff.reset()
                 if result.changed or batch.full:
-                    emit(_synced(result, time.monotonic() - batch.first_event, batch.full))
+                    emit(_synced(result, time.monotonic() - batch.first_event, batch.full,
+                                 GIT if batch.by_git and result.deleted else None))
                 self._restart_after(result, batch.first_event)
                 for w in result.warnings:
                     emit({"event": "warning", "target": name, "message": w})

@@ -138,7 +138,7 @@ def test_git_checkout_of_2000_files_is_one_batch(tmp_path):
         while (b := w.next_batch(timeout=1)) is not None:
             batches.append(b)
         checkout.join()
-    assert len(batches) == 1
+    assert len(batches) == 1 and batches[0].by_git
     assert len([p for p in batches[0].paths if p.endswith(".py")]) == 2000
 
 
