@@ -351,13 +351,14 @@ def _render_event(event: dict) -> str:
         what = (", ".join(map(_shown, event["paths"][:3]))
                 + (" ..." if len(event["paths"]) > 3 else ""))
         parts = [f"{event['files_sent']} sent"]
+        by_git = event.get("confirmed") == "git"  # why a mass delete was let through
         if event["deleted"]:
-            parts.append(f"{event['deleted']} deleted"
-                         + (" (by git: confirmed)" if event.get("confirmed") == "git" else ""))
+            parts.append(f"{event['deleted']} deleted" + (" by git" if by_git else ""))
         latency = event.get("latency")
         took = f" in {latency * 1000:.0f} ms" if latency is not None else ""
         return (f"{stamp} {name}: {', '.join(parts)} ({what}){took}, revision "
-                f"{event['revision'][:7]}")
+                f"{event['revision'][:7]}"
+                + ("; confirmed: git keeps what it deletes" if by_git else ""))
     if kind == "connected":
         return f"{stamp} {name}: connected, watching -> {event['remote_root']}"
     if kind == "disconnected":
@@ -481,8 +482,9 @@ class _StatusBoard:
             elif kind == "error" and not st["state"].startswith("HALTED"):
                 st["state"] = "error (see above)"
             elif kind == "halted":
-                st["state"] = (f"HALTED ({mass_delete_counts(event['lost'], event['files'])}"
-                               f" would be lost; push --allow-mass-delete or restore them)")
+                st["state"] = (f"HALTED (refused to delete "
+                               f"{mass_delete_counts(event['lost'], event['files'])}; "
+                               f"push --allow-mass-delete or restore them)")
             elif kind == "resumed":
                 st["state"] = "watching"
         if self.live is None:

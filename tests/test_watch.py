@@ -537,7 +537,11 @@ def test_halted_and_resumed_events_render_as_one_line_and_a_status_line():
     board.state["gpu"]["state"] = "watching"
     board.show(event, line)
     board.show({"event": "disconnected", "target": "gpu"}, "")
-    assert board.state["gpu"]["state"].startswith("HALTED (40 of 41")
+    assert board.state["gpu"]["state"].startswith("HALTED (refused to delete 40 of 41 remote")
+    board.show({**event, "lost": 35, "files": 31}, line)  # losses past the base: in words
+    assert board.state["gpu"]["state"].startswith(
+        "HALTED (refused to delete 35 files since the last confirmation, when the remote "
+        "held 31;")
     board.show({"event": "resumed", "target": "gpu", "reason": "files restored"}, "")
     assert board.state["gpu"]["state"] == "watching"
 
