@@ -901,6 +901,12 @@ class _Dirs:
         self.fds[key] = fd
         return fd
 
+    def forget(self, parts):
+        """A directory removed: close its fd (an agent lives for a whole watch)."""
+        fd = self.fds.pop(tuple(parts), None)
+        if fd is not None and fd != self.root_fd:
+            os.close(fd)
+
     def close(self):
         for fd in self.fds.values():
             try:
@@ -1334,7 +1340,8 @@ def under_any(path, roots):
 
 
 def _apply_deletes(dirs, deletes, kept):
-    """Files and links first, then directories deepest first; a non-empty dir is kept."""
+    """Files and links first, then directories deepest first; a directory that still holds
+    what is not synced (excluded or protected files) is kept, bytecode caches aside."""
     n = 0
     ordered = sorted(deletes, key=lambda d: (d["kind"] == "d", -d["path"].count("/")))
     for d in ordered:
@@ -1343,8 +1350,11 @@ def _apply_deletes(dirs, deletes, kept):
             dfd = dirs.open(parts[:-1], create=False)
             st = os.lstat(parts[-1], dir_fd=dfd)
             if stat.S_ISDIR(st.st_mode):
+                if d["kind"] != "d":  # the file is gone already: the batch put a dir there
+                    continue
+                _drop_pycache(dirs, parts)
                 os.rmdir(parts[-1], dir_fd=dfd)
-                dirs.fds.pop(tuple(parts), None)
+                dirs.forget(parts)
             else:
                 os.unlink(parts[-1], dir_fd=dfd)
             n += 1
@@ -1356,6 +1366,28 @@ def _apply_deletes(dirs, deletes, kept):
                 continue
             raise
     return n
+
+
+def _drop_pycache(dirs, parts):
+    """Remove the ``__pycache__`` of a directory being deleted (bytecode of sources that are
+    gone, which only the remote's Python wrote), so that a renamed package leaves no husk
+    behind. Only ``*.pyc`` files are removed, through directory fds."""
+    try:
+        cache = dirs.open(parts + ["__pycache__"], create=False)
+    except OSError:
+        return
+    for name in os.listdir(cache):
+        if name.endswith(".pyc"):
+            try:
+                if stat.S_ISREG(os.lstat(name, dir_fd=cache).st_mode):
+                    os.unlink(name, dir_fd=cache)
+            except OSError:
+                pass
+    try:
+        os.rmdir("__pycache__", dir_fd=dirs.open(parts, create=False))
+        dirs.forget(parts + ["__pycache__"])
+    except OSError:
+        pass  # something else in it: kept with its directory
 
 
 def _update_cache(root, batch, digests, stats):

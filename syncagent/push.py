@@ -539,8 +539,8 @@ class Syncer:
         result.files_sent, result.bytes_sent, result.deleted = (
             out["written"], out["bytes"], out["deleted"])
         result.links, result.dirs, result.chmods = len(p.links), len(p.dirs), len(p.chmods)
-        result.warnings += [f"kept remote directory {k}/: it holds protected files"
-                            for k in out.get("kept", [])]
+        result.warnings += [f"kept remote directory {k}/: it still holds files that are not "
+                            "synced (excluded or protected)" for k in out.get("kept", [])]
         result.warnings += [f"kept {r['path']} (protected on the remote: {r['op']} refused)"
                             for r in out.get("refused", [])]
         result.unsettled = len(out["changed"])

@@ -127,6 +127,46 @@ def test_protected_paths_survive_and_dirs_holding_them_are_kept(tmp_path):
     assert (remote / "app" / "x.py").read_text() == "new"
 
 
+def test_a_deleted_package_takes_its_bytecode_and_a_file_turned_dir_is_no_kept_dir(tmp_path):
+    """Renaming a package leaves no husk of remote-written bytecode, and a file replaced by a
+    directory in one batch is not reported as a directory kept for protected files."""
+    local, remote = tmp_path / "l", tmp_path / "r"
+    (local / "app").mkdir(parents=True)
+    (local / "app" / "m.py").write_text("M = 1\n")
+    (local / "thing").write_text("a file\n")
+    sync(local, remote)
+    (remote / "app" / "__pycache__").mkdir()
+    (remote / "app" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0" * 16)
+    (local / "app").rename(local / "src")  # the package renamed
+    (local / "thing").unlink()
+    (local / "thing").mkdir()  # the file becomes a directory
+    (local / "thing" / "inner.txt").write_text("x\n")
+    loc = scan(str(local), RULES)
+    p = plan(loc, scan(str(remote), RULES))
+    out = apply_batch(str(remote), p.to_wire(revision(loc), len(loc)), local_chunks(local))
+    assert out["kept"] == []
+    assert not (remote / "app").exists()
+    assert (remote / "src" / "m.py").read_text() == "M = 1\n"
+    assert (remote / "thing" / "inner.txt").read_text() == "x\n"
+
+
+def test_a_deleted_directory_keeps_what_is_not_synced_and_says_so(tmp_path):
+    local, remote = tmp_path / "l", tmp_path / "r"
+    (local / "app").mkdir(parents=True)
+    (local / "app" / "m.py").write_text("M = 1\n")
+    sync(local, remote)
+    (remote / "app" / "__pycache__").mkdir()
+    (remote / "app" / "__pycache__" / "notes.txt").write_text("mine\n")  # not bytecode
+    (remote / "app" / "run.log").write_text("log\n")  # excluded: never deleted
+    shutil.rmtree(local / "app")
+    loc = scan(str(local), RULES)
+    p = plan(loc, scan(str(remote), RULES))
+    out = apply_batch(str(remote), p.to_wire(revision(loc), len(loc)), local_chunks(local))
+    assert out["kept"] == ["app"]
+    assert (remote / "app" / "run.log").exists() and not (remote / "app" / "m.py").exists()
+    assert (remote / "app" / "__pycache__" / "notes.txt").exists()
+
+
 @pytest.mark.parametrize("bad", ["../x", "/etc/x", "a/../../x", "a/./b", "a//b", "a\0b", "",
                                  ".syncagent/revision", "x" * 300])
 def test_paths_escaping_the_root_are_refused(tmp_path, bad):
