@@ -45,7 +45,8 @@ def status(project: Project, target: Target) -> dict:
     reboot, and the remote's paths.
 
     ``failing`` holds the failed start of the pushed revision (its ``error`` line, ``count``,
-    ``colour``), and ``exit_code`` is then 1.
+    ``colour``), and ``exit_code`` is then 1; a target a watch halted for safety (``halted``)
+    gives 3.
     """
     rules = local_rules(str(project.root), project.exclude)
     local = revision(scan_local(str(project.root), rules).entries)
@@ -53,6 +54,7 @@ def status(project: Project, target: Target) -> dict:
         body = session.worker(target.remote_path)
         boot = _boot_state(session, target) if body.get("worker") is not None else {}
     pushed = (body.get("revision") or {}).get("revision")
+    halted_record = halted(project, target)
     worker = body.get("worker")
     live = (worker or {}).get("live") or {}
     failing = (worker or {}).get("failing")
@@ -76,12 +78,13 @@ def status(project: Project, target: Target) -> dict:
         "last_restart": (worker or {}).get("last_restart"),
         "boot": boot.get("boot"),
         "boot_unit": boot.get("unit"),
-        "halted": halted(project, target),
+        "halted": halted_record,
         # the pushed revision failed to start (the launcher's error line, secrets masked)
         "failing": failing,
         # a committed push whose restart never ran (agent.restart_owed): the next push runs it
         "owed": body.get("owed"),
-        "exit_code": 1 if failing else 0,
+        # 1: the pushed code does not run; 3: a watch halted the target for safety
+        "exit_code": 1 if failing else 3 if halted_record else 0,
     }
 
 

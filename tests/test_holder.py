@@ -325,6 +325,41 @@ def test_a_gitignore_added_while_the_holder_runs_is_honoured(capsys, proj):
     assert (remote / "logs2" / ".gitignore").exists()
 
 
+ENTRY = ("import sys; from syncagent.entry import main; code = main(); "
+         "sys.stderr.write('CLICK %s' % ('click' in sys.modules)); sys.exit(code)")
+
+
+def entry(root, *args) -> tuple[int, str, str, bool]:
+    """The console entry point in its own process: (code, out, err, whether click loaded)."""
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+    done = subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, text=True,
+                          capture_output=True, cwd=root, timeout=120)
+    err, _, loaded = done.stderr.rpartition("CLICK ")
+    return done.returncode, done.stdout, err, loaded == "True"
+
+
+def test_the_entry_point_hands_a_held_command_over_before_importing_the_cli(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    (root / "m03.py").write_text("x = 'entry'\n")
+    before = served(root)
+    code, out, err, click_loaded = entry(root, "push", "t", "--no-restart", "--json")
+    assert (code, json.loads(out)["files_sent"], click_loaded) == (0, 1, True)  # a flag
+    assert served(root) == before + 1  # it does not know: the CLI forwarded it
+    for args in (["push", "--json"], ["push", "t", "--remote-path", str(remote), "--json"],
+                 ["status", "t", "--json", "--path", str(root)]):
+        code, out, err, click_loaded = entry(root, *args)
+        assert code == 0 and not click_loaded, (args, err)
+        assert json.loads(out)
+    assert served(root) == before + 4
+    assert view(remote) == view(root)
+    code, out, err, click_loaded = entry(root, "push", "nosuch", "--json")
+    assert code != 0 and click_loaded and "nosuch" in err  # the CLI's own error
+    code, out, err, click_loaded = entry(root, "push", "t", "--remote-path", "", "--json")
+    assert code == 2 and click_loaded and "must not be empty" in err
+
+
 def test_two_concurrent_pushes_through_one_holder(capsys, proj):
     root, remote = proj
     assert push(capsys, root)[0] == 0

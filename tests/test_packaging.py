@@ -30,7 +30,7 @@ def test_wheel_contents(tmp_path):
     assert any(r.startswith("Requires-Dist: celery[redis]") for r in requires), requires
     assert not any(n.startswith("supervisor/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "syncagent = syncagent.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "syncagent = syncagent.entry:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_supervisor_is_the_library():

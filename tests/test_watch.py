@@ -396,11 +396,13 @@ def sbx(root: Path, remote: Path):
 
 
 def status_elsewhere(root: Path, remote: Path) -> dict:
-    """`syncagent status --json` run as another process, as a user in a second terminal."""
+    """`syncagent status --json` run as another process, as a user in a second terminal:
+    it exits 3 while the target is halted for safety, else 0."""
     out = subprocess.run([SYNCAGENT, "status", "sbx", "--path", str(root), "--remote-path",
                           str(remote), "--json"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    status = json.loads(out.stdout)
+    assert out.returncode == (3 if status["halted"] else 0), out.stderr
+    return status
 
 
 def remote_files(remote: Path) -> int:

@@ -1,0 +1,81 @@
+"""The console entry point: a command a warm holder answers skips the CLI's own imports.
+
+A ``push`` (or ``status``, ``restart``, ``logs``) answered by the target's holder
+(``syncagent.holder``) spends most of its time in the holder; in this process, importing
+click and the command module was about 30 ms of it. Here the few arguments that choose the
+target (``TARGET``, ``--path``, ``--remote-path``, ``--identity``) are read with the very
+functions the CLI uses (``syncagent.config``), and the whole argv goes to the holder, which
+parses it with click like any command. Anything else (another option, no holder, an error
+while finding the target) goes to the full CLI, which then finds the same holder or runs
+the command itself: this path only ever saves time, it decides nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+TARGET_OPTIONS = ("--path", "--remote-path", "--identity")
+PLAIN_FLAGS = ("--json",)
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    answer = _held(argv)
+    if answer is None:
+        from .cli import main as cli_main
+
+        return cli_main(argv)
+    for stream, text in ((sys.stdout, answer.out), (sys.stderr, answer.err)):
+        stream.buffer.write(text.encode("utf-8", "backslashreplace"))
+        stream.flush()
+    return answer.code
+
+
+def _held(argv: list[str]):
+    """The holder's answer to ``argv``, or None: not a holder command, an argument this
+    reading does not know, several targets, no holder serving the target."""
+    from . import holder
+
+    if not argv or argv[0] not in holder.COMMANDS:
+        return None
+    specs, options = _read(argv[1:])
+    if specs is None or len(specs) > 1:
+        return None
+    from .config import expand_specs, find_root, load_project, resolve_target
+
+    try:
+        project = load_project(find_root(explicit=options.get("--path")))
+        names = expand_specs(project, tuple(specs), False)
+        if len(names) != 1 or not holder.enabled(project):
+            return None
+        target = resolve_target(names[0], project, remote_path=options.get("--remote-path"),
+                                identity=options.get("--identity"))
+    except Exception:  # the full CLI says what is wrong, as it always has
+        return None
+    return holder.forward(project.root, target, argv)
+
+
+def _read(args: list[str]) -> tuple[list[str] | None, dict[str, str]]:
+    """(target specs, target options) of ``args``; specs None when an argument is not one
+    of the few this reading knows."""
+    specs: list[str] = []
+    options: dict[str, str] = {}
+    it = iter(args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in TARGET_OPTIONS:
+            value = value if eq else next(it, "")
+            if not value.strip():  # the CLI's usage error, not ours to word
+                return None, {}
+            options[name] = value
+        elif arg in PLAIN_FLAGS:
+            continue
+        elif arg.startswith("-"):
+            return None, {}
+        else:
+            specs.append(arg)
+    return specs, options
+
+
+if __name__ == "__main__":
+    sys.exit(main())
