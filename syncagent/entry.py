@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import sys
 
-TARGET_OPTIONS = ("--path", "--remote-path", "--identity")
-PLAIN_FLAGS = ("--json",)
+# The options of the holder's commands, by what this reading does with them
+# (tests/test_holder.py checks the lists against the CLI's commands):
+TARGET_OPTIONS = ("--path", "--remote-path", "--identity")  # read: they choose the target
+PLAIN_FLAGS = ("--json", "--no-restart", "--dry-run", "--restart-on-any-change",
+               "--allow-mass-delete", "--trust-new-host")  # passed on as they are
+VALUE_OPTIONS = ("--mode", "--policy", "--timeout", "--lines", "-n")  # passed on, with a value
+FULL_CLI = ("--all", "--no-holder", "--follow", "-f")  # several targets, no holder, a stream
 
 
 def main() -> int:
@@ -70,6 +75,9 @@ def _read(args: list[str]) -> tuple[list[str] | None, dict[str, str]]:
             options[name] = value
         elif arg in PLAIN_FLAGS:
             continue
+        elif name in VALUE_OPTIONS:
+            if not eq and next(it, None) is None:
+                return None, {}
         elif arg.startswith("-"):
             return None, {}
         else:

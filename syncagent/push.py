@@ -254,14 +254,16 @@ class Syncer:
     # ---------------------------------------------------------------- the worker
 
     def restart_decision(self, result: PushResult, live: str | None = None,
-                         nothing_serving: bool = False) -> restart_mod.Decision:
+                         nothing_serving: bool = False, owed: bool = True
+                         ) -> restart_mod.Decision:
         """Whether ``result`` restarts the worker (``syncagent/restart.py`` decides), given the
-        revision the serving worker runs (None: unknown)."""
+        revision the serving worker runs (None: unknown); ``owed=False``: for this batch's own
+        changes only, leaving out a restart an earlier command left owed."""
         return restart_mod.decide(result.paths if result.changed else (), self.needs_restart,
                                   result.revision, live, enabled=self.options.restart,
                                   provisioned=self.provisioned, nothing_serving=nothing_serving,
                                   imports=self.imports, scope=self.options.scope,
-                                  owed=(self.owed or {}).get("why"))
+                                  owed=(self.owed or {}).get("why") if owed else None)
 
     def restart_wanted(self, result: PushResult) -> bool:
         """One-shot: the decision, asking the remote for its live revision only when a restart
@@ -522,9 +524,7 @@ class Syncer:
 
         # decided before sending, so that the commit keeps it even if the restart never runs
         # (this batch's own reason: what an earlier one owed is on record already)
-        owes = restart_mod.decide(result.paths, self.needs_restart, rev, None,
-                                  enabled=self.options.restart, provisioned=self.provisioned,
-                                  imports=self.imports, scope=self.options.scope)
+        owes = self.restart_decision(result, owed=False)
         t0 = time.perf_counter()
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
                                  report, self.rules.protect_wire(),

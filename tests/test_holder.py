@@ -344,10 +344,11 @@ def test_the_entry_point_hands_a_held_command_over_before_importing_the_cli(caps
     warm(root)
     (root / "m03.py").write_text("x = 'entry'\n")
     before = served(root)
-    code, out, err, click_loaded = entry(root, "push", "t", "--no-restart", "--json")
-    assert (code, json.loads(out)["files_sent"], click_loaded) == (0, 1, True)  # a flag
-    assert served(root) == before + 1  # it does not know: the CLI forwarded it
-    for args in (["push", "--json"], ["push", "t", "--remote-path", str(remote), "--json"],
+    code, out, err, click_loaded = entry(root, "push", "t", "--all", "--json")
+    assert (code, json.loads(out)["files_sent"], click_loaded) == (0, 1, True)
+    assert served(root) == before + 1  # --all is the CLI's to read: it forwarded it
+    for args in (["push", "--json", "--no-restart"],
+                 ["push", "t", "--remote-path", str(remote), "--json", "--mode", "drain"],
                  ["status", "t", "--json", "--path", str(root)]):
         code, out, err, click_loaded = entry(root, *args)
         assert code == 0 and not click_loaded, (args, err)
@@ -358,6 +359,21 @@ def test_the_entry_point_hands_a_held_command_over_before_importing_the_cli(caps
     assert code != 0 and click_loaded and "nosuch" in err  # the CLI's own error
     code, out, err, click_loaded = entry(root, "push", "t", "--remote-path", "", "--json")
     assert code == 2 and click_loaded and "must not be empty" in err
+
+
+def test_the_entry_point_knows_every_option_of_the_held_commands():
+    """Each option of push, status, restart and logs is one the entry point reads, passes on
+    (with a value or not, as the CLI takes it) or leaves to the full CLI."""
+    from syncagent import entry
+    from syncagent.cli import cli as commands
+
+    known = {**{o: "value" for o in entry.TARGET_OPTIONS + entry.VALUE_OPTIONS},
+             **{o: "flag" for o in entry.PLAIN_FLAGS}}
+    for name in holder.COMMANDS:
+        for param in commands.commands[name].params:
+            for opt in param.opts if param.param_type_name == "option" else ():
+                if opt not in entry.FULL_CLI:
+                    assert known.get(opt) == ("flag" if param.is_flag else "value"), (name, opt)
 
 
 def test_two_concurrent_pushes_through_one_holder(capsys, proj):
