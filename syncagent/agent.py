@@ -459,6 +459,18 @@ def write_state(root, name, text):
         os.close(sfd)
 
 
+def drop_state(root, name):
+    """Remove <root>/.syncagent/<name> if it is there, through no link."""
+    try:
+        sfd = _state_fd(root, create=False)
+    except OSError:
+        return
+    try:
+        _unlink_quiet(name, sfd)
+    finally:
+        os.close(sfd)
+
+
 def read_state(root, name):
     """The JSON in <root>/.syncagent/<name>, read through no link; None if absent or bad."""
     try:
@@ -1507,10 +1519,7 @@ def _owe(root, batch):
     """Keep the restart ``batch`` needs on record; a batch that brings the tree back to what
     runs owes nothing, and pays what earlier ones owed."""
     if batch.get("revision") in _live_revisions(root):
-        try:
-            os.unlink(os.path.join(root, STATE_DIR, OWED))
-        except OSError:
-            pass
+        drop_state(root, OWED)
     elif batch.get("restart"):
         write_state(root, OWED, json.dumps({"revision": batch.get("revision"),
                                             "why": str(batch["restart"])[:500],
@@ -1521,10 +1530,7 @@ def _settle_owed(r, out):
     """A restart attempt onto the pushed revision (started or failed: a failed start is
     reported, not retried by every later push) pays what was owed."""
     if r.revision and r.revision == _pushed(r.root):
-        try:
-            os.unlink(os.path.join(r.root, STATE_DIR, OWED))
-        except OSError:
-            pass
+        drop_state(r.root, OWED)
     return out
 
 
@@ -1907,10 +1913,7 @@ class _Restart(object):
         """New code is about to run in ``colour``: its earlier failed start no longer counts.
         (Only then: parking a standby in a slot whose start just failed must leave the failure
         on record, or `status` would stop saying that the pushed revision is failing.)"""
-        try:
-            os.unlink(os.path.join(self.root, STATE_DIR, "failed-%s.json" % colour))
-        except OSError:
-            pass
+        drop_state(self.root, "failed-%s.json" % colour)
 
     def start(self, colour):
         try:
@@ -2025,10 +2028,7 @@ class _Restart(object):
     def forget(self, colour):
         """Drop the slot's park and go requests: it starts as a worker, not a standby."""
         for name in ("park-%s" % colour, "go-%s.json" % colour):
-            try:
-                os.unlink(os.path.join(self.root, STATE_DIR, name))
-            except OSError:
-                pass
+            drop_state(self.root, name)
 
     def go(self, colour, standby):
         """A warm start: tell the parked standby to run ``revision`` (a file, then SIGUSR1 to
@@ -2048,10 +2048,7 @@ class _Restart(object):
 
     def park(self, colour):
         """Start ``colour`` as the standby for the next restart (does not wait for it)."""
-        try:
-            os.unlink(os.path.join(self.root, STATE_DIR, "go-%s.json" % colour))
-        except OSError:
-            pass
+        drop_state(self.root, "go-%s.json" % colour)
         write_state(self.root, "park-%s" % colour, json.dumps(
             {"time": time.time(), "supervisor": self.proxy.supervisor.getPID()}))
         self.start(colour)
