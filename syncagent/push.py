@@ -226,7 +226,6 @@ class Syncer:
         self.lost: dict[str, str | None] = {}  # applied losses not yet confirmed
         self._recorded: frozenset[str] = frozenset()  # the losses guard's record holds
         self._keep: list[str] = []  # local paths that could not be read, as last planned
-        self.confirming: str | None = None  # why the batch being applied needs no confirmation
 
     # ---------------------------------------------------------------- connection
 
@@ -384,11 +383,8 @@ class Syncer:
         paths = set(paths)
         problems = [] if problems is None else list(problems)
         p = self.note_paths(paths, fresh, problems)
-        self.confirming = confirmed
-        try:
-            result = self._apply(p, None, dry_run=False, force_marker=False)
-        finally:
-            self.confirming = None
+        result = self._apply(p, None, dry_run=False, force_marker=False,
+                             confirmed=confirmed is not None)
         result.warnings[:0] = [f"skipped {path}: {why}" for path, why in problems]
         result.durations["total"] = time.perf_counter() - t_start
         if result.unsettled and _pass < MAX_PASSES:
@@ -446,15 +442,15 @@ class Syncer:
             self._recorded = frozenset(lost)
         return self.ledger
 
-    def judge(self, p: Plan) -> Verdict:
-        """``plan.judge`` on ``p`` against the remote as known.
+    def judge(self, p: Plan, confirmed: bool = False) -> Verdict:
+        """``plan.judge`` on ``p`` against the remote as known (``confirmed``: see there).
 
         Raises:
             MassDeleteError: refused (exit 3).
         """
         verdict = judge(p, self.remote, self.open_ledger(),
                         ratio=self.project.mass_delete_ratio, minimum=MASS_DELETE_MIN,
-                        allow=self.allow, confirmed=self.confirming is not None)
+                        allow=self.allow, confirmed=confirmed)
         if verdict.refused:
             raise MassDeleteError(verdict.count, verdict.base, self.target.name,
                                   hint=guard.way_out(self.target.name),
@@ -476,7 +472,7 @@ class Syncer:
             if not self.lost:
                 self.ledger = Ledger.confirmed(self.remote)
 
-    def _settle(self, verdict: Verdict) -> None:
+    def _settle(self, verdict: Verdict, confirmed: bool = False) -> None:
         """Keep the ledger of an applied plan, and the record when its losses changed."""
         if self.allow:  # the user confirmed: the remote as it is now is the new baseline,
             self.ledger, self.lost = Ledger.confirmed(self.remote), {}
@@ -484,7 +480,7 @@ class Syncer:
         else:
             self.ledger, self.lost = verdict.ledger, dict(verdict.lost)
             # (a confirmed batch also moves the base the record keeps)
-            if frozenset(self.lost) != self._recorded or (self.confirming and self.lost):
+            if frozenset(self.lost) != self._recorded or (confirmed and self.lost):
                 self.record()
 
     def record(self, halted: dict | None = None) -> None:
@@ -501,16 +497,16 @@ class Syncer:
         self.ledger, self.lost, self.started = None, {}, False
 
     def _apply(self, p: Plan, progress: Progress | None, dry_run: bool,
-               force_marker: bool) -> PushResult:
+               force_marker: bool, confirmed: bool = False) -> PushResult:
         rev = self._local_revision()
         result = PushResult(target=self.target.name, remote_root=self.remote_root, revision=rev,
                             changed=not p.empty, dry_run=dry_run, local_files=len(self.local),
                             plan=p, paths=_changed_paths(p))
-        verdict = self.judge(p)
+        verdict = self.judge(p, confirmed)
         if dry_run or (p.empty and not force_marker):
             self.revision = rev
             if not dry_run:
-                self._settle(verdict)
+                self._settle(verdict, confirmed)
             return result
         # where links lead changes only with links, or directories where something was deleted
         bad = escaping_links(self.local) if p.links or (p.dirs and p.deletes) else []
@@ -535,7 +531,7 @@ class Syncer:
         result.durations["transfer"] = time.perf_counter() - t0
         self.remote = apply_plan(self.remote, p, self.local)
         self.revision = rev
-        self._settle(verdict)
+        self._settle(verdict, confirmed)
         result.files_sent, result.bytes_sent, result.deleted = (
             out["written"], out["bytes"], out["deleted"])
         result.links, result.dirs, result.chmods = len(p.links), len(p.dirs), len(p.chmods)
