@@ -45,7 +45,11 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 def _shown(text: str) -> str:
     """``text`` as one printable line: control characters and undecodable bytes escaped
     (``new\\nline.txt``, ``bad\\udcff.txt``)."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return _escaped(_UNPRINTABLE, text)
+
+
+def _escaped(pattern: re.Pattern, text: str) -> str:
+    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 # --json: a lone surrogate is legal in Python's JSON but refused by strict parsers (and by
@@ -54,7 +58,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _escape_surrogates(text: str) -> str:
-    return _SURROGATE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return _escaped(_SURROGATE, text)
 
 
 def _raw_b64(text: str) -> str:
@@ -604,9 +608,6 @@ def status_cmd(targets, path, remote_path, identity, all_, trust_new_host, as_js
         except SyncAgentError as e:  # a target that is down does not hide the others
             results.append({"target": t.name, "remote_root": t.remote_path, "error": str(e),
                             "exit_code": e.exit_code})
-    for r in results:
-        if _supervisord_down(r):
-            r["exit_code"] = max(r.get("exit_code", 0), 1)
     if as_json:
         click.echo(_dumps(results[0] if len(results) == 1 else {"targets": results}))
     elif len(results) == 1 and "error" not in results[0]:

@@ -45,8 +45,8 @@ def status(project: Project, target: Target) -> dict:
     reboot, and the remote's paths.
 
     ``failing`` holds the failed start of the pushed revision (its ``error`` line, ``count``,
-    ``colour``), and ``exit_code`` is then 1; a target a watch halted for safety (``halted``)
-    gives 3.
+    ``colour``), and ``exit_code`` is then 1, as when supervisord is down; a target a watch
+    halted for safety (``halted``) gives 3.
     """
     rules = local_rules(str(project.root), project.exclude)
     local = revision(scan_local(str(project.root), rules).entries)
@@ -83,8 +83,10 @@ def status(project: Project, target: Target) -> dict:
         "failing": failing,
         # a committed push whose restart never ran (agent.restart_owed): the next push runs it
         "owed": body.get("owed"),
-        # 1: the pushed code does not run; 3: a watch halted the target for safety
-        "exit_code": 1 if failing else 3 if halted_record else 0,
+        # 1: the pushed code does not run (it fails to start, or supervisord is gone);
+        # 3: a watch halted the target for safety
+        "exit_code": (1 if failing or (worker or {}).get("supervisord") == "down" else
+                      3 if halted_record else 0),
     }
 
 
