@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from dotenv import dotenv_values
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .config import Target, load_project, remove_user_target, user_state_dir, write_user_target
+from .config import (Target, load_project, load_user_targets, remove_user_target, user_state_dir,
+                     write_user_target)
 from .errors import ConfigError, OperationalError
 from .provision import ProvisionOptions, ProvisionResult, provision, redact
 
@@ -209,8 +210,17 @@ def _load(directory: Path) -> Sandbox | None:
 
 
 def status(name: str = "sandbox", directory: str | os.PathLike | None = None) -> Sandbox | None:
-    """The sandbox recorded in ``directory`` (running or not), or None if there is none."""
-    return _load(Path(directory) if directory else default_dir(name))
+    """The sandbox recorded in ``directory`` (running or not), or None if there is none. With
+    no ``directory``: the default one, else the one the registered target ``name`` points to
+    (``up --dir DIR`` then a plain ``down`` stops that one, rather than saying none runs)."""
+    if directory:
+        return _load(Path(directory))
+    box = _load(default_dir(name))
+    if box is None:
+        registered = load_user_targets().get(name)
+        if registered is not None and registered.ssh_config:
+            box = _load(Path(registered.ssh_config).parent)
+    return box
 
 
 def up(name: str = "sandbox", directory: str | os.PathLike | None = None,

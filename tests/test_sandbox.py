@@ -72,6 +72,17 @@ def test_down_stops_every_supervisord_and_worker_wherever_provisioned(machine):
     wait_until(lambda: not pid_running(box.sshd_pid), 5, "sshd to be gone")
 
 
+def test_a_sandbox_up_in_a_directory_of_its_own_is_found_by_a_plain_status_and_down(
+        hermetic_home, tmp_path):
+    box = sandbox.up("dirbx", tmp_path / "box")
+    try:
+        assert sandbox.status("dirbx").sshd_pid == box.sshd_pid
+        assert box.sshd_pid in sandbox.down("dirbx")
+        wait_until(lambda: not pid_running(box.sshd_pid), 5, "sshd to be gone")
+    finally:
+        sandbox.down("dirbx", box.dir)
+
+
 @pytest.mark.parametrize("url,db,expected", [
     ("redis://127.0.0.1:6379", 14, "redis://127.0.0.1:6379/14"),
     ("redis://127.0.0.1:6379/", 14, "redis://127.0.0.1:6379/14"),
