@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncagent.agent import Entry
-from syncagent.plan import (Chmod, Delete, Ledger, Link, Mkdir, Upload, apply_plan,
-                            content_view, escaping_links, judge, plan, revision)
+from syncagent.plan import (Chmod, Delete, Ledger, Link, Mkdir, Revisions, Upload, apply_plan,
+                            changed_paths, content_view, escaping_links, judge, plan, replan,
+                            revision)
 
 
 def F(digest, mode=0o644, size=1, mtime=1):
@@ -122,6 +123,53 @@ def test_applying_the_plan_yields_the_local_tree(local, remote):
 @given(manifests())
 def test_plan_of_equal_trees_is_empty(tree):
     assert plan(tree, dict(tree)).empty
+
+
+def _old_revision(manifest):
+    """The revision as it was hashed before Revisions: one pass over every sorted line."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=20)
+    for path, view in sorted(content_view(manifest).items()):
+        h.update(repr((path,) + view).encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(manifests(), min_size=1, max_size=5))
+def test_an_incremental_revision_is_the_revision_of_each_manifest(sequence):
+    kept = Revisions()
+    for m in sequence:
+        assert kept.of(m) == revision(m) == Revisions().of(dict(m))
+
+
+@settings(max_examples=100, deadline=None)
+@given(manifests(), manifests())
+def test_the_revision_tells_trees_apart_as_the_full_hash_did(a, b):
+    assert (revision(a) == revision(b)) == (_old_revision(a) == _old_revision(b))
+
+
+def test_a_revision_changes_when_a_file_moves_to_another_directory():
+    a = {"x": D(), "y": D(), "x/f": F("h")}
+    b = {"x": D(), "y": D(), "y/f": F("h")}
+    assert revision(a) != revision(b)
+    kept = Revisions()
+    assert kept.of(a) != kept.of(b) == revision(b)
+
+
+keeps = st.lists(st.sampled_from(["a", "b/c", "b"]), max_size=2)
+
+
+@settings(max_examples=120, deadline=None)
+@given(manifests(), manifests(), manifests(), manifests(), keeps)
+def test_replanning_the_changed_paths_gives_the_full_plan(l0, r0, l1, r1, keep):
+    changed = changed_paths(l0, l1) | changed_paths(r0, r1)
+    assert replan(plan(l0, r0, keep), changed, l1, r1, keep) == plan(l1, r1, keep)
+
+
+def test_changed_paths_sees_added_removed_and_changed_records():
+    old = {"a": F("1"), "b": F("2"), "c": F("3")}
+    new = {"a": F("1"), "b": F("2", mtime=5), "d": F("4")}
+    assert changed_paths(old, new) == {"b", "c", "d"}
 
 
 # ---------------------------------------------------------------- the safety policy: judge()
