@@ -171,10 +171,10 @@ class Warm:
         memo = self._plan
         if memo is None or memo[2] != keep:
             p = plan(local, remote, keep=keep)
+        elif memo[0] == local and memo[1] == remote:  # one C-level compare each
+            return memo[3]
         else:
             changed = changed_paths(memo[0], local) | changed_paths(memo[1], remote)
-            if not changed:
-                return memo[3]
             p = replan(memo[3], changed, local, remote, keep)
         self._plan = (dict(local), dict(remote), list(keep), p)
         return p
