@@ -147,24 +147,29 @@ def _holder_option(f):
                         help="Run directly: neither use nor leave a background holder.")(f)
 
 
-def _via_holder(project: Project, resolved: list[Target], no_holder: bool) -> None:
-    """Hand the whole command to the target's holder when one serves it, and exit with its
-    answer; return when none does (the command then runs here)."""
+def _via_holder(project: Project, resolved: list[Target], no_holder: bool,
+                fleet: bool = False) -> None:
+    """Hand the whole command to the holder of its target (``fleet``: of its targets, however
+    many) when one serves it, and exit with its answer; return when none does (the command
+    then runs here)."""
     argv = (click.get_current_context().obj or {}).get("argv")
-    if argv is None or len(resolved) != 1 or not holder.enabled(project, no_holder):
+    if (argv is None or (len(resolved) != 1 and not fleet)
+            or not holder.enabled(project, no_holder)):
         return
-    answer = holder.forward(project.root, resolved[0], argv)
+    answer = holder.forward(project.root, resolved, argv)
     if answer is not None:
         click.echo(answer.out, nl=False)
         click.echo(answer.err, nl=False, err=True)
         sys.exit(answer.code)
 
 
-def _leave_holder(project: Project, resolved: list[Target], no_holder: bool) -> None:
-    """After a direct run for one target: start its holder for the commands that follow."""
-    if (len(resolved) == 1 and holder.enabled(project, no_holder)
+def _leave_holder(project: Project, resolved: list[Target], no_holder: bool,
+                  fleet: bool = False) -> None:
+    """After a direct run for one target (``fleet``: for its targets, however many): start
+    their holder for the commands that follow."""
+    if ((len(resolved) == 1 or fleet) and holder.enabled(project, no_holder)
             and (click.get_current_context().obj or {}).get("argv") is not None):
-        why = holder.spawn(project, resolved[0])
+        why = holder.spawn(project, resolved)
         if why:
             _warn(f"no holder for the next commands: {why}")
 
@@ -294,7 +299,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
     """Make the remote tree equal to the local one (one-shot), on each TARGET at once."""
     project = _project(path)
     resolved = _targets(project, targets, all_, remote_path, identity)
-    _via_holder(project, resolved, no_holder)  # before the heavy imports: a held push needs none
+    _via_holder(project, resolved, no_holder, fleet=True)  # before the heavy imports
     from .push import PushOptions, push_many
 
     options = PushOptions(dry_run=dry_run, restart=not no_restart,
@@ -332,7 +337,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
             click.echo(f"{ok}/{len(resolved)} targets on revision "
                        f"{next(iter(revisions))[:7] if len(revisions) == 1 else '(mixed)'}")
     if not fleet.exit_code:
-        _leave_holder(project, resolved, no_holder)
+        _leave_holder(project, resolved, no_holder, fleet=True)
     sys.exit(fleet.exit_code)
 
 

@@ -3,9 +3,10 @@
 A ``push`` (or ``status``, ``restart``, ``logs``) answered by the target's holder
 (``syncagent.holder``) spends most of its time in the holder; in this process, importing
 click and the command module was about 30 ms of it. Here the few arguments that choose the
-target (``TARGET``, ``--path``, ``--remote-path``, ``--identity``) are read with the very
-functions the CLI uses (``syncagent.config``), and the whole argv goes to the holder, which
-parses it with click like any command. Anything else (another option, no holder, an error
+target (``TARGET``, ``--path``, ``--remote-path``, ``--identity``, ``--all``) are read with
+the very functions the CLI uses (``syncagent.config``), and the whole argv goes to the
+holder, which parses it with click like any command. Only ``push`` goes to a holder for
+several targets (a fleet's); the other commands hand over one target's. Anything else (another option, no holder, an error
 while finding the target) goes to the full CLI, which then finds the same holder or runs
 the command itself: this path only ever saves time, it decides nothing.
 """
@@ -17,10 +18,12 @@ import sys
 # The options of the holder's commands, by what this reading does with them
 # (tests/test_holder.py checks the lists against the CLI's commands):
 TARGET_OPTIONS = ("--path", "--remote-path", "--identity")  # read: they choose the target
+TARGET_FLAGS = ("--all",)  # read: every configured target (a fleet)
 PLAIN_FLAGS = ("--json", "--no-restart", "--dry-run", "--restart-on-any-change",
                "--allow-mass-delete", "--trust-new-host")  # passed on as they are
 VALUE_OPTIONS = ("--mode", "--policy", "--timeout", "--lines", "-n")  # passed on, with a value
-FULL_CLI = ("--all", "--no-holder", "--follow", "-f")  # several targets, no holder, a stream
+FULL_CLI = ("--no-holder", "--follow", "-f")  # no holder, a stream
+FLEET_COMMANDS = ("push",)  # those a holder runs for several targets
 
 
 def main() -> int:
@@ -38,26 +41,31 @@ def main() -> int:
 
 def _held(argv: list[str]):
     """The holder's answer to ``argv``, or None: not a holder command, an argument this
-    reading does not know, several targets, no holder serving the target."""
+    reading does not know, several targets for a command other than ``push``, no holder
+    serving the target(s)."""
     from . import holder
 
     if not argv or argv[0] not in holder.COMMANDS:
         return None
     specs, options = _read(argv[1:])
-    if specs is None or len(specs) > 1:
+    if specs is None:
+        return None
+    fleet_ok = argv[0] in FLEET_COMMANDS
+    if not fleet_ok and (len(specs) > 1 or "--all" in options):
         return None
     from .config import expand_specs, find_root, load_project, resolve_target
 
     try:
         project = load_project(find_root(explicit=options.get("--path")))
-        names = expand_specs(project, tuple(specs), False)
-        if len(names) != 1 or not holder.enabled(project):
-            return None
-        target = resolve_target(names[0], project, remote_path=options.get("--remote-path"),
-                                identity=options.get("--identity"))
+        names = expand_specs(project, tuple(specs), "--all" in options)
+        if (len(names) > 1 and (not fleet_ok or "--remote-path" in options)
+                or not holder.enabled(project)):
+            return None  # (--remote-path with several targets: the CLI's usage error)
+        targets = [resolve_target(name, project, remote_path=options.get("--remote-path"),
+                                  identity=options.get("--identity")) for name in names]
     except Exception:  # the full CLI says what is wrong, as it always has
         return None
-    return holder.forward(project.root, target, argv)
+    return holder.forward(project.root, targets, argv)
 
 
 def _read(args: list[str]) -> tuple[list[str] | None, dict[str, str]]:
@@ -73,6 +81,8 @@ def _read(args: list[str]) -> tuple[list[str] | None, dict[str, str]]:
             if not value.strip():  # the CLI's usage error, not ours to word
                 return None, {}
             options[name] = value
+        elif arg in TARGET_FLAGS:
+            options[arg] = ""
         elif arg in PLAIN_FLAGS:
             continue
         elif name in VALUE_OPTIONS:

@@ -1,8 +1,11 @@
-"""A warm path for repeated commands: one background holder per project and target.
+"""A warm path for repeated commands: one background holder per project and set of targets.
 
 The first ``push``, ``status``, ``restart`` or ``logs`` for a target leaves a small process
 behind, as OpenSSH's ControlPersist does: it holds the SSH connection and the agent, and
-exits after ``holder_idle`` seconds without a command. A later command hands it its argv over
+exits after ``holder_idle`` seconds without a command. A ``push`` to several targets (a
+fleet: ``push a b c``, a group, ``--all``) leaves one holder for that set, holding one
+session per target; it runs the very same ``push_many`` as a direct fleet push, so the
+rolling or parallel restart order is the one the command line gives. A later command hands it its argv over
 a 0600 unix socket; the holder runs the very same command code on its held session (so the
 safety policy, protected paths, exit codes and ``--json`` output are those of a direct run)
 and answers with the command's output and exit code. It revalidates both sides each time:
@@ -30,8 +33,10 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Sequence, Union
 
 from .config import Project, Target, user_state_dir
 
@@ -49,6 +54,9 @@ class UnsafeDir(Exception):
 
 class Taken(Exception):
     """Another process (a holder, a watch) serves this socket already."""
+
+
+Targets = Union[Target, Sequence[Target]]  # one target, or a fleet's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +98,19 @@ def _code_stamp() -> list:
     return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in here.glob("*.py"))
 
 
-def socket_path(root: str | os.PathLike, target: Target) -> Path:
-    """The holder's socket for this project and target (every field of the target counts)."""
-    key = json.dumps([os.path.realpath(str(root)), dataclasses.asdict(target), _code_stamp()],
+def _as_list(targets: Targets) -> list[Target]:
+    """The set of targets a holder serves, in one order (by name): ``push b a`` and
+    ``push a b`` find the same holder (which runs each in its own command line's order)."""
+    if isinstance(targets, Target):
+        return [targets]
+    return sorted(targets, key=lambda t: t.name)
+
+
+def socket_path(root: str | os.PathLike, targets: Targets) -> Path:
+    """The holder's socket for this project and target, or set of targets (every field of
+    each target counts)."""
+    key = json.dumps([os.path.realpath(str(root)),
+                      [dataclasses.asdict(t) for t in _as_list(targets)], _code_stamp()],
                      sort_keys=True, default=str)
     name = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
     return runtime_dir() / f"{name}.sock"
@@ -141,15 +159,15 @@ def _ask(path: Path, request: dict, timeout: float | None) -> dict:
         return _recv(sock)
 
 
-def forward(root: str | os.PathLike, target: Target, argv: list[str]) -> Answer | None:
-    """Run ``argv`` (a whole ``syncagent`` command line) in the target's holder.
+def forward(root: str | os.PathLike, targets: Targets, argv: list[str]) -> Answer | None:
+    """Run ``argv`` (a whole ``syncagent`` command line) in the holder of its target(s).
 
     Returns:
         the command's output and exit code; None when no holder answered in full (none runs,
         it died, the socket is not this user's alone): the caller runs the command directly.
     """
     try:
-        path = socket_path(root, target)
+        path = socket_path(root, targets)
         if not path.exists():
             return None
         reply = _ask(path, {"op": "run", "argv": list(argv), "cwd": os.getcwd(),
@@ -161,22 +179,24 @@ def forward(root: str | os.PathLike, target: Target, argv: list[str]) -> Answer 
         return None
 
 
-def ping(root: str | os.PathLike, target: Target, timeout: float = 2.0) -> dict | None:
-    """{"pid", "served", "connected"} of the target's holder, or None when none answers."""
+def ping(root: str | os.PathLike, targets: Targets, timeout: float = 2.0) -> dict | None:
+    """{"pid", "served", "connected"} of the holder of ``targets``, or None when none answers
+    ("connected": it holds a session for each of them)."""
     try:
-        return _ask(socket_path(root, target), {"op": "ping"}, timeout)
+        return _ask(socket_path(root, targets), {"op": "ping"}, timeout)
     except (OSError, ValueError, UnsafeDir, struct.error):
         return None
 
 
-def spawn(project: Project, target: Target) -> str | None:
-    """Start the target's holder in the background (it detaches, then connects on its own).
+def spawn(project: Project, targets: Targets) -> str | None:
+    """Start the holder of ``targets`` in the background (it detaches, then connects on its
+    own).
 
     Returns:
         None once started; else why not (the runtime directory is not this user's alone...).
     """
     try:
-        path = socket_path(project.root, target)
+        path = socket_path(project.root, targets)
     except (OSError, UnsafeDir) as e:
         return str(e)
     log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
@@ -184,7 +204,8 @@ def spawn(project: Project, target: Target) -> str | None:
     try:
         subprocess.run(  # returns once the holder has forked itself away from us
             [sys.executable, "-m", "syncagent.holder", str(project.root),
-             json.dumps(dataclasses.asdict(target)), str(project.holder_idle)],
+             json.dumps([dataclasses.asdict(t) for t in _as_list(targets)]),
+             str(project.holder_idle)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             close_fds=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
@@ -197,42 +218,70 @@ def spawn(project: Project, target: Target) -> str | None:
 # ------------------------------------------------------------------ the holder process
 
 class _Held:
-    """The held session: handed out for the holder's own target while its connection is up,
-    the agent answers and known_hosts still vouches for the key it was opened with."""
+    """The held sessions, one per target the holder serves: each handed out while its
+    connection is up, its agent answers and known_hosts still vouches for the key it was
+    opened with (checked for each target on its own, in the thread that opens it: a fleet's
+    targets are revalidated at once, as a direct fleet push connects them at once)."""
 
-    def __init__(self, target: Target):
-        self.target = target
-        self.session = None
+    def __init__(self, targets: list[Target]):
+        self.targets = list(targets)
+        self.sessions: dict[Target, object] = {}
+        self._locks = {t: threading.Lock() for t in self.targets}
 
     def open(self, target: Target, *, trust_new: bool = False, timeout: float = 10.0):
         from .session import Session
 
-        if target != self.target:
+        if target not in self._locks:
             return Session.open_new(target, trust_new=trust_new, timeout=timeout)
-        if self.session is not None and not self._usable():
-            self.drop()
-        if self.session is None:
-            self.session = _held_session_class().open_new(target, trust_new=trust_new,
-                                                          timeout=timeout)
-        return self.session
+        with self._locks[target]:
+            session = self.sessions.get(target)
+            if session is not None and not _usable(session):
+                self.drop(target)
+                session = None
+            if session is None:
+                session = self.sessions[target] = _held_session_class().open_new(
+                    target, trust_new=trust_new, timeout=timeout)
+            return session
 
-    def _usable(self) -> bool:
-        s = self.session
-        try:
-            transport = s.client.get_transport()
-            if transport is None or not transport.is_active() or s.channel.chan.closed:
-                return False
-            if not _still_trusted(s):
-                return False
-            s.ping(timeout=5.0)
-            return True
-        except Exception:
+    def connect_all(self) -> None:
+        """Open every target's session at once (a holder's start); a target that cannot be
+        reached is said on stderr, and its first command says why on its own connection."""
+        def connect(target: Target) -> None:
+            try:
+                self.open(target)
+            except Exception as e:
+                print(f"holder: {target.name}: not connected: {e}", file=sys.stderr,
+                      flush=True)
+
+        threads = [threading.Thread(target=connect, args=(t,)) for t in self.targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    @property
+    def connected(self) -> bool:
+        return all(t in self.sessions for t in self.targets)
+
+    def drop(self, target: Target | None = None) -> None:
+        """Close ``target``'s held session (None: every one)."""
+        for t in [target] if target is not None else list(self.sessions):
+            session = self.sessions.pop(t, None)
+            if session is not None:
+                session.really_close()
+
+
+def _usable(session) -> bool:
+    try:
+        transport = session.client.get_transport()
+        if transport is None or not transport.is_active() or session.channel.chan.closed:
             return False
-
-    def drop(self) -> None:
-        if self.session is not None:
-            self.session.really_close()
-            self.session = None
+        if not _still_trusted(session):
+            return False
+        session.ping(timeout=5.0)
+        return True
+    except Exception:
+        return False
 
 
 def _still_trusted(session) -> bool:
@@ -321,7 +370,7 @@ def _listen(path: Path) -> tuple[socket.socket, int, int]:
     return sock, lock, os.stat(path).st_ino
 
 
-def serve(root: str, target: Target, idle: float) -> None:
+def serve(root: str, targets: Targets, idle: float) -> None:
     """The holder's loop: connect, then run one client command at a time (concurrent clients
     wait their turn) until ``idle`` seconds pass without one."""
     global SERVING
@@ -329,17 +378,14 @@ def serve(root: str, target: Target, idle: float) -> None:
     from .push import Warm
     from .session import Session
 
-    path = socket_path(root, target)
+    path = socket_path(root, targets)
     sock, _lock, inode = _listen(path)
-    held = _Held(target)
+    held = _Held(_as_list(targets))
     Session.provider = held.open
     warm = Warm.held = Warm(os.path.realpath(root), keep=True)
     served = 0
     try:
-        try:
-            held.open(target)
-        except Exception as e:  # the first command will say why, on its own connection
-            print(f"holder: not connected: {e}", file=sys.stderr, flush=True)
+        held.connect_all()
         sock.settimeout(idle)
         while True:
             try:
@@ -354,7 +400,7 @@ def serve(root: str, target: Target, idle: float) -> None:
                     request = _recv(conn)
                     if request.get("op") == "ping":
                         _send(conn, {"pid": os.getpid(), "served": served,
-                                     "connected": held.session is not None})
+                                     "connected": held.connected})
                     elif request.get("op") == "run":
                         answer = _run(request, held, warm)
                         served += 1
@@ -454,13 +500,13 @@ def _flush_answer(request: dict, flush, options) -> dict:
 def main(argv: list[str]) -> int:
     import signal
 
-    root, target_json, idle = argv
-    target = Target(**json.loads(target_json))
+    root, targets_json, idle = argv
+    targets = [Target(**t) for t in json.loads(targets_json)]
     if os.fork():  # the command that started us waits for this exit only, and reaps it
         os._exit(0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # tidy up the socket on the way
     try:
-        serve(root, target, float(idle))
+        serve(root, targets, float(idle))
     except Taken:  # another holder was quicker, or a watch serves the target
         pass
     return 0

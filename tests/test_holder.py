@@ -345,8 +345,8 @@ def test_the_entry_point_hands_a_held_command_over_before_importing_the_cli(caps
     (root / "m03.py").write_text("x = 'entry'\n")
     before = served(root)
     code, out, err, click_loaded = entry(root, "push", "t", "--all", "--json")
-    assert (code, json.loads(out)["files_sent"], click_loaded) == (0, 1, True)
-    assert served(root) == before + 1  # --all is the CLI's to read: it forwarded it
+    assert (code, json.loads(out)["files_sent"], click_loaded) == (0, 1, False)
+    assert served(root) == before + 1  # --all (here: t alone) is read without the CLI
     for args in (["push", "--json", "--no-restart"],
                  ["push", "t", "--remote-path", str(remote), "--json", "--mode", "drain"],
                  ["status", "t", "--json", "--path", str(root)]):
@@ -368,7 +368,7 @@ def test_the_entry_point_knows_every_option_of_the_held_commands():
     from syncagent.cli import cli as commands
 
     known = {**{o: "value" for o in entry.TARGET_OPTIONS + entry.VALUE_OPTIONS},
-             **{o: "flag" for o in entry.PLAIN_FLAGS}}
+             **{o: "flag" for o in entry.PLAIN_FLAGS + entry.TARGET_FLAGS}}
     for name in holder.COMMANDS:
         for param in commands.commands[name].params:
             for opt in param.opts if param.param_type_name == "option" else ():
