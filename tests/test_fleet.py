@@ -3,16 +3,19 @@ Redis) pushed and watched as one group, with rolling restarts that keep capacity
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from syncagent import agent, sandbox
+from syncagent import agent, holder, sandbox
 from syncagent.cli import main
 from syncagent.config import load_project, resolve_target
 from syncagent.ignore import build_rules
@@ -20,6 +23,8 @@ from syncagent.plan import content_view
 from syncagent.push import PushOptions, push_many
 from syncagent.watch import WatchOptions, watch
 from tests.helpers.procs import children_of, wait_until
+from tests.test_holder import CLIENT, holders_of
+from tests.test_push import run
 
 NAMES = ("g1", "g2", "g3")
 RULES = build_rules().compiled()
@@ -216,3 +221,181 @@ def test_restart_command_follows_the_fleet_policy(fleet, project, capsys):
     assert out.count("live on g") == 3, out
     assert min(samples) < 2, sorted(set(samples))
     wait_until(lambda: live_count(fleet) == 3, 30, "all three live again")
+
+
+# ------------------------------------------------------------------ through a fleet holder
+
+@pytest.fixture
+def held(fleet, tmp_path, monkeypatch):
+    """The demo app with the three targets as group 'gpus', each with a known_hosts of this
+    test's own, holders enabled; every holder still running at the end is stopped."""
+    monkeypatch.delenv("SYNCAGENT_HOLDER", raising=False)
+    root = tmp_path / "app-src"
+    shutil.copytree(fleet[0].project, root, ignore=shutil.ignore_patterns(".syncagent"))
+    lines = ['restart_policy = "rolling"', "holder_idle = 60", "[groups]",
+             'gpus = ["g1", "g2", "g3"]']
+    for box in fleet:
+        known = tmp_path / f"known_hosts_{box.name}"
+        known.write_text(Path(box.known_hosts).read_text())
+        config = tmp_path / f"ssh_config_{box.name}"
+        config.write_text("\n".join(
+            [ln for ln in Path(box.ssh_config).read_text().splitlines()
+             if not ln.strip().startswith("UserKnownHostsFile")]
+            + [f"  UserKnownHostsFile {known}"]) + "\n")
+        lines += [f"[targets.{box.name}]", f'host = "{box.name}"', f'ssh_config = "{config}"',
+                  f'remote_path = "{box.remote_root}/project"']
+    (root / "syncagent.toml").write_text("\n".join(lines) + "\n")
+    yield root
+    for pid in holders_of(root):
+        os.kill(pid, signal.SIGKILL)
+
+
+def targets_of(root, names=NAMES):
+    proj = load_project(root)
+    return [resolve_target(n, proj) for n in names]
+
+
+def held_ping(root, names=NAMES):
+    return holder.ping(root, targets_of(root, names))
+
+
+def warm(root) -> dict:
+    """Wait until the fleet's holder is up, with a session on each target; its ping answer."""
+    return wait_until(lambda: (held_ping(root) or {}).get("connected") and held_ping(root),
+                      60, "the fleet's holder to connect to all three")
+
+
+def push_json(capsys, root, *args) -> tuple[int, dict, str]:
+    code, out, err = run(capsys, "push", *args, "--path", str(root), "--json")
+    return code, json.loads(out) if out.strip() else {}, err
+
+
+def sent(payload: dict) -> dict:
+    return {t["target"]: t.get("files_sent") for t in payload["targets"]}
+
+
+def test_a_repeated_fleet_push_goes_through_its_holder(capsys, fleet, held):
+    root = held
+    set_version(root, "held-1")
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0  # direct: leaves it
+    first = warm(root)
+    assert first["served"] == 0
+    set_version(root, "held-2")
+    code, payload, err = push_json(capsys, root, "gpus", "--no-restart")
+    assert code == 0, err
+    assert held_ping(root) == {**first, "served": 1}  # the same holder answered
+    assert sent(payload) == {n: 1 for n in NAMES}
+    assert all(same_tree(box, root) for box in fleet)
+    # the same set in another order, or as --all, is the same holder's
+    for args in (["g3", "g1", "g2"], ["--all"]):
+        set_version(root, f"held-{args[0]}")
+        code, payload, err = push_json(capsys, root, *args, "--no-restart")
+        assert code == 0 and sent(payload) == {n: 1 for n in NAMES}, err
+    assert held_ping(root)["served"] == 3
+    assert held_ping(root, ["g1"]) is None  # no single-target holder was involved
+    # and it answers as a direct run does
+    code, through, err = push_json(capsys, root, "gpus", "--no-restart")
+    code2, direct, err2 = push_json(capsys, root, "gpus", "--no-restart", "--no-holder")
+    assert held_ping(root)["served"] == 4
+    for payload in (through, direct):
+        for t in payload["targets"]:
+            t.pop("durations")
+    assert (code, through, err) == (code2, direct, err2)
+
+
+def test_fleet_holder_killed_mid_push_falls_back_to_direct(capsys, fleet, held):
+    root = held
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0
+    pid = warm(root)["pid"]
+    for i in range(2):
+        (root / f"big{i}.bin").write_bytes(os.urandom(48 << 20))
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, "push", "gpus", "--path", str(root), "--no-restart",
+         "--json"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=Path(__file__).parent.parent)
+    try:
+        wait_until(lambda: any(p.name.startswith(agent.TEMP_PREFIX)
+                               for box in fleet for p in remote(box).iterdir()),
+                   60, "the holder to be sending")
+        os.kill(pid, signal.SIGKILL)
+        out, err = client.communicate(timeout=300)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    try:
+        assert client.returncode == 0, err  # the client ran it directly
+        assert all(t["changed"] for t in json.loads(out)["targets"])
+        assert all(same_tree(box, root) for box in fleet)
+        # the next fleet push works, and leaves a new holder
+        set_version(root, "after-kill")
+        assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0
+        assert warm(root)["pid"] != pid
+    finally:
+        for i in range(2):
+            (root / f"big{i}.bin").unlink()
+        assert push_json(capsys, root, "gpus", "--no-restart", "--no-holder")[0] == 0
+    assert all(same_tree(box, root) for box in fleet)
+
+
+def test_fleet_holder_after_one_remote_changed_behind_its_back(capsys, fleet, held):
+    root = held
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0
+    warm(root)
+    set_version(root, "behind-1")
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0  # it holds manifests now
+    assert held_ping(root)["served"] == 1
+    g2 = remote(fleet[1])
+    (g2 / "app" / "__init__.py").write_text("edited on the remote\n")
+    os.utime(g2 / "app" / "__init__.py", ns=(10**18, 10**18))
+    (g2 / "app" / "version.py").unlink()
+    (g2 / "stray.py").write_text("only on g2\n")
+    code, payload, err = push_json(capsys, root, "gpus", "--no-restart")
+    assert code == 0, err
+    assert held_ping(root)["served"] == 2
+    assert sent(payload) == {"g1": 0, "g2": 2, "g3": 0}
+    assert all(same_tree(box, root) for box in fleet)
+
+
+def test_fleet_holder_refuses_a_changed_host_key_on_one_target(capsys, fleet, held, tmp_path):
+    root = held
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0
+    warm(root)
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True)
+    known = tmp_path / "known_hosts_g2"
+    host = known.read_text().split()[0]
+    pub = Path(f"{other}.pub").read_text().split()
+    known.write_text(f"{host} {pub[0]} {pub[1]}\n")
+    set_version(root, "g2-must-not-get-this")
+    code, payload, err = push_json(capsys, root, "gpus", "--no-restart")
+    assert code == 3, err
+    assert held_ping(root)["served"] == 1  # the holder answered, and refused g2 alone
+    refused = [t for t in payload["targets"] if "error" in t]
+    assert [t["target"] for t in refused] == ["g2"]
+    assert "HOST KEY CHANGED" in refused[0]["error"] and refused[0]["exit_code"] == 3
+    assert same_tree(fleet[0], root) and same_tree(fleet[2], root)
+    assert not same_tree(fleet[1], root)
+    code2, direct, _ = push_json(capsys, root, "gpus", "--no-restart", "--no-holder")
+    assert code2 == code and direct["targets"][1] == refused[0]  # direct: the same refusal
+    known.write_text(Path(fleet[1].known_hosts).read_text())
+
+
+def test_fleet_holder_keeps_the_rolling_order_of_the_command_line(capsys, fleet, held):
+    """The holder for {g1, g2, g3} serves ``push g3 g1 g2`` in that order: drain-mode restarts
+    one at a time (two of three live throughout), g3 first, then g1, then g2."""
+    root = held
+    assert push_json(capsys, root, "g3", "g1", "g2")[0] == 0
+    wait_until(lambda: live_count(fleet) == 3, 60, "all three live")
+    warm(root)
+    set_version(root, "rolling-held")
+    with live_samples(fleet) as samples:
+        code, payload, err = push_json(capsys, root, "g3", "g1", "g2", "--mode", "drain")
+    assert code == 0, err
+    assert held_ping(root)["served"] == 1
+    assert all(t["restart"]["ok"] for t in payload["targets"])
+    assert min(samples) >= 2 and max(samples) == 3, sorted(set(samples))
+    ended = {b.name: agent.json.loads((remote(b) / ".syncagent" / "last-restart.json")
+                                      .read_text())["time"] for b in fleet}
+    assert sorted(ended, key=ended.get) == ["g3", "g1", "g2"]
