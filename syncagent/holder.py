@@ -34,6 +34,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Sequence, Union
@@ -45,6 +46,7 @@ __all__ = ["Answer", "Taken", "UnsafeDir", "forward", "spawn", "ping", "socket_p
 
 COMMANDS = ("push", "status", "restart", "logs")  # what a holder runs for a client
 MAX_MESSAGE = 64 << 20
+LOOK_EVERY = 1.0  # seconds between a waiting holder's looks at its connections
 SERVING = False  # true inside a holder process: its commands never forward nor spawn
 
 
@@ -263,6 +265,12 @@ class _Held:
     def connected(self) -> bool:
         return all(t in self.sessions for t in self.targets)
 
+    def all_lost(self) -> bool:
+        """Every session it opened has gone (the remotes went away: ``sandbox down``, a
+        reboot, the network): nothing is held but what a new command builds again."""
+        sessions = list(self.sessions.values())
+        return bool(sessions) and not any(_alive(s) for s in sessions)
+
     def drop(self, target: Target | None = None) -> None:
         """Close ``target``'s held session (None: every one)."""
         for t in [target] if target is not None else list(self.sessions):
@@ -271,12 +279,15 @@ class _Held:
                 session.really_close()
 
 
+def _alive(session) -> bool:
+    """The connection is up and the agent's channel open (no round trip)."""
+    transport = session.client.get_transport()
+    return transport is not None and transport.is_active() and not session.channel.chan.closed
+
+
 def _usable(session) -> bool:
     try:
-        transport = session.client.get_transport()
-        if transport is None or not transport.is_active() or session.channel.chan.closed:
-            return False
-        if not _still_trusted(session):
+        if not _alive(session) or not _still_trusted(session):
             return False
         session.ping(timeout=5.0)
         return True
@@ -372,7 +383,8 @@ def _listen(path: Path) -> tuple[socket.socket, int, int]:
 
 def serve(root: str, targets: Targets, idle: float) -> None:
     """The holder's loop: connect, then run one client command at a time (concurrent clients
-    wait their turn) until ``idle`` seconds pass without one."""
+    wait their turn) until ``idle`` seconds pass without one, or until every connection it
+    held has gone (looked at every ``LOOK_EVERY`` seconds while idle)."""
     global SERVING
     SERVING = True
     from .push import Warm
@@ -386,12 +398,17 @@ def serve(root: str, targets: Targets, idle: float) -> None:
     served = 0
     try:
         held.connect_all()
-        sock.settimeout(idle)
+        last = time.monotonic()
         while True:
+            left = idle - (time.monotonic() - last)
+            if left <= 0 or held.all_lost():
+                return
+            sock.settimeout(min(left, LOOK_EVERY))
             try:
                 conn, _ = sock.accept()
             except socket.timeout:
-                return
+                continue
+            last = time.monotonic()
             with conn:
                 conn.settimeout(None)
                 try:

@@ -543,3 +543,41 @@ def test_a_push_during_watch_is_a_flush_of_the_watch(capsys, proj):
     (root / "m06.py").write_text("x = 'after the watch'\n")
     assert push(capsys, root)[0] == 0  # the socket the watch served is no obstacle
     assert view(remote) == view(root)
+
+
+def test_sandbox_down_stops_the_holders_it_leaves_without_a_remote(capsys, tmp_path,
+                                                                   monkeypatch):
+    """A holder whose every connection has gone (here: ``sandbox down``) exits, a fleet's
+    once all of its targets' have; one that still holds a live connection stays."""
+    monkeypatch.delenv("SYNCAGENT_HOLDER", raising=False)
+    from syncagent import sandbox
+
+    boxes = [sandbox.up(name, tmp_path / name) for name in ("hd1", "hd2")]
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "m.py").write_text("x = 1\n")
+    lines = ["holder_idle = 600"]
+    for b in boxes:
+        lines += [f"[targets.{b.name}]", f'host = "{b.name}"', f'ssh_config = "{b.ssh_config}"',
+                  f'remote_path = "{b.remote_root}/p"']
+    (root / "syncagent.toml").write_text("\n".join(lines) + "\n")
+    proj = load_project(root)
+    one, both = [resolve_target("hd1", proj)], [resolve_target(n, proj) for n in ("hd1", "hd2")]
+    try:
+        for names in (["hd1"], ["hd1", "hd2"]):
+            assert run(capsys, "push", *names, "--path", str(root), "--no-restart")[0] == 0
+        pids = [wait_until(lambda ts=ts: (holder.ping(root, ts) or {}).get("connected")
+                           and holder.ping(root, ts)["pid"], 30, "the holder to connect")
+                for ts in (one, both)]
+        sandbox.down("hd1", boxes[0].dir)
+        wait_until(lambda: not pid_running(pids[0]), 30, "hd1's holder to exit")
+        assert pid_running(pids[1])  # it still holds hd2
+        assert holder.ping(root, both)["pid"] == pids[1]
+        sandbox.down("hd2", boxes[1].dir)
+        wait_until(lambda: not pid_running(pids[1]), 30, "the fleet's holder to exit")
+        assert not holder.socket_path(root, both).exists()
+    finally:
+        for pid in holders_of(root):
+            os.kill(pid, signal.SIGKILL)
+        for b in boxes:
+            sandbox.down(b.name, b.dir)
