@@ -105,7 +105,14 @@ def main() -> int:
             for i in range(2):
                 edited.write_text(f"warm-up {case} {i}\n")
                 run(command, argv[case], env)
-        before = holders(project, env)
+        deadline = time.monotonic() + 60
+        while True:  # both holders up, with their sessions, before anything is timed
+            before = holders(project, env)
+            if all((before.get(c) or {}).get("connected") for c in ("1 held", "3 held")):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the holders did not connect: {before}")
+            time.sleep(0.2)
         times: dict[str, list[float]] = {case: [] for case in CASES}
         for rep in range(args.reps):
             for case in CASES:
