@@ -645,6 +645,9 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
             connecting = _each(pool, connect, syncers)
             t0 = time.perf_counter()
             local = syncers[0].scan_all()  # once, while the connections come up
+            # the revision too, here: ``Warm.revision`` keeps state its callers must not
+            # change at once, and the targets' threads below then only read it
+            warm.revision(local.entries)
             t_scan = time.perf_counter() - t0
             up = _collect(connecting, fleet)
             _collect(_each(pool, reconcile, up), fleet)
