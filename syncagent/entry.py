@@ -1,14 +1,14 @@
 """The console entry point: a command a warm holder answers skips the CLI's own imports.
 
 A ``push`` (or ``status``, ``restart``, ``logs``) answered by the target's holder
-(``syncagent.holder``) spends most of its time in the holder; in this process, importing
-click and the command module was about 30 ms of it. Here the few arguments that choose the
-target (``TARGET``, ``--path``, ``--remote-path``, ``--identity``, ``--all``) are read with
-the very functions the CLI uses (``syncagent.config``), and the whole argv goes to the
-holder, which parses it with click like any command. Only ``push`` goes to a holder for
-several targets (a fleet's); the other commands hand over one target's. Anything else (another option, no holder, an error
-while finding the target) goes to the full CLI, which then finds the same holder or runs
-the command itself: this path only ever saves time, it decides nothing.
+(``syncagent.holder``) spends most of its time in the holder; in this process, importing click
+and the command module was about 30 ms of it. Here the few arguments that choose the target
+(``TARGET``, ``--path``, ``--remote-path``, ``--identity``, ``--all``) are read with the very
+functions the CLI uses (``syncagent.config``), and the whole argv goes to the holder, which
+parses it with click like any command. Only ``push`` goes to a holder for several targets (a
+fleet's); the other commands hand over one target's. Anything else (another option, no holder,
+an error while finding the target) goes to the full CLI, which then finds the same holder or
+runs the command itself: this path only ever saves time, it decides nothing.
 """
 
 from __future__ import annotations

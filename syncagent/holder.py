@@ -1,22 +1,22 @@
 """A warm path for repeated commands: one background holder per project and set of targets.
 
 The first ``push``, ``status``, ``restart`` or ``logs`` for a target leaves a small process
-behind, as OpenSSH's ControlPersist does: it holds the SSH connection and the agent, and
-exits after ``holder_idle`` seconds without a command. A ``push`` to several targets (a
-fleet: ``push a b c``, a group, ``--all``) leaves one holder for that set, holding one
-session per target; it runs the very same ``push_many`` as a direct fleet push, so the
-rolling or parallel restart order is the one the command line gives. A later command hands it its argv over
-a 0600 unix socket; the holder runs the very same command code on its held session (so the
-safety policy, protected paths, exit codes and ``--json`` output are those of a direct run)
-and answers with the command's output and exit code. It revalidates both sides each time:
-the local tree is scanned with the digest cache kept in memory (stat-level, racy entries
-re-hashed), and the agent walks the remote tree again, sending only what changed since the
-manifest it sent last time (``push.Warm``; the holder keeps that manifest). The digest cache
-is written to disk after the answer.
+behind, as OpenSSH's ControlPersist does: it holds the SSH connection and the agent, and exits
+after ``holder_idle`` seconds without a command. A ``push`` to several targets (a fleet:
+``push a b c``, a group, ``--all``) leaves one holder for that set, holding one session per
+target; it runs the very same ``push_many`` as a direct fleet push, so the rolling or parallel
+restart order is the one the command line gives. A later command hands it its argv over a 0600
+unix socket; the holder runs the very same command code on its held session(s) (so the safety
+policy, protected paths, exit codes and ``--json`` output are those of a direct run) and answers
+with the command's output and exit code. It revalidates both sides each time: the local tree is
+scanned with the digest cache kept in memory (stat-level, racy entries re-hashed), and the agent
+walks the remote tree again, sending only what changed since the manifest it sent last time
+(``push.Warm``; the holder keeps that manifest). The digest cache is written to disk after the
+answer.
 
 The holder is never required: when none answers, or it dies mid-command, the client runs the
-command directly. The client side (``forward``, ``spawn``) imports only the standard library
-and ``config``; the holder process (``serve``) imports the command code.
+command directly. The client side (``forward``, ``spawn``) imports only the standard library and
+``config``; the holder process (``serve``) imports the command code.
 """
 
 from __future__ import annotations
