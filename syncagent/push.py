@@ -9,6 +9,7 @@ manifest kept in memory.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class Warm:
         self.cache: agent.DigestCache | None = None
         self.remote: dict[tuple[str, str], tuple[str, dict[str, Entry]]] = {}
         self._revisions = Revisions()  # the local manifest's revision, kept up to date
+        self._revisions_lock = threading.Lock()  # a fleet's targets ask from their threads
         self._rules: tuple | None = None  # (config patterns, Rules, stamps, when found)
         self._plan: tuple | None = None  # (local, remote, keep, the plan for them)
         self._next: tuple | None = None  # (local, remote, keep) after the last batch
@@ -159,8 +161,9 @@ class Warm:
 
     def revision(self, local: dict[str, Entry]) -> str:
         """``plan.revision(local)``, hashed again only for the directories whose entries
-        changed since the last call (``plan.Revisions``)."""
-        return self._revisions.of(local)
+        changed since the last call (``plan.Revisions``, which is not thread-safe)."""
+        with self._revisions_lock:
+            return self._revisions.of(local)
 
     def plan(self, local: dict[str, Entry], remote: dict[str, Entry], keep: list[str]) -> Plan:
         """``plan.plan(local, remote, keep)`` (a pure function), planned again only for the
@@ -645,9 +648,7 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
             connecting = _each(pool, connect, syncers)
             t0 = time.perf_counter()
             local = syncers[0].scan_all()  # once, while the connections come up
-            # the revision too, here: ``Warm.revision`` keeps state its callers must not
-            # change at once, and the targets' threads below then only read it
-            warm.revision(local.entries)
+            warm.revision(local.entries)  # once here: the targets' threads then find it
             t_scan = time.perf_counter() - t0
             up = _collect(connecting, fleet)
             _collect(_each(pool, reconcile, up), fleet)

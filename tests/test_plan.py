@@ -436,3 +436,37 @@ def test_a_change_git_made_is_never_refused_and_confirms_the_tree_it_leaves(chan
         current, ledger = apply_plan(current, p, local), verdict.ledger
         assert ledger.base == sum(1 for e in current.values() if e.kind == "f")
     assert dict(ledger.lost) == earlier  # none of them came back; nothing new counted
+
+
+def test_a_fleets_threads_get_the_same_revision_from_one_warm():
+    """push_many asks Warm.revision from one thread per target: its incremental state must
+    not be changed by two at once (without the lock, 6 answers in 90 were wrong)."""
+    import sys
+    import threading
+
+    from syncagent.push import Warm
+
+    manifests = [{f"p{d}/f{i}": F(f"{i}-{v}") for d in range(40) for i in range(50)}
+                 for v in range(4)]
+    expected = [revision(m) for m in manifests]
+    warm = Warm("/nonexistent")
+    wrong = []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for m, want in zip(manifests * 3, expected * 3):
+            start = threading.Barrier(4)
+
+            def ask(m=m, want=want, start=start):
+                start.wait()
+                if warm.revision(m) != want:
+                    wrong.append(want)
+
+            threads = [threading.Thread(target=ask) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert wrong == []
