@@ -15,6 +15,7 @@ __all__ = [
     "AgentError",
     "WorkerStartError",
     "StepError",
+    "Interrupted",
     "ConfigError",
     "TargetError",
     "SafetyError",
@@ -87,6 +88,13 @@ class StepError(OperationalError):
 
     def __str__(self) -> str:
         return super().__str__() + "".join(f"\n  | {line}" for line in self.tail)
+
+
+class Interrupted(OperationalError):
+    """The user interrupted the command (Ctrl-C); the message says what stands on each
+    target (exit 130, as a shell reports SIGINT)."""
+
+    exit_code = 130
 
 
 class ConfigError(SyncAgentError):

@@ -179,6 +179,9 @@ def forward(root: str | os.PathLike, targets: Targets, argv: list[str]) -> Answe
         return Answer(int(reply["code"]), str(reply["out"]), str(reply["err"]))
     except (OSError, ValueError, KeyError, TypeError, UnsafeDir, struct.error):
         return None
+    except KeyboardInterrupt:  # this process stops waiting; the holder's command goes on
+        return Answer(130, "", "syncagent: interrupted; the holder runs the command to its end "
+                               "(`syncagent status` shows the result)\n")
 
 
 def ping(root: str | os.PathLike, targets: Targets, timeout: float = 2.0) -> dict | None:

@@ -18,8 +18,8 @@ from typing import Callable, ClassVar, Iterable
 from . import agent, guard
 from . import restart as restart_mod
 from .config import Project, Target
-from .errors import (MassDeleteError, OperationalError, PathEscapeError, SyncAgentError,
-                     WorkerStartError)
+from .errors import (Interrupted, MassDeleteError, OperationalError, PathEscapeError,
+                     SyncAgentError, WorkerStartError)
 from .ignore import Rules, restart_matcher
 from .manifest import Entry, LocalScan, local_rules, scan_local, unchanged
 from .plan import (MASS_DELETE_MIN, Ledger, Plan, Revisions, Verdict, apply_plan,
@@ -231,6 +231,8 @@ class Syncer:
         self.lost: dict[str, str | None] = {}  # applied losses not yet confirmed
         self._recorded: frozenset[str] = frozenset()  # the losses guard's record holds
         self._keep: list[str] = []  # local paths that could not be read, as last planned
+        self.sending = False  # a batch is on its way: whether it committed is not known yet
+        self.owes = False  # the last batch committed a restart on record (agent.restart_owed)
 
     # ---------------------------------------------------------------- connection
 
@@ -527,9 +529,11 @@ class Syncer:
         # (this batch's own reason: what an earlier one owed is on record already)
         owes = self.restart_decision(result, owed=False)
         t0 = time.perf_counter()
+        self.sending = True
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
                                  report, self.rules.protect_wire(),
                                  restart=owes.why if owes.restart else None)
+        self.sending, self.owes = False, owes.restart
         if self.warm is not None:  # as the agent did with the manifest it sent
             self.warm.claim(self.target, p.to_wire(rev, len(self.local)), self.local,
                             self._keep)
@@ -641,41 +645,27 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
         result.durations["restart"] = time.perf_counter() - t0
 
     try:
-        with pool:
-            rules = warm.rules(project)
-            cache = warm.digest_cache()
-            syncers += [Syncer(project, t, options, rules, cache, warm) for t in targets]
-            connecting = _each(pool, connect, syncers)
-            t0 = time.perf_counter()
-            local = syncers[0].scan_all()  # once, while the connections come up
-            warm.revision(local.entries)  # once here: the targets' threads then find it
-            t_scan = time.perf_counter() - t0
-            up = _collect(connecting, fleet)
-            _collect(_each(pool, reconcile, up), fleet)
-            synced = [s for s in up if s.target.name not in fleet.errors]
-            wanted = [s for s in synced if s.restart_wanted(fleet.results[s.target.name])]
-            for s in synced:
-                if (options.restart and not s.provisioned
-                        and fleet.results[s.target.name].changed):
-                    fleet.results[s.target.name].warnings.append(
-                        f"no worker provisioned on {s.target.name}: synced only "
-                        f"(run `syncagent provision {s.target.name}`)")
-            names = [s.target.name for s in wanted]
-            by_name = {s.target.name: s for s in wanted}
-            done = 0
-            for wave in restart_mod.waves(policy, names):
-                _collect(_each(pool, restart, [by_name[n] for n in wave]), fleet)
-                done += len(wave)
-                failed = next((n for n in wave if n in fleet.errors), None)
-                skipped = (restart_mod.stopped_after(policy, failed, names[done:])
-                           if failed else {})
-                for name, why in skipped.items():
-                    fleet.results[name].warnings.append(
-                        f"not restarted: the rolling restart stopped after {failed} failed")
-                    fleet.errors[name] = OperationalError(why)
-                if skipped:
-                    break
+        rules = warm.rules(project)
+        cache = warm.digest_cache()
+        syncers += [Syncer(project, t, options, rules, cache, warm) for t in targets]
+        connecting = _each(pool, connect, syncers)
+        t0 = time.perf_counter()
+        local = syncers[0].scan_all()  # once, while the connections come up
+        warm.revision(local.entries)  # once here: the targets' threads then find it
+        t_scan = time.perf_counter() - t0
+        up = _collect(connecting, fleet)
+        _collect(_each(pool, reconcile, up), fleet)
+        synced = [s for s in up if s.target.name not in fleet.errors]
+        wanted = [s for s in synced if s.restart_wanted(fleet.results[s.target.name])]
+        _warn_unprovisioned(synced, fleet, options)
+        _restart_in_waves(pool, restart, wanted, policy, fleet)
+    except KeyboardInterrupt:  # Ctrl-C: say what stands, not just "aborted"
+        for s in syncers:  # a batch still on its way ends here, uncommitted
+            if s.session is not None:
+                s.session.abort()
+        raise Interrupted(_what_stands(fleet, syncers)) from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         for s in syncers:
             s.close()
         for name, future in opening.items():  # opened, but never handed to a Syncer
@@ -685,6 +675,55 @@ def push_many(project: Project, targets: list[Target], options: PushOptions = Pu
     for result in fleet.results.values():
         result.durations["total"] = total
     return fleet
+
+
+def _warn_unprovisioned(synced: list[Syncer], fleet: FleetResult, options: PushOptions) -> None:
+    for s in synced:
+        if options.restart and not s.provisioned and fleet.results[s.target.name].changed:
+            fleet.results[s.target.name].warnings.append(
+                f"no worker provisioned on {s.target.name}: synced only "
+                f"(run `syncagent provision {s.target.name}`)")
+
+
+def _restart_in_waves(pool: ThreadPoolExecutor, restart, wanted: list[Syncer], policy: str,
+                      fleet: FleetResult) -> None:
+    """Restart ``wanted`` in the fleet order ``restart.waves`` gives; a rolling restart stops
+    at the first target that fails, and the rest are reported as not restarted."""
+    names = [s.target.name for s in wanted]
+    by_name = {s.target.name: s for s in wanted}
+    done = 0
+    for wave in restart_mod.waves(policy, names):
+        _collect(_each(pool, restart, [by_name[n] for n in wave]), fleet)
+        done += len(wave)
+        failed = next((n for n in wave if n in fleet.errors), None)
+        skipped = restart_mod.stopped_after(policy, failed, names[done:]) if failed else {}
+        for name, why in skipped.items():
+            fleet.results[name].warnings.append(
+                f"not restarted: the rolling restart stopped after {failed} failed")
+            fleet.errors[name] = OperationalError(why)
+        if skipped:
+            return
+
+
+def _what_stands(fleet: FleetResult, syncers: list[Syncer]) -> str:
+    """After Ctrl-C: what each target holds now, in one line (a committed batch stays, its
+    restart is on record as owed; a batch cut off while sending leaves nothing)."""
+    parts = []
+    for s in syncers:
+        name, result = s.target.name, fleet.results.get(s.target.name)
+        if result is None:
+            parts.append(f"{name}: batch cut off while sending; the remote keeps its previous "
+                         "tree unless it had just committed (`syncagent status` shows which)"
+                         if s.sending else f"{name}: nothing was sent")
+        elif not result.changed or result.dry_run:
+            parts.append(f"{name}: nothing to send")
+        elif result.restart is not None or not s.owes:
+            parts.append(f"{name}: revision {result.revision[:7]} committed")
+        else:
+            parts.append(f"{name}: revision {result.revision[:7]} committed, its worker "
+                         "restart cut off (owed: the next push or watch runs it; "
+                         "`syncagent status` shows it)")
+    return "interrupted; " + "; ".join(parts)
 
 
 def _each(pool: ThreadPoolExecutor, fn, syncers: list[Syncer]) -> dict:

@@ -493,6 +493,16 @@ class Session:
         if self.owns_client:
             self.client.close()
 
+    def abort(self) -> None:
+        """Cut the connection now, mid-batch if need be (Ctrl-C), a held one too: the agent
+        sees its stream end and keeps nothing of a batch it has not committed."""
+        try:
+            if self.channel is not None:
+                self.channel.chan.close()
+        finally:
+            if self.owns_client:
+                self.client.close()
+
     def __enter__(self) -> "Session":
         return self
 

@@ -414,6 +414,45 @@ def test_holder_killed_mid_push(capsys, proj):
     assert view(remote) == view(root)
 
 
+def staging(remote) -> bool:
+    return any(p.name.startswith(agent.TEMP_PREFIX) for p in remote.iterdir())
+
+
+def test_ctrl_c_mid_transfer_says_nothing_was_committed(capsys, proj):
+    """A direct push interrupted while sending: the connection is cut at once (the batch
+    does not go on to commit behind an "aborted"), and the message says what stands."""
+    root, remote = proj
+    assert push(capsys, root, "--no-holder")[0] == 0
+    for i in range(4):
+        (root / f"big{i}.bin").write_bytes(os.urandom(64 << 20))
+    c = client(root, "--no-holder")
+    wait_until(lambda: staging(remote), 60, "the push to be sending")
+    c.send_signal(signal.SIGINT)
+    _, err = c.communicate(timeout=60)
+    assert c.returncode == 130, err
+    assert "interrupted; t: batch cut off while sending" in err
+    assert "Traceback" not in err
+    wait_until(lambda: not staging(remote), 30, "the agent to drop the staged files")
+    assert not any(remote.glob("big*.bin"))  # nothing of the batch committed
+    assert push(capsys, root, "--no-holder")[0] == 0
+    assert view(remote) == view(root)
+
+
+def test_ctrl_c_on_a_held_push_leaves_the_holder_to_finish_it(capsys, proj):
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    for i in range(4):
+        (root / f"big{i}.bin").write_bytes(os.urandom(64 << 20))
+    c = client(root)
+    wait_until(lambda: staging(remote), 60, "the holder to be sending")
+    c.send_signal(signal.SIGINT)
+    _, err = c.communicate(timeout=60)
+    assert c.returncode == 130, err
+    assert "the holder runs the command to its end" in err and "Traceback" not in err
+    wait_until(lambda: view(remote) == view(root), 120, "the holder to finish the push")
+
+
 def test_holder_for_a_target_whose_host_key_changed_is_refused(capsys, proj, tmp_path):
     root, remote = proj
     assert push(capsys, root)[0] == 0
