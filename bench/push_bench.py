@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark: ``syncagent push`` against ``rsync -a --delete -e ssh`` on the same sandbox.
 
-Two source trees (on disk), destinations on tmpfs (/dev/shm) so the tools, not the disk, are
+Three source trees (on disk), destinations on tmpfs (/dev/shm) so the tools, not the disk, are
 measured:
 
 * ``gen``: a deterministic (seeded) tree of 20,000 files, ~140 MB, in 200 nested directories;
+* ``web``: a deterministic (seeded) web project shaped like Clippy-Front (Flask + Celery):
+  364 files, 3.8 MB that are pushed, plus a few (.env, __pycache__/, node_modules/,
+  instance/, .git/, logs/, an editor swap file) that the default excludes drop;
 * ``stdlib``: a copy of this interpreter's standard library (no site-packages, no __pycache__).
 
 For each tree, each case is run ``--reps`` times, the two tools alternating (which one goes first
@@ -25,12 +28,13 @@ between runs as a user would have it; one cold first push (no cache) is timed se
 the repetitions. syncagent's own ``--json`` stage durations are recorded too (both columns).
 
 Correctness: after every initial push (and after the last change) the destination trees are
-hashed and compared (path, kind, mode, content, link target); the ``gen`` tree is also compared
-with its source (it contains nothing either tool excludes).
+hashed and compared (path, kind, mode, content, link target); ``gen`` and ``web`` are also
+compared with their source (``gen`` contains nothing either tool excludes; ``web`` less the
+paths its generator says the excludes drop).
 
 Usage::
 
-    .venv/bin/python bench/push_bench.py [--reps 5] [--trees gen,stdlib] [--keep]
+    .venv/bin/python bench/push_bench.py [--reps 5] [--trees gen,web,stdlib] [--keep]
 
 Results: a table on stdout and ``bench/results/push.json``.
 """
@@ -156,6 +160,269 @@ def generate_tree(root: Path, files: int = 20_000, dirs: int = 200, total_mb: in
     for i in range(5):
         os.symlink(written[i].name, written[i].parent / f"link{i}")
     return {"files": len(sizes), "dirs": len(dir_list), "bytes": total, "links": 5}
+
+
+# The ``web`` tree: shaped like Clippy-Front (a Flask + Celery project, the first real user of
+# syncagent; /work/shared/reference): an application package with blueprints, models, tasks,
+# services and utils, Alembic migrations, Jinja templates, static files with vendored
+# minified libraries and a few binaries, tests, docs, and the project files around them.
+# (name, kind, size in bytes): kind "py"/"html"/"css"/"js"/"md"/"txt" is text of that shape,
+# "min.js"/"min.css" one long minified line, "png"/"ico"/"woff2"/"svg" a binary (or XML) body.
+WEB_VENDOR = (
+    ("app/static/css/vendor/bootstrap.min.css", "min.css", 232_000),
+    ("app/static/css/vendor/bootstrap-icons.min.css", "min.css", 86_000),
+    ("app/static/js/vendor/bootstrap.bundle.min.js", "min.js", 80_400),
+    ("app/static/js/vendor/jquery-3.7.1.min.js", "min.js", 87_500),
+    ("app/static/js/vendor/chart.umd.min.js", "min.js", 205_000),
+    ("app/static/js/vendor/htmx.min.js", "min.js", 48_100),
+    ("app/static/js/vendor/video.min.js", "min.js", 298_000),
+    ("app/static/js/vendor/Sortable.min.js", "min.js", 44_300),
+    ("app/static/js/vendor/dropzone.min.js", "min.js", 118_000),
+)
+WEB_BINARIES = (
+    ("app/static/img/logo.png", "png", 48_000),
+    ("app/static/img/og-image.png", "png", 142_000),
+    ("app/static/img/empty-state.png", "png", 61_000),
+    ("app/static/img/favicon.ico", "ico", 15_086),
+    ("app/static/img/apple-touch-icon.png", "png", 9_400),
+    ("app/static/fonts/bootstrap-icons.woff2", "woff2", 130_000),
+    ("app/static/fonts/inter-regular.woff2", "woff2", 98_000),
+    ("app/static/fonts/inter-semibold.woff2", "woff2", 101_000),
+)
+# Files the default excludes (and rsync's equivalent filters) must drop: (path, kind, size,
+# the path the exclude rule drops: the file itself or the directory above it). The
+# correctness check compares each destination with the source less these.
+WEB_EXCLUDED = (
+    (".env", "txt", 900, ".env"), (".env.worker", "txt", 700, ".env.worker"),
+    ("app/__pycache__/__init__.cpython-311.pyc", "bin", 3_100, "app/__pycache__"),
+    ("app/models/__pycache__/user.cpython-311.pyc", "bin", 9_800, "app/models/__pycache__"),
+    ("node_modules/.package-lock.json", "txt", 2_400, "node_modules"),
+    ("node_modules/esbuild/package.json", "txt", 1_100, "node_modules"),
+    ("node_modules/esbuild/lib/main.js", "js", 40_000, "node_modules"),
+    ("instance/clippy.db", "bin", 180_000, "instance"),
+    ("instance/uploads/clip-0001.mp4", "bin", 90_000, "instance"),
+    (".git/HEAD", "txt", 23, ".git"), (".git/config", "txt", 300, ".git"),
+    ("logs/app.log", "txt", 12_000, "logs"),
+    (".pytest_cache/v/cache/lastfailed", "txt", 200, ".pytest_cache"),
+    ("app/static/js/app.js.swp", "bin", 4_096, "app/static/js/app.js.swp"),
+)
+WEB_PACKAGES = {  # package dir -> module stems (each gets an __init__.py too)
+    "app": ("config", "extensions", "version", "cli", "errors", "security", "filters",
+            "logging_config", "ffmpeg_config", "context_processors"),
+    "app/main": ("routes", "forms", "views_dashboard", "views_library"),
+    "app/auth": ("routes", "forms", "oauth", "decorators"),
+    "app/admin": ("routes", "forms", "views_workers", "views_users", "views_settings"),
+    "app/api": ("jobs", "media", "projects", "worker", "health", "clips", "teams",
+                "notifications", "schemas"),
+    "app/projects": ("routes", "forms", "wizard"),
+    "app/teams": ("routes", "forms", "invites"),
+    "app/models": ("user", "project", "clip", "media_file", "team", "processing_job", "tag",
+                   "notification", "api_key", "system_setting", "theme", "audit", "mixins"),
+    "app/tasks": ("celery_app", "compile_video", "download_clip", "media_maintenance",
+                  "thumbnails", "transcode", "notifications", "cleanup", "worker_api",
+                  "scheduled"),
+    "app/services": ("storage", "twitch", "discord", "youtube", "ffmpeg", "compile_plan",
+                     "media_probe", "quota", "mailer", "search"),
+    "app/utils": ("paths", "timefmt", "hashing", "pagination", "validation", "text",
+                  "retry", "locks", "gpu"),
+    "scripts": ("create_admin", "backfill_thumbnails", "check_worker", "export_stats"),
+}
+WEB_TEMPLATES = {
+    "app/templates": ("base", "index", "layout"),
+    "app/templates/partials": ("navbar", "footer", "flash", "pagination", "clip_card",
+                               "project_card", "job_row", "modal_confirm", "sidebar"),
+    "app/templates/auth": ("login", "register", "reset_password", "forgot_password",
+                           "account", "two_factor"),
+    "app/templates/main": ("dashboard", "library", "clip_detail", "media_detail", "search",
+                           "settings", "notifications", "help"),
+    "app/templates/projects": ("list", "detail", "wizard_step1", "wizard_step2",
+                               "wizard_step3", "compile", "edit", "timeline"),
+    "app/templates/admin": ("index", "workers", "users", "user_detail", "jobs", "settings",
+                            "themes", "system", "maintenance"),
+    "app/templates/teams": ("list", "detail", "invite", "members"),
+    "app/templates/errors": ("400", "403", "404", "500"),
+    "app/templates/emails": ("welcome", "reset_password", "invite", "job_done"),
+}
+WEB_STATIC = (
+    ("app/static/css", "css", ("style", "admin", "timeline", "wizard", "theme-dark", "auth")),
+    ("app/static/js", "js", ("app", "admin", "timeline", "wizard", "upload", "notifications",
+                             "player", "search", "theme", "api")),
+)
+WEB_DOCS = ("README", "installation", "configuration", "architecture", "worker-setup",
+            "REMOTE_WORKER_SETUP", "api", "deployment", "troubleshooting", "media-pipeline",
+            "nvenc", "development", "testing", "themes", "teams", "changelog-1.x", "security",
+            "backup", "upgrading")
+WEB_TOP = (  # project files at the root: (name, kind, size)
+    ("README.md", "md", 14_000), ("CHANGELOG.md", "md", 38_000), ("LICENSE", "txt", 1_070),
+    ("pyproject.toml", "toml", 2_300), ("requirements.txt", "req", 900),
+    ("requirements-dev.txt", "req", 300), ("requirements-worker.txt", "req", 420),
+    (".env.example", "env", 2_600), (".env.worker.example", "env", 1_200),
+    ("Dockerfile", "txt", 1_500), ("docker-compose.yml", "yaml", 2_800),
+    ("Makefile", "txt", 1_900), ("main.py", "py", 600), ("celery_worker.py", "py", 400),
+    ("wsgi.py", "py", 300), ("pytest.ini", "ini", 250), (".pre-commit-config.yaml", "yaml", 900),
+    (".dockerignore", "txt", 200), ("migrations/alembic.ini", "ini", 850),
+    ("migrations/env.py", "py", 3_400), ("migrations/script.py.mako", "txt", 500),
+    ("migrations/README", "txt", 40), ("scripts/worker/sync-to-remote.sh", "sh", 2_100),
+    ("scripts/worker/run-worker-remote.sh", "sh", 1_700),
+    ("scripts/worker/clippy-worker.service", "txt", 700), ("scripts/dev.sh", "sh", 800),
+)
+WEB_GITIGNORE = (  # what such a project ignores; every rule either matches nothing in the
+    # tree or only what the default excludes drop anyway (rsync does not read .gitignore)
+    "# Python", "__pycache__/", "*.py[cod]", "*.egg-info/", "build/", "dist/", "venv/",
+    ".venv/", "", "# tooling", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".coverage",
+    "htmlcov/", "", "# app", "instance/", "*.db", "logs/", "*.log", "uploads/", "tmp/", "",
+    "# secrets", ".env", ".env.worker", "", "# frontend", "node_modules/", "", "# editors",
+    ".idea/", ".vscode/", "*.swp", ".DS_Store", "", "# binaries", "bin/ffmpeg", "bin/ffprobe",
+    "bin/yt-dlp",
+)
+
+
+def _web_text(rng: random.Random, corpus: bytes, kind: str, name: str, size: int) -> bytes:
+    """A text body of about ``size`` bytes in the shape of its kind (deterministic)."""
+    words = [w for w in WORDS if w.isalpha()]
+    if kind == "py":
+        head = f'"""{name}: part of the web app."""\nfrom __future__ import annotations\n\n'
+    elif kind == "html":
+        head = ('{% extends "base.html" %}\n{% block title %}' + name + '{% endblock %}\n'
+                '{% block content %}\n<div class="container">\n')
+    elif kind in ("min.js", "js"):
+        head = "/*! " + name + " | MIT */\n" if kind == "min.js" else "'use strict';\n"
+    elif kind in ("min.css", "css"):
+        head = "/*! " + name + " */\n"
+    elif kind == "req":
+        pkgs = ("Flask", "Flask-Login", "Flask-SQLAlchemy", "Flask-Migrate", "Flask-WTF",
+                "celery", "redis", "SQLAlchemy", "alembic", "psycopg2-binary", "requests",
+                "python-dotenv", "gunicorn", "structlog", "Pillow", "yt-dlp", "pytest",
+                "pytest-cov", "ruff", "mypy", "black", "Werkzeug", "Jinja2", "kombu")
+        out = []
+        while sum(map(len, out)) < size:
+            out.append(f"{rng.choice(pkgs)}=={rng.randint(0, 5)}.{rng.randint(0, 30)}."
+                       f"{rng.randint(0, 9)}\n")
+        return "".join(out).encode()[:size]
+    elif kind == "toml":  # valid TOML: syncagent reads [tool.syncagent] from pyproject.toml
+        body = ('[build-system]\nrequires = ["setuptools>=68"]\n'
+                'build-backend = "setuptools.build_meta"\n\n[project]\nname = "clippy-web"\n'
+                'version = "1.6.2"\nrequires-python = ">=3.10"\ndependencies = [\n'
+                + "".join(f'    "{p}>={rng.randint(1, 4)}.{rng.randint(0, 20)}",\n' for p in (
+                    "Flask", "Flask-Login", "Flask-SQLAlchemy", "Flask-Migrate", "celery",
+                    "redis", "SQLAlchemy", "requests", "python-dotenv", "structlog"))
+                + ']\n\n[tool.ruff]\nline-length = 100\ntarget-version = "py311"\n\n'
+                '[tool.pytest.ini_options]\ntestpaths = ["tests"]\n\n')
+        while len(body) < size:
+            body += f"# {' '.join(rng.choice(words) for _ in range(8))}\n"
+        return body.encode()[:size].rsplit(b"\n", 1)[0] + b"\n"
+    elif kind == "env":
+        keys = ("FLASK_APP_URL", "SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL",
+                "CELERY_RESULT_BACKEND", "WORKER_API_KEY", "MEDIA_BASE_URL", "CELERY_QUEUES",
+                "CELERY_CONCURRENCY", "USE_GPU_QUEUE", "CLIPPY_INSTANCE_PATH", "TMPDIR",
+                "FFMPEG_DISABLE_NVENC", "WORKER_NAME", "LOG_LEVEL", "DISCORD_TOKEN")
+        out = []
+        while sum(map(len, out)) < size:
+            out.append(f"# {' '.join(rng.choice(words) for _ in range(6))}\n"
+                       f"{rng.choice(keys)}=changeme\n")
+        return "".join(out).encode()[:size]
+    else:
+        head = f"# {name}\n\n"
+    if kind in ("min.js", "min.css"):  # one long line, no indentation
+        parts, n = [], len(head)
+        while n < size:
+            w = rng.choice(words)
+            piece = (f"{w}.{rng.choice(words)}=function(t,e){{return t&&e.{w}}};"
+                     if kind == "min.js" else f".{w}-{rng.randint(1, 5)}{{margin:{rng.randint(0, 9)}px}}")
+            parts.append(piece)
+            n += len(piece)
+        return (head + "".join(parts)).encode()[:size]
+    if kind == "html":
+        parts, n = [], len(head)
+        while n < size:
+            w = rng.choice(words)
+            line = rng.choice((
+                f'  <div class="card {w}">{{{{ {w}.{rng.choice(words)} }}}}</div>\n',
+                f'  {{% for {w} in {rng.choice(words)}s %}}<li>{{{{ {w} }}}}</li>{{% endfor %}}\n',
+                f'  <a href="{{{{ url_for(\'main.{w}\') }}}}" class="btn">{w}</a>\n',
+                f'  <p>{" ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))}</p>\n'))
+            parts.append(line)
+            n += len(line)
+        return (head + "".join(parts) + "</div>\n{% endblock %}\n").encode()[:size]
+    off = rng.randrange(0, len(corpus) - size - 1)
+    return (head.encode() + corpus[off:off + size])[:size]
+
+
+def _web_binary(rng: random.Random, kind: str, size: int) -> bytes:
+    """Incompressible bytes behind the format's real magic number."""
+    magic = {"png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "ico": b"\x00\x00\x01\x00\x03\x00",
+             "woff2": b"wOF2\x00\x01\x00\x00", "bin": b"\x00"}[kind]
+    return magic + rng.randbytes(size - len(magic))
+
+
+def generate_web(root: Path, seed: int = 20240602) -> dict:
+    """Write the deterministic ``web`` tree (~360 files, ~3.7 MB, Clippy-Front's shape).
+
+    Returns a summary with ``excluded``: the paths the default excludes must drop (and the
+    .gitignore's rules, which only rsync does not read, match nothing else in the tree)."""
+    rng = random.Random(seed)
+    corpus = _corpus(rng, 1 << 20)
+    files: list[tuple[str, str, int]] = []
+
+    def sized(median: int) -> int:  # log-normal around the median, like real source files
+        return max(200, int(rng.lognormvariate(0, 0.7) * median))
+
+    for pkg, mods in WEB_PACKAGES.items():
+        files.append((f"{pkg}/__init__.py", "py", sized(1_200) if pkg != "app" else 6_500))
+        for m in mods:
+            files.append((f"{pkg}/{m}.py", "py", sized(6_200)))
+    for i in range(56):  # Alembic revisions: mostly small, a few big ones
+        files.append((f"migrations/versions/{rng.randrange(16**12):012x}_"
+                      f"{rng.choice(WORDS).strip('_')}_{i:03d}.py", "py", sized(1_800)))
+    for d, names in WEB_TEMPLATES.items():
+        for n in names:
+            files.append((f"{d}/{n}.html", "html", sized(5_500)))
+    for d, kind, names in WEB_STATIC:
+        for n in names:
+            files.append((f"{d}/{n}.{kind}", kind, sized(9_000)))
+    for i in range(22):
+        files.append((f"app/static/img/icons/{rng.choice(WORDS).strip('_')}-{i}.svg", "svg",
+                      sized(1_200)))
+    files.append(("tests/__init__.py", "py", 0))
+    files.append(("tests/conftest.py", "py", 9_000))
+    for pkg, mods in list(WEB_PACKAGES.items())[:10]:
+        for m in mods[:5]:
+            files.append((f"tests/test_{pkg.replace('app/', '').replace('/', '_')}_{m}.py",
+                          "py", sized(5_000)))
+    for i in range(10):
+        files.append((f"tests/fixtures/sample_{i}.json", "json", sized(1_500)))
+    for n in WEB_DOCS:
+        files.append((f"docs/{n}.md", "md", sized(9_000)))
+    files += WEB_TOP + WEB_VENDOR + WEB_BINARIES
+    excluded = sorted({drop for _, _, _, drop in WEB_EXCLUDED})
+    skipped = {rel for rel, _, _, _ in WEB_EXCLUDED}
+    total = 0
+    for rel, kind, size in files + [row[:3] for row in WEB_EXCLUDED]:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind in ("png", "ico", "woff2", "bin"):
+            body = _web_binary(rng, kind, size)
+        elif kind == "svg":
+            body = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><path d="'
+                    + " ".join(f"M{rng.randint(0, 16)} {rng.randint(0, 16)}" for _ in
+                               range(size // 8)) + '"/></svg>\n').encode()[:size]
+        else:
+            body = _web_text(rng, corpus, kind, rel, size) if size else b""
+        path.write_bytes(body)
+        if rel not in skipped:
+            total += len(body)
+    (root / ".gitignore").write_text("\n".join(WEB_GITIGNORE) + "\n")
+    for script in ("scripts/worker/sync-to-remote.sh", "scripts/worker/run-worker-remote.sh",
+                   "scripts/dev.sh"):
+        os.chmod(root / script, 0o755)
+    return {"files": len(files) + 1, "bytes": total + (root / ".gitignore").stat().st_size,
+            "excluded": excluded}
+
+
+def without(view: dict[str, tuple], excluded) -> dict[str, tuple]:
+    """``view`` less the excluded paths and everything under them."""
+    return {p: v for p, v in view.items()
+            if not any(p == d or p.startswith(d + "/") for d in excluded)}
 
 
 def copy_stdlib(root: Path) -> dict:
@@ -312,19 +579,21 @@ def median(xs):
 
 
 def bench_tree(b: Bench, tree: str, src: Path, reps: int, log, settle: float = 0.0,
-               tools: tuple = TOOLS) -> dict:
+               tools: tuple = TOOLS, excluded=None) -> dict:
+    """Time the cases on one tree. ``excluded``: None when the source is not compared with the
+    destinations (stdlib), else the source paths the excludes drop (() for gen)."""
     res: dict = {"samples": {t: {c: [] for c in CASES} for t in tools},
                  "stages": {c: [] for c in CASES}, "holder_stages": {c: [] for c in CASES},
                  "cold": {}, "correctness": []}
     change_file = pick_change_file(src)
     res["change_file"] = str(change_file.relative_to(src))
-    src_view = tree_view(src) if tree == "gen" else None
+    src_view = None if excluded is None else without(tree_view(src), excluded)
 
     def check(label: str):
         views = {t: tree_view(b.dest(t, tree)) for t in tools}
         diffs = diff_views(views["syncagent"], views["rsync"], "syncagent", "rsync")
         if src_view is not None:
-            now = tree_view(src)
+            now = without(tree_view(src), excluded)
             for t in tools:
                 diffs += diff_views(now, views[t], "source", t)
         ok = not [d for d in diffs if "mtime" not in d]
@@ -459,10 +728,22 @@ def print_table(results: dict, reps: int) -> None:
               f"checks equal" + ("" if not bad else f"; first mismatch: {bad[0]['diffs'][:3]}"))
 
 
+def make_source(tree: str, src: Path, args) -> dict:
+    """Write one source tree; its summary's ``excluded`` (absent for stdlib, whose source is
+    not compared) lists what the excludes must drop."""
+    if tree == "gen":
+        return generate_tree(src, files=args.files, total_mb=args.mb) | {"excluded": ()}
+    if tree == "web":
+        return generate_web(src)
+    if tree == "stdlib":
+        return copy_stdlib(src)
+    raise SystemExit(f"unknown tree {tree!r} (gen, web, stdlib)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--trees", default="gen,stdlib")
+    ap.add_argument("--trees", default="gen,web,stdlib")
     ap.add_argument("--files", type=int, default=20_000)
     ap.add_argument("--mb", type=int, default=140)
     ap.add_argument("--work", default=None, help="where the source trees go (default: a temp "
@@ -501,8 +782,7 @@ def main(argv=None) -> int:
             src = work / "src" / t  # basename = tree name
             src.mkdir(parents=True)
             t0 = time.perf_counter()
-            meta[t] = generate_tree(src, files=args.files, total_mb=args.mb) if t == "gen" \
-                else copy_stdlib(src)
+            meta[t] = make_source(t, src, args)
             log(f"{t}: {meta[t]} ({time.perf_counter() - t0:.1f} s to create in {src})")
             sources[t] = src
         up = subprocess.run([args.syncagent, "sandbox", "up", "--name", "bench",
@@ -514,7 +794,8 @@ def main(argv=None) -> int:
         for t in trees:
             log(f"== {t}")
             results[t] = bench_tree(b, t, sources[t], args.reps, log, args.settle,
-                                    TOOLS if args.no_holder_column else TOOLS + ("holder",))
+                                    TOOLS if args.no_holder_column else TOOLS + ("holder",),
+                                    excluded=meta[t].get("excluded"))
             results[t]["tree"] = meta[t]
     finally:
         if box is not None:
