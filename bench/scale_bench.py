@@ -61,8 +61,13 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_s(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``: system time is where a filesystem's cost shows."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def inotify_watches(pid: int) -> int:
@@ -124,9 +129,10 @@ class RemoteProbe(threading.Thread):
             for pid in children_of(self.sshd_pid):
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    user, system = cpu_split(pid)
                     self.last[pid] = {"cmd": cmd.decode(errors="replace")[:80],
-                                      "cpu_s": cpu_s(pid), "rss_mb": rss_mb(pid),
-                                      **proc_io(pid)}
+                                      "cpu_s": user + system, "user_s": user, "sys_s": system,
+                                      "rss_mb": rss_mb(pid), **proc_io(pid)}
                 except (OSError, ValueError):
                     pass
 
@@ -134,7 +140,7 @@ class RemoteProbe(threading.Thread):
         """Totals over the agent processes (python) and the sshd children apart."""
         self.stop.set()
         self.join()
-        keys = ("cpu_s", "rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes")
+        keys = ("cpu_s", "user_s", "sys_s", "rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes")
         out = {}
         for group, pred in (("agent", lambda c: "python" in c),
                             ("sshd", lambda c: "python" not in c)):
