@@ -15,7 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
+                             FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
+                             FileModifiedEvent, FileMovedEvent, FileSystemEvent,
+                             FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -30,7 +33,11 @@ WATCH_LIMIT_HINT = (
     "inotify watch limit reached; falling back to polling (slower). Fix: "
     "sudo sysctl fs.inotify.max_user_watches=524288 (persist it in /etc/sysctl.d/)"
 )
-IGNORED_EVENTS = {"opened", "closed_no_write"}
+# What a batch is made of: every event but opens and closes without a write (watchdog asks the
+# kernel for these alone, so it queues no event for a read: a first sync reads every file it
+# sends, which was two events per file for the event threads to decode and drop).
+RECORDED = (FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent,
+            FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent)
 SETTLING_EVENTS = {"closed", "moved", "deleted"}
 GIT_LOCK = os.path.join(".git", "index.lock")
 SETTLED_QUIET = 0.005  # when every pending file has been closed, renamed or deleted
@@ -64,8 +71,6 @@ class _Recorder(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in IGNORED_EVENTS:
-            return
         paths = [event.src_path]
         if getattr(event, "dest_path", ""):
             paths.append(event.dest_path)
@@ -199,7 +204,7 @@ class Watcher:
         self._start(PollingObserver(timeout=0.5))
 
     def _start(self, observer) -> None:
-        observer.schedule(_Recorder(self), self.root, recursive=True)
+        observer.schedule(_Recorder(self), self.root, recursive=True, event_filter=RECORDED)
         try:
             observer.start()
         except BaseException:
