@@ -327,8 +327,10 @@ def _web_text(rng: random.Random, corpus: bytes, kind: str, name: str, size: int
         parts, n = [], len(head)
         while n < size:
             w = rng.choice(words)
-            piece = (f"{w}.{rng.choice(words)}=function(t,e){{return t&&e.{w}}};"
-                     if kind == "min.js" else f".{w}-{rng.randint(1, 5)}{{margin:{rng.randint(0, 9)}px}}")
+            if kind == "min.js":
+                piece = f"{w}.{rng.choice(words)}=function(t,e){{return t&&e.{w}}};"
+            else:
+                piece = f".{w}-{rng.randint(1, 5)}{{margin:{rng.randint(0, 9)}px}}"
             parts.append(piece)
             n += len(piece)
         return (head + "".join(parts)).encode()[:size]

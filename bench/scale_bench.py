@@ -53,9 +53,10 @@ def make_tree(root: Path, files: int, per_dir: int) -> None:
         (d / f"f{i}.py").write_text(f"VALUE = {i}\n")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` now (VmRSS), or its peak so far (``field="VmHWM"``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -105,9 +106,10 @@ def children_of(root: int) -> list[int]:
             continue
         for tid in tasks:
             try:
-                kids = [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+                text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
             except OSError:
                 continue
+            kids = [int(c) for c in text.split()]
             found += kids
             todo += kids
     return found
@@ -132,7 +134,7 @@ class RemoteProbe(threading.Thread):
                     user, system = cpu_split(pid)
                     self.last[pid] = {"cmd": cmd.decode(errors="replace")[:80],
                                       "cpu_s": user + system, "user_s": user, "sys_s": system,
-                                      "rss_mb": rss_mb(pid), **proc_io(pid)}
+                                      "peak_rss_mb": rss_mb(pid, "VmHWM"), **proc_io(pid)}
                 except (OSError, ValueError):
                     pass
 
@@ -140,7 +142,8 @@ class RemoteProbe(threading.Thread):
         """Totals over the agent processes (python) and the sshd children apart."""
         self.stop.set()
         self.join()
-        keys = ("cpu_s", "user_s", "sys_s", "rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes")
+        keys = ("cpu_s", "user_s", "sys_s", "rchar", "wchar", "syscr", "syscw", "read_bytes",
+                "write_bytes")
         out = {}
         for group, pred in (("agent", lambda c: "python" in c),
                             ("sshd", lambda c: "python" not in c)):
@@ -148,7 +151,7 @@ class RemoteProbe(threading.Thread):
             out[group] = {k: round(sum(r[k] for r in rows), 2) for k in keys}
             out[group]["processes"] = len(rows)
             if group == "agent" and rows:
-                out[group]["peak_rss_mb"] = round(max(r["rss_mb"] for r in rows), 1)
+                out[group]["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in rows), 1)
         return out
 
 
