@@ -43,6 +43,7 @@ from .errors import (ConnectError, MassDeleteError, OperationalError, SafetyErro
                      SyncAgentError, WorkerStartError)
 from .manifest import local_rules
 from .push import PushOptions, PushResult, Syncer
+from .session import RemoteTree
 from .watcher import Batch, Watcher
 
 __all__ = ["WatchOptions", "Backoff", "Restarter", "TargetLoop", "watch"]
@@ -283,13 +284,14 @@ class TargetLoop(threading.Thread):
             raise waiter["error"]
         return waiter["result"]
 
-    def _reconcile(self) -> PushResult:
-        """A full reconcile; the flushes waiting when it began get its result or its error
-        (a lost connection keeps them for the reconcile after the reconnect)."""
+    def _reconcile(self, remote: RemoteTree | None = None) -> PushResult:
+        """A full reconcile (``remote``: the manifest the connect just read, not read again);
+        the flushes waiting when it began get its result or its error (a lost connection keeps
+        them for the reconcile after the reconnect)."""
         with self.waiters_lock:
             waiting, self.waiters = self.waiters, []
         try:
-            result = self.syncer.reconcile()
+            result = self.syncer.reconcile(remote=remote)
         except ConnectError:
             with self.waiters_lock:
                 self.waiters[:0] = waiting
@@ -395,12 +397,13 @@ class TargetLoop(threading.Thread):
         name = syncer.target.name
         backoff = Backoff()
         connected, need_full, first_connect = False, True, True
+        fresh = None  # the manifest a connect read: the reconcile that follows it uses it
         told_unprovisioned = False
         last_contact = time.monotonic()
         while not stop.is_set():
             if not connected:
                 try:
-                    syncer.connect()
+                    fresh = syncer.connect()
                 except ConnectError as e:
                     if first_connect and "authentication" in str(e):
                         raise
@@ -420,6 +423,7 @@ class TargetLoop(threading.Thread):
                     self._resume("confirmed")
                     need_full = True
                 if self.halted is not None and not need_full:
+                    fresh = None  # older than the next reconcile: it reads its own
                     item = self._next()
                     if self._while_halted(item):
                         need_full = True
@@ -431,8 +435,9 @@ class TargetLoop(threading.Thread):
                     while not self.inbox.empty():  # the full reconcile covers them
                         self.inbox.get_nowait()
                     t0 = time.monotonic()
+                    remote, fresh = fresh, None
                     try:
-                        result = self._reconcile()
+                        result = self._reconcile(remote)
                     finally:
                         need_full = False  # refused: halted, no retry until something changes
                     if self.halted is not None:
