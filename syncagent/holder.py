@@ -212,7 +212,10 @@ def spawn(project: Project, targets: Targets) -> str | None:
              json.dumps([dataclasses.asdict(t) for t in _as_list(targets)]),
              str(project.holder_idle)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True, timeout=30)
+            close_fds=True, timeout=30,
+            # not the caller's directory: ``-m`` puts it first on sys.path, and a checkout
+            # there (or any ``syncagent/`` in it) would be imported instead of this code
+            cwd="/")
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
     finally:

@@ -453,6 +453,31 @@ def test_ctrl_c_on_a_held_push_leaves_the_holder_to_finish_it(capsys, proj):
     wait_until(lambda: view(remote) == view(root), 120, "the holder to finish the push")
 
 
+def test_a_syncagent_directory_where_the_user_stands_does_not_replace_the_holders_code(
+        capsys, proj, tmp_path):
+    """The holder is started with ``python -m``, which puts the current directory first on
+    sys.path: run from a checkout of syncagent (or beside any ``syncagent/``), it imported that
+    code, computed another socket name, and no push ever reached it."""
+    root, remote = proj
+    decoy = tmp_path / "elsewhere"
+    (decoy / "syncagent").mkdir(parents=True)
+    (decoy / "syncagent" / "__init__.py").write_text("raise SystemExit('decoy imported')\n")
+    script = Path(sys.executable).with_name("syncagent")  # the console script, as a user runs it
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+
+    def user_push():
+        return subprocess.run([str(script), "push", "t", "--path", str(root), "--no-restart"],
+                              cwd=decoy, env=env, capture_output=True, text=True, timeout=120)
+
+    assert user_push().returncode == 0
+    before = warm(root)["served"]
+    (root / "m00.py").write_text("x = 'changed'\n")
+    done = user_push()
+    assert done.returncode == 0, done.stderr
+    assert served(root) == before + 1  # answered by the holder
+    assert view(remote) == view(root)
+
+
 def test_holder_for_a_target_whose_host_key_changed_is_refused(capsys, proj, tmp_path):
     root, remote = proj
     assert push(capsys, root)[0] == 0
