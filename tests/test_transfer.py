@@ -180,16 +180,18 @@ def test_a_file_that_changes_while_sent_is_detected_and_hashed_as_received(
     remote_digests_match_contents(entries, remote)
 
 
-def test_an_interrupted_transfer_leaves_nothing(target, proj):  # noqa: F811
-    """The connection drops mid-batch (after the first megabyte of data): the push fails, the
-    agent discards what it staged, nothing of the batch is visible."""
+@pytest.mark.parametrize("after", [agent.CHUNK + 4096, 3 * agent.CHUNK])
+def test_an_interrupted_transfer_leaves_nothing(target, proj, after):  # noqa: F811
+    """The connection drops mid-batch (in the second file; in the last, when d/e/small.py is
+    written in its new directory): the push fails, the agent discards what it staged and the
+    directories it made, nothing of the batch is visible."""
     root, remote = proj
     write_tree(root, contents())
     sent, agents = [], []
 
     def cut(s, payload):
         sent.append(len(payload))
-        if sum(sent) > agent.CHUNK + 4096 and not agents:
+        if sum(sent) > after and not agents:
             agents.append(s.banner["pid"])
             s.client.get_transport().sock.shutdown(socket.SHUT_RDWR)
     with pytest.raises(ConnectError):
@@ -246,3 +248,40 @@ def test_agent_refuses_a_flagged_length_that_is_not_vouched(tmp_path):
     assert applied["error"]["type"] == "Protocol"
     assert not (tmp_path / "f.bin").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(agent.TEMP_PREFIX)]
+
+
+def test_files_in_new_directories_are_recorded_without_a_rehash(tmp_path, monkeypatch):
+    """Written in place inside a directory the batch made (renamed into place at the commit):
+    the stat taken when written is the one the next manifest sees, nothing is hashed again."""
+    files = {"top.py": b"t = 1\n", "d/e/deep.py": b"x = 2\n", "d/f.txt": b"f"}
+    digests = {p: __import__("hashlib").blake2b(d, digest_size=20).hexdigest()
+               for p, d in files.items()}
+    batch = {"uploads": [{"path": p, "mode": 0o644, "mtime_ns": 10**18, "digest": digests[p]}
+                         for p in files],
+             "dirs": [{"path": "d", "mode": 0o755}, {"path": "d/e", "mode": 0o750}],
+             "revision": "r", "files": 3}
+    ask = json.dumps({"op": "manifest", "root": str(tmp_path), "rules": RULES_WIRE}).encode()
+    raw = frames(ask, json.dumps({"op": "apply", "root": str(tmp_path), "batch": batch}).encode()
+                 ).getvalue()
+    for p in files:
+        raw += frames(files[p]).getvalue() + agent.VOUCHED.to_bytes(4, "big")
+    hashed = []
+    monkeypatch.setattr(agent, "hash_file", lambda p: hashed.append(p) or "0" * 40)
+    out = io.BytesIO()
+    agent.serve(io.BytesIO(raw + frames(ask).getvalue()), out)
+    _banner, _empty, applied, after = responses(out.getvalue())
+    assert applied["error"] is None and applied["written"] == 3
+    assert hashed == []
+    assert {p: e[2] for p, e in after["entries"].items() if e[0] == "f"} == digests
+    assert (tmp_path / "d" / "e").stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".syncagent", "d", "top.py"]
+
+
+def test_a_killed_batch_s_new_directory_is_swept_by_the_next_manifest(tmp_path):
+    left = tmp_path / f"{agent.TEMP_PREFIX}1234.d0"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "a.py").write_text("a")
+    (tmp_path / "kept.py").write_text("k")
+    entries, _problems, _held = agent.scan_root(str(tmp_path), RULES_WIRE)
+    assert set(entries) == {"kept.py"}
+    assert not left.exists()
