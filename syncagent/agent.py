@@ -6,7 +6,11 @@ hash files with the same code, and tests call :func:`apply_batch` directly.
 
 Wire format: every frame is a 4-byte big-endian length and a payload. Requests and responses are
 JSON objects; each response has ``"error"`` (``null`` or ``{"type", "message"}``). An ``apply``
-request is followed, for each upload in order, by data frames ending with an empty frame.
+request is followed, for each upload in order, by data frames ending with an end frame: a length
+word of 0 (the agent hashes what it received), or ``VOUCHED`` (0x80000000, no payload): the
+sender read the file with the very stat its non-racy digest was taken at, before and after the
+read, so the bytes are the batch's ``digest`` and the agent records that one without hashing
+(:func:`_read_data`). A length word with the top bit and any other bit set is a protocol error.
 
 Must run on Python 3.8+ with nothing but the standard library.
 """
@@ -19,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -58,7 +63,7 @@ __all__ = [
     "mask",
 ]
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the VOUCHED end frame of an upload
 MAGIC = "syncagent-agent"
 STATE_DIR = ".syncagent"
 REVISION_FILE = STATE_DIR + "/revision"
@@ -67,6 +72,7 @@ TEMP_PREFIX = ".~sa."
 CHUNK = 1 << 20
 RACY_NS = 2 * 10**9  # a digest taken this soon after a change is not trusted next time
 MAX_FRAME = 64 << 20
+VOUCHED = 1 << 31  # an upload's end frame: its digest is the batch's (see the module doc)
 
 
 class AgentFailure(Exception):
@@ -662,6 +668,8 @@ def scan_root(root, wire_rules, protect=(), memory=None):
     for path in temps:  # left by a batch that was killed (never visible in a manifest)
         try:
             os.unlink(path)
+        except IsADirectoryError:  # a new directory it was filling (see _Dirs)
+            shutil.rmtree(path, ignore_errors=True)  # fd-based: no link is followed
         except OSError:
             pass
     _LINK_INDEX.pop(root, None)  # the tree may have changed since this agent last saw it
@@ -681,7 +689,7 @@ class _Memory(object):
 
     def __init__(self, root):
         self.cache = None  # read when first needed
-        self.pending = []  # ([deleted paths], {path: on-disk row}) of each batch since
+        self.pending = []  # ([deleted paths], {path: digest}, {path: stat}) of each batch since
         self.rules_key = self.rules = self.token = self.sent = None
 
     def settle(self, root):
@@ -691,10 +699,10 @@ class _Memory(object):
         if self.cache is None:
             self.cache = load_digest_cache(root)
         while self.pending:
-            deletes, rows = self.pending.pop(0)
+            deletes, digests, stats = self.pending.pop(0)
             for path in deletes:
                 self.cache.pop(path, None)
-            for path, r in rows.items():
+            for path, r in _written_rows(digests, stats).items():
                 self.cache[path] = Entry("f", r[0], r[1], r[6], r[4], None, r[2], r[3], r[5])
         return self.cache
 
@@ -881,12 +889,20 @@ def escaping(links, paths=None):
 
 
 class _Dirs:
-    """Directory fds under one root, opened component by component without following links."""
+    """Directory fds under one root, opened component by component without following links.
+
+    A directory a batch creates where nothing was is made under a temp name beside its
+    place (``staged``: renamed into place by the commit) unless its parent is one the batch
+    made too: everything below such a new directory is written in place under its final
+    name (``fresh`` holds their keys), invisible until the commit's one rename of the
+    top-most new directory, and needs no rename (and no stat) of its own at the commit."""
 
     def __init__(self, root):
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self.fds = {(): self.root_fd}
-        self.created = []
+        self.created = []  # (parent fd, name as made) of each directory made, in order
+        self.staged = []  # (parent fd, temp name, name) of each top-most new directory
+        self.fresh = set()  # keys of the directories made by this batch
         self.umask = _umask()  # once a batch, not twice a file (reading it means setting it)
 
     def open(self, parts, create):
@@ -900,9 +916,15 @@ class _Dirs:
         except FileNotFoundError:
             if not create:
                 raise
-            os.mkdir(name, 0o755, dir_fd=parent)
-            self.created.append(key)
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+            made = name
+            if key[:-1] not in self.fresh and key != (STATE_DIR,):  # the state dir: in place
+                made = "%s%x.d%d" % (TEMP_PREFIX, os.getpid(), len(self.staged))
+                self.staged.append((parent, made, name))
+            os.mkdir(made, 0o755, dir_fd=parent)
+            self.created.append((parent, made))
+            if key != (STATE_DIR,):
+                self.fresh.add(key)
+            fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 st = os.lstat(name, dir_fd=parent)
@@ -977,6 +999,7 @@ def apply_batch(root, batch, chunks_for, protect=()):
     except OSError as e:
         failure = _os_failure(e)
     cache_updates = {}
+    in_place = {}
     try:
         for n, up in enumerate(uploads):
             chunks = chunks_for(up)
@@ -985,7 +1008,7 @@ def apply_batch(root, batch, chunks_for, protect=()):
                     pass
                 continue
             try:
-                received += _stage(dirs, n, up, chunks, staged, cache_updates)
+                received += _stage(dirs, n, up, chunks, staged, cache_updates, in_place)
             except (AgentFailure, OSError) as e:
                 failure = e if isinstance(e, AgentFailure) else _os_failure(e)
                 for _ in chunks:  # the rest of this file's frames
@@ -1002,7 +1025,7 @@ def apply_batch(root, batch, chunks_for, protect=()):
             _discard(dirs, staged)
         raise
     try:
-        out = _commit(root, dirs, batch, staged, marker, cache_updates, received)
+        out = _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place)
     except BaseException:
         _LINK_INDEX.pop(root, None)  # what the tree holds now is unknown
         raise
@@ -1026,15 +1049,17 @@ def _hold_protected(batch, extra):
     """
     out = dict(batch)
     refused = []
+    held = set()
     for key, op in _OPS:
         keep = []
-        for item in batch.get(key, []):
+        for n, item in enumerate(batch.get(key, [])):
             if is_protected(item["path"], extra):
                 refused.append({"op": op, "path": item["path"]})
+                if key == "uploads":
+                    held.add(n)
             else:
                 keep.append(item)
         out[key] = keep
-    held = {n for n, up in enumerate(batch.get("uploads", [])) if is_protected(up["path"], extra)}
     return out, held, refused
 
 
@@ -1142,28 +1167,53 @@ def _open_new_dir(dirs, parts, doomed):
     return dirs.open(parts, create=True)
 
 
-def _stage(dirs, n, up, chunks, staged, digests):
-    """Write one upload to a temp file beside its target; returns the bytes received."""
+def _stage(dirs, n, up, chunks, staged, digests, in_place):
+    """Write one upload to a temp file beside its target, or under its own name in a
+    directory this batch made (``dirs.fresh``: invisible until the commit; its stat, final
+    already, goes into ``in_place``); returns the bytes received.
+
+    Its digest (for the cache) is the batch's when the sender vouched for the bytes
+    (``chunks.vouched``, see the module doc); else the written file is read back and hashed,
+    so the cache only ever holds the digest of what the file holds."""
     parts = up["path"].split("/")
     dfd = dirs.open(parts[:-1], create=True)
-    tmp = "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
+    direct = tuple(parts[:-1]) in dirs.fresh
+    tmp = parts[-1] if direct else "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
     mode = int(up["mode"]) & 0o777  # the rwx bits only: never setuid, setgid or sticky
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
     staged.append((dfd, tmp, parts[-1], up))
-    h = hashlib.blake2b(digest_size=20)
     size = 0
     try:
         for block in chunks:
             _write_all(fd, block)
-            h.update(block)
             size += len(block)
+        digest = up.get("digest")
+        if not (getattr(chunks, "vouched", False) and isinstance(digest, str)
+                and _HEX40.match(digest)):
+            digest = _written_digest(fd, size)
         if mode & dirs.umask:
             os.fchmod(fd, mode)
         os.utime(fd, ns=(int(up["mtime_ns"]), int(up["mtime_ns"])))
+        if direct:  # renaming a directory above it leaves its inode (and ctime) alone
+            in_place[up["path"]] = os.fstat(fd)
     finally:
         os.close(fd)
-    digests[up["path"]] = h.hexdigest()
+    digests[up["path"]] = digest
     return size
+
+
+def _written_digest(fd, size):
+    """The digest of the ``size`` bytes just written to ``fd``, read back (from the page
+    cache): the same as :func:`hash_file` of the file."""
+    h = hashlib.blake2b(digest_size=20)
+    offset = 0
+    while offset < size:
+        block = os.pread(fd, min(CHUNK, size - offset), offset)
+        if not block:
+            break
+        h.update(block)
+        offset += len(block)
+    return h.hexdigest()
 
 
 def _umask():
@@ -1173,12 +1223,13 @@ def _umask():
 
 
 def _discard(dirs, staged):
-    """Remove staged temp files and the directories this batch created."""
+    """Remove staged temp files (and files written in new directories) and the directories
+    this batch created, deepest first."""
     for dfd, tmp, _, _ in staged:
         _unlink_quiet(tmp, dfd)
-    for key in reversed(dirs.created):
+    for parent, made in reversed(dirs.created):
         try:
-            os.rmdir("/".join(key), dir_fd=dirs.root_fd)
+            os.rmdir(made, dir_fd=parent)
         except OSError:
             pass
     dirs.close()
@@ -1228,7 +1279,7 @@ def _stage_marker(dirs, batch):
     return sfd, tmp
 
 
-def _commit(root, dirs, batch, staged, marker, cache_updates, received):
+def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place=None):
     deletes = batch.get("deletes", [])
     # A path that changes kind (file <-> dir <-> link) is removed before its new entry lands.
     replacing = {u["path"] for u in batch.get("uploads", [])} | {
@@ -1236,9 +1287,13 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received):
     kept = []
     early = [d for d in deletes if under_any(d["path"], replacing)]
     deleted = _apply_deletes(dirs, early, kept)
-    stats = {}
+    for parent, made, name in dirs.staged:  # each new tree, with what was written in it
+        os.replace(made, name, src_dir_fd=parent, dst_dir_fd=parent)
+    stats = dict(in_place or ())
     sources = {}
     for dfd, tmp, name, up in staged:
+        if up["path"] in stats:
+            continue
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         stats[up["path"]] = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         if name.endswith(".py"):
@@ -1407,24 +1462,30 @@ def _update_cache(root, batch, digests, stats):
     keeps this root's cache (it answered a manifest request for it), once the answer is sent
     (``save_kept``); else in the cache on disk, now."""
     deletes = [d["path"] for d in batch.get("deletes", [])]
-    rows = {}
-    for path, digest in digests.items():
-        st = stats[path]
-        # the digest is of the very bytes this process wrote: not racy, whatever the times
-        changed = max(st.st_mtime_ns, st.st_ctime_ns)
-        rows[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
-                      changed + RACY_NS, st.st_mode & 0o777]
     mem = _MEMORY.get(root)
-    if mem is not None:
-        mem.pending.append((deletes, rows))
+    if mem is not None:  # its records are built by settle, after the answer is sent
+        mem.pending.append((deletes, digests, stats))
         _UNSAVED.add(root)
         return
     cache = load_digest_cache(root)
     for path in deletes:
         cache.pop(path, None)
-    for path, row in rows.items():  # on-disk rows: this cache is only saved
+    for path, row in _written_rows(digests, stats).items():  # on-disk rows: only saved
         cache[path] = row
     save_digest_cache(root, cache)
+
+
+def _written_rows(digests, stats):
+    """{path: on-disk cache row} of the files a batch wrote."""
+    rows = {}
+    for path, digest in digests.items():
+        st = stats[path]
+        # the digest is of the very bytes this process wrote (or the sender vouched for):
+        # not racy, whatever the times
+        changed = max(st.st_mtime_ns, st.st_ctime_ns)
+        rows[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                      changed + RACY_NS, st.st_mode & 0o777]
+    return rows
 
 
 def to_wire(entries):
@@ -2416,8 +2477,12 @@ def _first_start(r, restart):
 
 
 def read_exactly(stream, n):
-    """Read exactly n bytes or raise EOFError."""
-    buf = bytearray()
+    """Read exactly n bytes or raise EOFError. A buffered stream returns them in one read
+    (the whole frame, no copy); a raw one may return fewer, and the rest is read on."""
+    block = stream.read(n)
+    if len(block) == n:
+        return block
+    buf = bytearray(block)
     while len(buf) < n:
         block = stream.read(n - len(buf))
         if not block:
@@ -2454,14 +2519,40 @@ def _request(inp):
     return req
 
 
+class _Upload:
+    """One upload's data frames as an iterable of chunks; once they are read, ``vouched`` says
+    whether the end frame was VOUCHED (see the module doc)."""
+
+    __slots__ = ("inp", "vouched", "ended")
+
+    def __init__(self, inp):
+        self.inp = inp
+        self.vouched = False
+        self.ended = False  # past the end frame: never reads into the next upload's frames
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.ended:
+            raise StopIteration
+        (n,) = _LENGTH.unpack(read_exactly(self.inp, 4))
+        if not n or n == VOUCHED:
+            self.ended = True
+            self.vouched = bool(n)
+            raise StopIteration
+        if n > MAX_FRAME:
+            self.ended = True  # no draining past it: what follows cannot be trusted
+            raise AgentFailure("Protocol", "data frame of %d bytes exceeds the limit" % n)
+        return read_exactly(self.inp, n)
+
+
+_LENGTH = struct.Struct(">I")
+
+
 def _data_chunks(inp):
-    def chunks(_upload):
-        while True:
-            block = read_frame(inp)
-            if not block:
-                return
-            yield block
-    return chunks
+    """``chunks_for`` of a request's stream: each upload's frames, read as it is written."""
+    return lambda _upload: _Upload(inp)
 
 
 def _root(req):
@@ -2565,9 +2656,26 @@ def serve(inp, out):
         save_kept()
 
 
+STDIN_BUFFER = 256 * 1024
+STDIN_PIPE = 1 << 20  # Linux's default limit for an unprivileged pipe (fs.pipe-max-size)
+
+
+def _stdin():
+    """stdin with a larger buffer, and a larger pipe when it is one (sshd's pipe to us):
+    an upload of small files is then read in a few large reads rather than two or three per
+    frame, and sshd blocks on a full 64 KB pipe less often."""
+    fd = sys.stdin.fileno()
+    try:
+        if sys.platform.startswith("linux") and stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), STDIN_PIPE)
+    except OSError:
+        pass  # a smaller pipe only costs more reads
+    return open(fd, "rb", buffering=STDIN_BUFFER, closefd=False)
+
+
 def main():
     os.umask(0o022)
-    return serve(sys.stdin.buffer, sys.stdout.buffer)
+    return serve(_stdin(), sys.stdout.buffer)
 
 
 if __name__ == "__main__":

@@ -534,7 +534,7 @@ class Syncer:
         self.sending = True
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
                                  report, self.rules.protect_wire(),
-                                 restart=owes.why if owes.restart else None)
+                                 restart=owes.why if owes.restart else None, local=self.local)
         self.sending, self.owes = False, owes.restart
         if self.warm is not None:  # as the agent did with the manifest it sent
             self.warm.claim(self.target, p.to_wire(rev, len(self.local)), self.local,
