@@ -404,7 +404,7 @@ def generate_web(root: Path, seed: int = 20240602) -> dict:
         if kind in ("png", "ico", "woff2", "bin"):
             body = _web_binary(rng, kind, size)
         elif kind == "svg":
-            body = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><path d="'
+            body = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><path d="'
                     + " ".join(f"M{rng.randint(0, 16)} {rng.randint(0, 16)}" for _ in
                                range(size // 8)) + '"/></svg>\n').encode()[:size]
         else:

@@ -904,6 +904,7 @@ class _Dirs:
         self.staged = []  # (parent fd, temp name, name) of each top-most new directory
         self.fresh = set()  # keys of the directories made by this batch
         self.umask = _umask()  # once a batch, not twice a file (reading it means setting it)
+        self.pid = os.getpid()  # for temp names: once a batch, not once a file
 
     def open(self, parts, create):
         key = tuple(parts)
@@ -918,7 +919,7 @@ class _Dirs:
                 raise
             made = name
             if key[:-1] not in self.fresh and key != (STATE_DIR,):  # the state dir: in place
-                made = "%s%x.d%d" % (TEMP_PREFIX, os.getpid(), len(self.staged))
+                made = "%s%x.d%d" % (TEMP_PREFIX, self.pid, len(self.staged))
                 self.staged.append((parent, made, name))
             os.mkdir(made, 0o755, dir_fd=parent)
             self.created.append((parent, made))
@@ -1178,7 +1179,7 @@ def _stage(dirs, n, up, chunks, staged, digests, in_place):
     parts = up["path"].split("/")
     dfd = dirs.open(parts[:-1], create=True)
     direct = tuple(parts[:-1]) in dirs.fresh
-    tmp = parts[-1] if direct else "%s%x.%d" % (TEMP_PREFIX, os.getpid(), n)
+    tmp = parts[-1] if direct else "%s%x.%d" % (TEMP_PREFIX, dirs.pid, n)
     mode = int(up["mode"]) & 0o777  # the rwx bits only: never setuid, setgid or sticky
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
     staged.append((dfd, tmp, parts[-1], up))

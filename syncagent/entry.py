@@ -23,6 +23,7 @@ PLAIN_FLAGS = ("--json", "--no-restart", "--dry-run", "--restart-on-any-change",
                "--allow-mass-delete", "--trust-new-host")  # passed on as they are
 VALUE_OPTIONS = ("--mode", "--policy", "--timeout", "--lines", "-n")  # passed on, with a value
 FULL_CLI = ("--no-holder", "--follow", "-f")  # no holder, a stream
+COMMANDS = ("push", "status", "restart", "logs")  # what a holder runs for a client
 FLEET_COMMANDS = ("push",)  # those a holder runs for several targets
 
 
@@ -43,10 +44,10 @@ def _held(argv: list[str]):
     """The holder's answer to ``argv``, or None: not a holder command, an argument this
     reading does not know, several targets for a command other than ``push``, no holder
     serving the target(s)."""
+    if not argv or argv[0] not in COMMANDS:  # --version, --help: not even the holder's imports
+        return None
     from . import holder
 
-    if not argv or argv[0] not in holder.COMMANDS:
-        return None
     specs, options = _read(argv[1:])
     if specs is None:
         return None

@@ -31,7 +31,6 @@ import os
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -40,11 +39,11 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from .config import Project, Target, user_state_dir
+from .entry import COMMANDS
 
 __all__ = ["Answer", "Taken", "UnsafeDir", "forward", "spawn", "ping", "socket_path",
            "runtime_dir", "enabled", "serve", "serve_watch", "COMMANDS"]
 
-COMMANDS = ("push", "status", "restart", "logs")  # what a holder runs for a client
 MAX_MESSAGE = 64 << 20
 LOOK_EVERY = 1.0  # seconds between a waiting holder's looks at its connections
 SERVING = False  # true inside a holder process: its commands never forward nor spawn
@@ -206,6 +205,8 @@ def spawn(project: Project, targets: Targets) -> str | None:
         return str(e)
     log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
                   0o600)
+    import subprocess  # here: the client side of a held command never spawns
+
     try:
         subprocess.run(  # returns once the holder has forked itself away from us
             [sys.executable, "-m", "syncagent.holder", str(project.root),

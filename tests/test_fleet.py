@@ -22,6 +22,7 @@ from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions, push_many
 from syncagent.watch import WatchOptions, watch
+from tests.helpers.hostkeys import replace_host_key
 from tests.helpers.procs import children_of, wait_until
 from tests.test_holder import CLIENT, holders_of
 from tests.test_push import run
@@ -361,13 +362,8 @@ def test_fleet_holder_refuses_a_changed_host_key_on_one_target(capsys, fleet, he
     root = held
     assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0
     warm(root)
-    other = tmp_path / "other_host_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
-                   check=True)
     known = tmp_path / "known_hosts_g2"
-    host = known.read_text().split()[0]
-    pub = Path(f"{other}.pub").read_text().split()
-    known.write_text(f"{host} {pub[0]} {pub[1]}\n")
+    replace_host_key(known, tmp_path)
     set_version(root, "g2-must-not-get-this")
     code, payload, err = push_json(capsys, root, "gpus", "--no-restart")
     assert code == 3, err

@@ -22,6 +22,7 @@ from syncagent.ignore import build_rules
 from syncagent.manifest import find_gitignores, unchanged
 from syncagent.plan import plan, revision
 from syncagent.session import Session
+from tests.helpers.hostkeys import replace_host_key
 from tests.helpers.procs import pid_running, wait_until
 from tests.test_push import run, view
 
@@ -482,13 +483,7 @@ def test_holder_for_a_target_whose_host_key_changed_is_refused(capsys, proj, tmp
     root, remote = proj
     assert push(capsys, root)[0] == 0
     warm(root)
-    other = tmp_path / "other_host_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
-                   check=True)
-    known = tmp_path / "known_hosts"
-    host = known.read_text().split()[0]
-    pub = Path(f"{other}.pub").read_text().split()
-    known.write_text(f"{host} {pub[0]} {pub[1]}\n")
+    replace_host_key(tmp_path / "known_hosts", tmp_path)
     (root / "m06.py").write_text("x = 'must not arrive'\n")
     code, _, err = push(capsys, root)
     assert code == 3 and "HOST KEY CHANGED" in err
