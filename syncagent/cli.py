@@ -27,7 +27,6 @@ import click
 from . import __version__
 from .config import (CONFIG_NAME, INIT_TEMPLATE, RESTART_MODES, RESTART_POLICIES, Project,
                      Target, expand_specs, find_root, load_project, resolve_target)
-from . import holder
 from .errors import ConfigError, SyncAgentError, mass_delete_counts
 
 if TYPE_CHECKING:  # imported by the commands that use them (see the module docstring)
@@ -152,6 +151,8 @@ def _via_holder(project: Project, resolved: list[Target], no_holder: bool,
     """Hand the whole command to the holder of its target (``fleet``: of its targets, however
     many) when one serves it, and exit with its answer; return when none does (the command
     then runs here)."""
+    from . import holder
+
     argv = (click.get_current_context().obj or {}).get("argv")
     if (argv is None or (len(resolved) != 1 and not fleet)
             or not holder.enabled(project, no_holder)):
@@ -167,6 +168,8 @@ def _leave_holder(project: Project, resolved: list[Target], no_holder: bool,
                   fleet: bool = False) -> None:
     """After a direct run for one target (``fleet``: for its targets, however many): start
     their holder for the commands that follow."""
+    from . import holder
+
     if ((len(resolved) == 1 or fleet) and holder.enabled(project, no_holder)
             and (click.get_current_context().obj or {}).get("argv") is not None):
         why = holder.spawn(project, resolved)

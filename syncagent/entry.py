@@ -29,6 +29,11 @@ FLEET_COMMANDS = ("push",)  # those a holder runs for several targets
 
 def main() -> int:
     argv = sys.argv[1:]
+    if argv == ["--version"]:  # click's own wording, without importing click and the CLI
+        from . import __version__
+
+        print(f"syncagent, version {__version__}")
+        return 0
     answer = _held(argv)
     if answer is None:
         from .cli import main as cli_main

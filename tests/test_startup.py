@@ -47,10 +47,14 @@ def test_init_imports_nothing_heavy(tmp_path):
     assert (tmp_path / "syncagent.toml").exists()
 
 
-def test_version_matches_the_package_metadata():
+@pytest.mark.parametrize("program", [
+    ["-m", "syncagent.cli"],  # click's version option
+    ["-c", "import sys; from syncagent.entry import main; sys.exit(main())"],  # the console
+])                                                       # script's, which skips click
+def test_version_matches_the_package_metadata(program):
     from importlib.metadata import version
 
-    out = subprocess.run([sys.executable, "-m", "syncagent.cli", "--version"],
+    out = subprocess.run([sys.executable, *program, "--version"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    assert out.stdout.strip() == f"syncagent, version {version('syncagent')}"
+    assert out.stdout == f"syncagent, version {version('syncagent')}\n"
