@@ -178,7 +178,9 @@ class Warm:
             return memo[3]
         else:
             changed = changed_paths(memo[0], local) | changed_paths(memo[1], remote)
-            p = replan(memo[3], changed, local, remote, keep)
+            p = (replan(memo[3], changed, local, remote, keep)
+                 if len(changed) * 4 < len(local) + len(remote)  # else merging costs more
+                 else plan(local, remote, keep=keep))
         self._plan = (dict(local), dict(remote), list(keep), p)
         return p
 
