@@ -2093,13 +2093,16 @@ class _Restart(object):
             drop_state(self.root, name)
 
     def go(self, colour, standby):
-        """A warm start: tell the parked standby to run ``revision`` (a file, then SIGUSR1 to
-        wake it at once; it also looks every half second)."""
+        """A warm start: tell the parked standby to run the code on disk (a file, then SIGUSR1
+        to wake it at once; it also looks every half second). Its label is the revision on
+        disk now, as a cold start's is: a batch committed since this restart was asked for is
+        what the standby imports, and a label of the older revision made the next batch that
+        returned to it look live already."""
         offset = _log_size(self.root, self.group, colour)
         t0 = time.monotonic()
         self.forget_failure(colour)
-        write_state(self.root, "go-%s.json" % colour,
-                    json.dumps({"revision": self.revision, "time": time.time()}))
+        write_state(self.root, "go-%s.json" % colour, json.dumps(
+            {"revision": _pushed(self.root) or self.revision, "time": time.time()}))
         try:
             os.kill(standby["pid"], signal.SIGUSR1)
         except OSError:
