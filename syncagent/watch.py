@@ -256,6 +256,7 @@ class TargetLoop(threading.Thread):
         self.waiters: list[dict] = []  # flushes (a `push` during the watch) to answer
         self.waiters_lock = threading.Lock()
         self.connected = False
+        self._carried = None  # an inbox item _next took and did not merge
 
     def flush(self, timeout: float = 300.0) -> PushResult | None:
         """Reconcile the tree as it is now, and return that reconcile's result (a `push` run
@@ -310,23 +311,33 @@ class TargetLoop(threading.Thread):
         self.inbox.put((batch, fresh, problems))
 
     def _next(self) -> tuple[Batch, dict | None, list] | None:
-        """The next batch, merged with any that queued up behind it."""
+        """The next batch, merged with any that queued up behind it, but never a batch git
+        made with one it did not (git's deletions are confirmed, the others are judged)."""
+        item = self._take(timeout=0.25)
+        while item is not None:
+            more = self._take()
+            if more is None:
+                break
+            if not _mergeable(item[0], more[0]):
+                self._carried = more  # the next call starts with it
+                break
+            item = _merged(item, more)
+        return item
+
+    def _take(self, timeout: float | None = None):
+        if self._carried is not None:
+            item, self._carried = self._carried, None
+            return item
         try:
-            batch, fresh, problems = self.inbox.get(timeout=0.25)
+            return self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
         except queue.Empty:
             return None
-        while True:
-            try:
-                more, more_fresh, more_problems = self.inbox.get_nowait()
-            except queue.Empty:
-                return batch, fresh, problems
-            full = batch.full or more.full
-            fresh = None if full or fresh is None or more_fresh is None else {
-                **{p: e for p, e in fresh.items() if p not in more.paths}, **more_fresh}
-            problems = [p for p in problems if p[0] not in more.paths] + more_problems
-            # git made the merged batch only if it made each part
-            batch = Batch(batch.paths | more.paths, full, batch.first_event,
-                          batch.by_git and more.by_git)
+
+    def _drop_queued(self) -> None:
+        """Forget the batches waiting: the full reconcile about to run covers them."""
+        self._carried = None
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
 
     # ---------------------------------------------------------------- halted
 
@@ -432,8 +443,7 @@ class TargetLoop(threading.Thread):
                         last_contact = time.monotonic()
                     continue
                 if need_full:
-                    while not self.inbox.empty():  # the full reconcile covers them
-                        self.inbox.get_nowait()
+                    self._drop_queued()
                     t0 = time.monotonic()
                     remote, fresh = fresh, None
                     try:
@@ -510,6 +520,22 @@ class TargetLoop(threading.Thread):
                 self.restarter.request(result.revision, since, decision.why)
         elif result.changed and syncer.options.restart and syncer.provisioned:
             self.emit(skipped)
+
+
+def _mergeable(batch: Batch, more: Batch) -> bool:
+    """One sync may cover both: a full reconcile covers anything, and either git made both
+    or neither."""
+    return batch.full or more.full or batch.by_git == more.by_git
+
+
+def _merged(item: tuple[Batch, dict | None, list], more: tuple[Batch, dict | None, list]):
+    (batch, fresh, problems), (later, later_fresh, later_problems) = item, more
+    full = batch.full or later.full
+    fresh = None if full or fresh is None or later_fresh is None else {
+        **{p: e for p, e in fresh.items() if p not in later.paths}, **later_fresh}
+    problems = [p for p in problems if p[0] not in later.paths] + later_problems
+    return (Batch(batch.paths | later.paths, full, batch.first_event,
+                  batch.by_git and later.by_git), fresh, problems)
 
 
 def _identity(root) -> tuple[int, int] | None:

@@ -52,7 +52,9 @@ class Batch:
     first_event: float  # time.monotonic() of the first event in the batch
     # Git made it: the event stream showed ``.git/index.lock`` created during the batch, and
     # every event of the batch came while git held that lock (a checkout, switch, reset,
-    # rebase, merge or stash; however fast). What git changes that way it keeps.
+    # rebase, merge or stash; however fast). What git changes that way it keeps. A batch
+    # never mixes such events with others: an edit just before git took the lock, or just
+    # after it let go, is a batch of its own.
     by_git: bool = False
 
 
@@ -125,6 +127,7 @@ class Watcher:
         # since the last cut: the stream showed the lock taken / a file event outside it
         self._git_taken = False
         self._outside_git = False
+        self._sealed: list[Batch] = []  # cut at a lock boundary, not taken yet
         self.git_lock = os.path.join(self.root, GIT_LOCK)
         self._full_reason: str | None = None
         self._first = 0.0
@@ -152,6 +155,8 @@ class Watcher:
 
     def _git_lock_event(self, locked: bool | None) -> None:
         with self._cond:
+            if locked and self._outside_git:
+                self._seal()  # what came before git took the lock is not git's
             if locked is not None:
                 self._git_locked = locked
                 self._git_taken = self._git_taken or locked
@@ -163,6 +168,8 @@ class Watcher:
         if not rels:
             return
         with self._cond:
+            if not self._git_locked and self._git_taken and not self._outside_git:
+                self._seal()  # git's batch is complete: what comes after it is not git's
             now = time.monotonic()
             if not self._pending and self._full_reason is None:
                 self._first = now
@@ -174,6 +181,15 @@ class Watcher:
             else:
                 self._writing.update(rels)
             self._cond.notify_all()
+
+    def _seal(self) -> None:
+        """Cut the pending paths into a batch of their own, now (the lock is held)."""
+        if self._pending and self._full_reason is None:
+            self._sealed.append(Batch(frozenset(self._pending), False, self._first,
+                                      self._git_taken and not self._outside_git))
+            self._pending = set()
+            self._writing = set()
+            self._git_taken = self._outside_git = False
 
     def request_full(self, reason: str) -> None:
         """Make the next batch a full reconcile (after lost events, a reconnect, ...)."""
@@ -245,7 +261,7 @@ class Watcher:
         """Wait for events and return one coalesced batch, or None after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._pending and self._full_reason is None:
+            while not self._sealed and not self._pending and self._full_reason is None:
                 left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
                 if left <= 0:
                     return None
@@ -257,6 +273,8 @@ class Watcher:
                     self._cond.acquire()
             held = False  # a hold: events may still be in flight after it
             while True:
+                if self._sealed:  # cut while we waited: it came first
+                    return self._sealed.pop(0)
                 now = time.monotonic()
                 if (self._git_locked or os.path.exists(self.git_lock)) \
                         and now - self._first < self.git_hold:

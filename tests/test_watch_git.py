@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,6 +24,8 @@ from syncagent.config import load_project, resolve_target
 from syncagent.ignore import build_rules
 from syncagent.plan import content_view
 from syncagent.push import PushOptions
+from syncagent.watch import TargetLoop, WatchOptions
+from syncagent.watcher import Batch
 from tests.helpers.procs import wait_until
 from tests.helpers.watching import Watching
 
@@ -121,3 +126,19 @@ def test_the_same_deletes_without_git_still_halt_and_say_what_they_count(project
         # had a git batch lifted the halt, the reconcile after it would have halted again
         assert len(w.of("halted")) == 1 and len(w.of("resumed")) == 1
         assert w.of("resumed")[0]["reason"] == "files restored"
+
+
+def test_a_busy_target_never_merges_git_batch_with_others():
+    """Batches queue up while the target is busy syncing; the merge keeps git's apart (an
+    edit queued just before a branch switch made the switch look like `rm -rf`)."""
+    loop = TargetLoop(SimpleNamespace(target=SimpleNamespace(name="sbx")), lambda e: None,
+                      threading.Event(), WatchOptions(), None)
+    now = time.monotonic()
+    for paths, by_git in [({"a.py"}, False), ({"b.py"}, False), ({"feat/f0.py"}, True),
+                          ({"feat/f1.py"}, True), ({"c.py"}, False)]:
+        loop.submit(Batch(frozenset(paths), False, now, by_git), {}, [])
+    taken = []
+    while (item := loop._next()) is not None:
+        taken.append((sorted(item[0].paths), item[0].by_git))
+    assert taken == [(["a.py", "b.py"], False), (["feat/f0.py", "feat/f1.py"], True),
+                     (["c.py"], False)]

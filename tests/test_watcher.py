@@ -256,8 +256,9 @@ def rm_during_git_status(root: Path) -> None:
     (lambda root: git(root, "stash", "-q"), True),
     (lambda root: shutil.rmtree(root / "feat"), False),
     (rm_during_git_status, False),
-    # its untracked files go by `git clean`, as below: no lock
-    (lambda root: git(root, "stash", "-q", "-u"), False),
+    # its untracked files go by `git clean`, as below: no lock; the tracked edit goes back
+    # under the lock
+    (lambda root: git(root, "stash", "-q", "-u"), "build*.o: not git's, m0.py: git's"),
     (lambda root: git(root, "clean", "-q", "-f", "-d", "-x"), False),
 ], ids=["checkout", "switch", "reset-hard", "stash", "rm-rf", "rm-after-git-status",
         "stash-untracked", "git-clean"])
@@ -269,8 +270,10 @@ def test_a_batch_says_whether_git_made_it(repo, action, by_git):
         (repo / f"build{i}.o").write_text("untracked\n")
     with Watcher(str(repo), RULES) as w:
         batches = batches_after(w, lambda: action(repo))
-    assert batches and all(b.by_git == by_git for b in batches), [
-        (sorted(b.paths)[:3], b.by_git) for b in batches]
+    made = {p: b.by_git for b in batches for p in b.paths}
+    expected = {p: not p.startswith("build") if isinstance(by_git, str) else by_git
+                for p in made}
+    assert batches and made == expected, [(sorted(b.paths)[:3], b.by_git) for b in batches]
 
 
 def test_a_fast_checkout_is_made_by_git_though_its_lock_is_gone_when_the_batch_is_cut(repo):
@@ -286,6 +289,23 @@ def test_an_edit_after_a_checkout_is_not_made_by_git(repo):
         assert batches_after(w, lambda: git(repo, "checkout", "-q", "main"))[0].by_git
         edit = batches_after(w, lambda: (repo / "m1.py").write_text("mine\n"))
     assert [b.by_git for b in edit] == [False]
+
+
+def test_an_edit_just_before_a_checkout_is_a_batch_of_its_own(repo):
+    """The consumer takes no batch between the edit and the checkout (it is busy, or the edit's
+    last event arrives late): git's batch still holds only git's changes."""
+    with Watcher(str(repo), RULES) as w:
+        batches = batches_after(w, lambda: ((repo / "m1.py").write_text("mine\n"),
+                                            git(repo, "checkout", "-q", "-f", "main")))
+    assert [(b.by_git, "m1.py" in b.paths) for b in batches] == [(False, True), (True, True)]
+    assert sum(1 for p in batches[1].paths if p.startswith("feat/")) == 30
+
+
+def test_an_edit_just_after_a_checkout_is_a_batch_of_its_own(repo):
+    with Watcher(str(repo), RULES) as w:
+        batches = batches_after(w, lambda: (git(repo, "checkout", "-q", "main"),
+                                            (repo / "m1.py").write_text("mine\n")))
+    assert [(b.by_git, "m1.py" in b.paths) for b in batches] == [(True, False), (False, True)]
 
 
 def _inotify_masks() -> dict[str, list[int]]:
