@@ -19,6 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from . import wire
 from .errors import ConfigError, SafetyError, TargetError
 
 __all__ = [
@@ -92,7 +93,7 @@ def user_config_dir() -> Path:
 
 
 def user_state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "syncagent"
+    return Path(wire.user_state_dir())
 
 
 def find_root(start: str | os.PathLike | None = None, explicit: str | None = None) -> Path:

@@ -48,11 +48,30 @@ def main() -> int:
 def _held(argv: list[str]):
     """The holder's answer to ``argv``, or None: not a holder command, an argument this
     reading does not know, several targets for a command other than ``push``, no holder
-    serving the target(s)."""
+    serving the target(s). A route (``syncagent.wire``) is tried first: it needs no config."""
     if not argv or argv[0] not in COMMANDS:  # --version, --help: not even the holder's imports
         return None
+    if _read(argv[1:])[0] is None:
+        return None
+    from . import wire
+
+    if not wire.env_allows():
+        return None
+    answer = wire.run_routed(argv)
+    if answer is not None:
+        return answer
     from . import holder
 
+    found = resolve(argv)
+    if found is None or not holder.enabled(found[0]):
+        return None
+    return holder.forward(found[0].root, found[1], argv)
+
+
+def resolve(argv: list[str]):
+    """(project, targets) that ``argv`` (a holder command) names, read here as the CLI reads
+    them; None where this reading stops (an argument it does not know, several targets for
+    a command other than ``push``, an error: the full CLI says what is wrong)."""
     specs, options = _read(argv[1:])
     if specs is None:
         return None
@@ -64,14 +83,13 @@ def _held(argv: list[str]):
     try:
         project = load_project(find_root(explicit=options.get("--path")))
         names = expand_specs(project, tuple(specs), "--all" in options)
-        if (len(names) > 1 and (not fleet_ok or "--remote-path" in options)
-                or not holder.enabled(project)):
+        if len(names) > 1 and (not fleet_ok or "--remote-path" in options):
             return None  # (--remote-path with several targets: the CLI's usage error)
         targets = [resolve_target(name, project, remote_path=options.get("--remote-path"),
                                   identity=options.get("--identity")) for name in names]
     except Exception:  # the full CLI says what is wrong, as it always has
         return None
-    return holder.forward(project.root, targets, argv)
+    return project, targets
 
 
 def _read(args: list[str]) -> tuple[list[str] | None, dict[str, str]]:

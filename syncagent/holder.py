@@ -16,7 +16,8 @@ answer.
 
 The holder is never required: when none answers, or it dies mid-command, the client runs the
 command directly. The client side (``forward``, ``spawn``) imports only the standard library and
-``config``; the holder process (``serve``) imports the command code.
+``config``; a client that a route leads to its holder (``syncagent.wire``), only the standard
+library. The holder process (``serve``) imports the command code.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import io
 import json
 import os
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -38,19 +38,16 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Sequence, Union
 
-from .config import Project, Target, user_state_dir
+from . import wire
+from .config import Project, Target
 from .entry import COMMANDS
+from .wire import Answer, UnsafeDir, recv, send
 
 __all__ = ["Answer", "Taken", "UnsafeDir", "forward", "spawn", "ping", "socket_path",
            "runtime_dir", "enabled", "serve", "serve_watch", "COMMANDS"]
 
-MAX_MESSAGE = 64 << 20
 LOOK_EVERY = 1.0  # seconds between a waiting holder's looks at its connections
 SERVING = False  # true inside a holder process: its commands never forward nor spawn
-
-
-class UnsafeDir(Exception):
-    """The runtime directory or the socket is not this user's alone."""
 
 
 class Taken(Exception):
@@ -60,37 +57,12 @@ class Taken(Exception):
 Targets = Union[Target, Sequence[Target]]  # one target, or a fleet's
 
 
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    code: int
-    out: str
-    err: str
-
-
 # ------------------------------------------------------------------ where the socket lives
 
 def runtime_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/syncagent``, else ``<state dir>/run``; created 0700.
+    """``wire.runtime_dir``: created 0700, checked private (raises UnsafeDir)."""
+    return Path(wire.runtime_dir())
 
-    Raises:
-        UnsafeDir: it is not a directory owned by this user with no group or other access.
-    """
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    d = Path(base) / "syncagent" if base and os.path.isdir(base) else user_state_dir() / "run"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_private(d, stat.S_ISDIR, "directory")
-    return d
-
-
-def _check_private(path: Path, is_kind, what: str) -> None:
-    st = os.lstat(path)
-    if not is_kind(st.st_mode):
-        raise UnsafeDir(f"{path} is not a {what}")
-    if st.st_uid != os.getuid():
-        raise UnsafeDir(f"{path} is owned by uid {st.st_uid}, not by this user")
-    if st.st_mode & 0o077:
-        raise UnsafeDir(f"{path} is open to group or others (mode "
-                        f"{stat.S_IMODE(st.st_mode):o})")
 
 
 def _code_stamp() -> list:
@@ -120,74 +92,31 @@ def socket_path(root: str | os.PathLike, targets: Targets) -> Path:
 def enabled(project: Project, flag_off: bool = False) -> bool:
     """The holder is wanted: not ``--no-holder``, ``SYNCAGENT_HOLDER=0`` or ``holder = false``,
     and this is not a holder process itself."""
-    return (not SERVING and not flag_off and project.holder
-            and os.environ.get("SYNCAGENT_HOLDER", "1") not in ("0", "false", "no", "off"))
-
-
-# ------------------------------------------------------------------ framing
-
-def _send(sock: socket.socket, obj: dict) -> None:
-    data = json.dumps(obj).encode()
-    sock.sendall(struct.pack(">I", len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        block = sock.recv(n - len(buf))
-        if not block:
-            raise ConnectionResetError("holder closed the connection")
-        buf += block
-    return bytes(buf)
-
-
-def _recv(sock: socket.socket) -> dict:
-    (n,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if n > MAX_MESSAGE:
-        raise ValueError(f"message of {n} bytes")
-    return json.loads(_recv_exact(sock, n))
+    return not SERVING and not flag_off and project.holder and wire.env_allows()
 
 
 # ------------------------------------------------------------------ client side
 
-def _ask(path: Path, request: dict, timeout: float | None) -> dict:
-    _check_private(path.parent, stat.S_ISDIR, "directory")
-    _check_private(path, stat.S_ISSOCK, "socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        _send(sock, request)
-        return _recv(sock)
-
-
 def forward(root: str | os.PathLike, targets: Targets, argv: list[str]) -> Answer | None:
-    """Run ``argv`` (a whole ``syncagent`` command line) in the holder of its target(s).
+    """Run ``argv`` (a whole ``syncagent`` command line) in the holder of its target(s), and
+    remember the way for the next time (``wire.run``).
 
     Returns:
-        the command's output and exit code; None when no holder answered in full (none runs,
-        it died, the socket is not this user's alone): the caller runs the command directly.
+        the command's output and exit code; None when no holder answered in full: the
+        caller runs the command directly.
     """
     try:
         path = socket_path(root, targets)
-        if not path.exists():
-            return None
-        reply = _ask(path, {"op": "run", "argv": list(argv), "cwd": os.getcwd(),
-                            "env": dict(os.environ)}, timeout=None)
-        if reply.get("decline"):  # a watch that cannot answer this one
-            return None
-        return Answer(int(reply["code"]), str(reply["out"]), str(reply["err"]))
-    except (OSError, ValueError, KeyError, TypeError, UnsafeDir, struct.error):
+    except (OSError, UnsafeDir):
         return None
-    except KeyboardInterrupt:  # this process stops waiting; the holder's command goes on
-        return Answer(130, "", "syncagent: interrupted; the holder runs the command to its end "
-                               "(`syncagent status` shows the result)\n")
+    return wire.run(str(path), argv) if path.exists() else None
 
 
 def ping(root: str | os.PathLike, targets: Targets, timeout: float = 2.0) -> dict | None:
     """{"pid", "served", "connected"} of the holder of ``targets``, or None when none answers
     ("connected": it holds a session for each of them)."""
     try:
-        return _ask(socket_path(root, targets), {"op": "ping"}, timeout)
+        return wire.ask(str(socket_path(root, targets)), {"op": "ping"}, timeout)
     except (OSError, ValueError, UnsafeDir, struct.error):
         return None
 
@@ -336,8 +265,9 @@ def _held_session_class():
     return HeldSession
 
 
-def _run(request: dict, held: _Held, warm) -> dict:
-    """One client's command, run here exactly as the client would have run it."""
+def _run(request: dict, held: _Held, warm, path: Path) -> dict:
+    """One client's command, run here exactly as the client would have run it (``path``:
+    this holder's socket; a routed command is run only if it is the one its argv leads to)."""
     from .cli import main
 
     argv = [str(a) for a in request["argv"]]
@@ -349,6 +279,8 @@ def _run(request: dict, held: _Held, warm) -> dict:
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in request["env"].items()})
         os.chdir(request["cwd"])
+        if request.get("routed") and not _leads_here(argv, path):
+            return {"decline": True}
         with redirect_stdout(out), redirect_stderr(err):
             code = main(argv)
     finally:
@@ -358,7 +290,18 @@ def _run(request: dict, held: _Held, warm) -> dict:
     if code != 0:  # after a failure, start the next command on a new connection
         held.drop()
         warm.forget()
-    return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue(), "routable": True}
+
+
+def _leads_here(argv: list[str], path: Path) -> bool:
+    """``argv``, read here (the client's directory and environment) as the client's long way
+    reads it, names this holder's project and targets, with the holder wanted, and this code
+    (the socket's name says both)."""
+    from .entry import resolve
+
+    found = resolve(argv)
+    return (found is not None and found[0].holder
+            and socket_path(found[0].root, found[1]) == path)
 
 
 def _peer_is_me(conn: socket.socket) -> bool:
@@ -421,14 +364,14 @@ def serve(root: str, targets: Targets, idle: float) -> None:
                 try:
                     if not _peer_is_me(conn):
                         continue
-                    request = _recv(conn)
+                    request = recv(conn)
                     if request.get("op") == "ping":
-                        _send(conn, {"pid": os.getpid(), "served": served,
+                        send(conn, {"pid": os.getpid(), "served": served,
                                      "connected": held.connected})
                     elif request.get("op") == "run":
-                        answer = _run(request, held, warm)
-                        served += 1
-                        _send(conn, answer)
+                        answer = _run(request, held, warm, path)
+                        served += not answer.get("decline")
+                        send(conn, answer)
                 except (OSError, ValueError, KeyError, struct.error) as e:
                     print(f"holder: client dropped: {e}", file=sys.stderr, flush=True)
                 except Exception as e:  # no answer: the client runs the command itself
@@ -481,8 +424,8 @@ def serve_watch(project: Project, target: Target, flush, options, stop) -> bool:
                     conn.settimeout(None)
                     try:
                         if _peer_is_me(conn):
-                            request = _recv(conn)
-                            _send(conn, {"pid": os.getpid(), "served": 0, "connected": True}
+                            request = recv(conn)
+                            send(conn, {"pid": os.getpid(), "served": 0, "connected": True}
                                   if request.get("op") == "ping" else
                                   _flush_answer(request, flush, options))
                     except (OSError, ValueError, KeyError, struct.error):
@@ -503,6 +446,8 @@ def _flush_answer(request: dict, flush, options) -> dict:
     from .errors import SyncAgentError
 
     argv = [str(a) for a in request["argv"]]
+    if request.get("routed"):  # routes are a holder's (its answers say "routable")
+        return {"decline": True}
     try:
         params = push_cmd.make_context("push", argv[1:], resilient_parsing=True).params
     except Exception:

@@ -327,16 +327,23 @@ def test_a_gitignore_added_while_the_holder_runs_is_honoured(capsys, proj):
 
 
 ENTRY = ("import sys; from syncagent.entry import main; code = main(); "
-         "sys.stderr.write('CLICK %s' % ('click' in sys.modules)); sys.exit(code)")
+         "sys.stderr.write('LOADED ' + ' '.join(sys.modules)); sys.exit(code)")
+
+
+def entry_loads(root, *args) -> tuple[int, str, str, set[str]]:
+    """The console entry point in its own process, in ``root``: (code, out, err, the modules
+    it loaded)."""
+    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
+    done = subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, text=True,
+                          capture_output=True, cwd=root, timeout=120)
+    err, _, loaded = done.stderr.rpartition("LOADED ")
+    return done.returncode, done.stdout, err, set(loaded.split())
 
 
 def entry(root, *args) -> tuple[int, str, str, bool]:
     """The console entry point in its own process: (code, out, err, whether click loaded)."""
-    env = {k: v for k, v in os.environ.items() if k != "SYNCAGENT_HOLDER"}
-    done = subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, text=True,
-                          capture_output=True, cwd=root, timeout=120)
-    err, _, loaded = done.stderr.rpartition("CLICK ")
-    return done.returncode, done.stdout, err, loaded == "True"
+    code, out, err, loaded = entry_loads(root, *args)
+    return code, out, err, "click" in loaded
 
 
 def test_the_entry_point_hands_a_held_command_over_before_importing_the_cli(capsys, proj):
@@ -360,6 +367,54 @@ def test_the_entry_point_hands_a_held_command_over_before_importing_the_cli(caps
     assert code != 0 and click_loaded and "nosuch" in err  # the CLI's own error
     code, out, err, click_loaded = entry(root, "push", "t", "--remote-path", "", "--json")
     assert code == 2 and click_loaded and "must not be empty" in err
+
+
+def test_a_route_reaches_the_holder_without_the_config_and_never_leads_astray(capsys, proj):
+    """A command line run again in the same directory finds its holder by a route: no config
+    read, no dataclasses. The holder checks the route the long way, so a route
+    made stale (the target moved, holders turned off, the holder gone) costs one look and
+    leads nowhere wrong."""
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    warm(root)
+    args = ("push", "t", "--no-restart", "--json")
+    routes = set(holder.runtime_dir().glob("route-*"))
+    code, _, err, loaded = entry_loads(root, *args)  # the long way, which leaves the route
+    assert code == 0 and "syncagent.config" in loaded, err
+    assert len(set(holder.runtime_dir().glob("route-*")) - routes) == 1
+    (root / "m04.py").write_text("x = 'routed'\n")
+    before = served(root)
+    code, out, err, loaded = entry_loads(root, *args)
+    assert code == 0 and json.loads(out)["files_sent"] == 1, err
+    # (pathlib is not in the list: the editable install's import finder loads it here)
+    assert not loaded & {"click", "syncagent.config", "syncagent.holder", "tomllib",
+                         "dataclasses"}, sorted(loaded)
+    assert served(root) == before + 1 and view(remote) == view(root)
+    # the target moves: its old holder declines the route; the command pushes to the new place
+    old = target_of(root)
+    moved = remote.parent / f"{remote.name}-moved"
+    text = (root / "syncagent.toml").read_text()
+    (root / "syncagent.toml").write_text(text.replace(str(remote), str(moved)))
+    code, out, err, loaded = entry_loads(root, *args)
+    assert code == 0 and json.loads(out)["remote_root"] == str(moved), err
+    assert view(moved) == view(root)
+    assert holder.ping(root, old)["served"] == before + 1  # declined: not run there
+    warm(root)  # the new target's holder, left by that direct run
+    assert entry_loads(root, *args)[0] == 0  # the long way again: a new route
+    code, _, err, loaded = entry_loads(root, *args)
+    assert code == 0 and "syncagent.config" not in loaded, err
+    assert served(root) == 2
+    # holders turned off in the config: the route's holder declines, the command runs here
+    (root / "syncagent.toml").write_text("holder = false\n" + text.replace(str(remote),
+                                                                            str(moved)))
+    code, _, err, loaded = entry_loads(root, *args)
+    assert code == 0 and "click" in loaded and served(root) == 2, err
+    # the holder gone: the route leads nowhere, and is forgotten
+    (root / "syncagent.toml").write_text(text.replace(str(remote), str(moved)))
+    os.kill(holder.ping(root, target_of(root))["pid"], signal.SIGKILL)
+    code, _, err, loaded = entry_loads(root, *args)
+    assert code == 0 and "click" in loaded, err
+    assert view(moved) == view(root)
 
 
 def test_the_entry_point_knows_every_option_of_the_held_commands():
