@@ -109,6 +109,8 @@ class Entry(bytes):
         else:  # not one of ours (a peer's or a test's): kept as text
             form, tail = 2, digest.encode("utf-8", "surrogateescape")
         n = len(tail)
+        if form and hashed_ns - max(mtime_ns, ctime_ns) >= RACY_NS:
+            form |= _SETTLED
         if link is not None:
             form |= _HAS_LINK
             tail += link.encode("utf-8", "surrogateescape")
@@ -143,11 +145,10 @@ class Entry(bytes):
     def vouches(self, st):
         """True if this record's digest holds for a file with stat ``st``: the quick check
         (size, mtime, ctime, inode) passes, and the digest was not taken racily close to the
-        file's last change (a write later in the same timestamp tick would go unseen)."""
-        (_k, form, _m, _n, size, mtime, ctime, ino, hashed) = _HEAD.unpack_from(self)
-        return (form & 3 and size == st.st_size and mtime == st.st_mtime_ns
-                and ctime == st.st_ctime_ns and ino == st.st_ino
-                and hashed - max(mtime, ctime) >= RACY_NS)
+        file's last change (a write later in the same timestamp tick would go unseen; the
+        record knows that from its making: _SETTLED)."""
+        return self[1] & _SETTLED and self[6:38] == _STAT.pack(st.st_size, st.st_mtime_ns,
+                                                               st.st_ctime_ns, st.st_ino)
 
     def with_mode(self, mode):
         """The same record with another mode."""
@@ -165,12 +166,14 @@ class Entry(bytes):
 
 
 # kind, form (digest: 0 none, 1 20 raw bytes of a 40-hex digest, 2 text; | 4 if a link target
-# follows the digest), mode + 1 (-1: not known yet), digest length, size, mtime_ns, ctime_ns,
+# follows the digest; | 8 if the digest was taken RACY_NS or more after the file's last
+# change, so that it vouches for the file while its stat stays the same), mode + 1 (-1: not known yet), digest length, size, mtime_ns, ctime_ns,
 # inode, hashed_ns; then the digest, then a link's target
 _HEAD = struct.Struct("<BBHHqqqQq")
 _MODE, _DLEN, _I64, _U64 = (struct.Struct("<H"), struct.Struct("<H"), struct.Struct("<q"),
                             struct.Struct("<Q"))
-_HAS_LINK = 4
+_STAT = struct.Struct("<qqqQ")  # size, mtime_ns, ctime_ns, inode: bytes 6 to 38 of a record
+_HAS_LINK, _SETTLED = 4, 8
 _KIND_CODE = {"f": 1, "d": 2, "l": 3}
 _KIND_NAME = {v: k for k, v in _KIND_CODE.items()}
 _HEX40 = re.compile(r"[0-9a-f]{40}\Z")
@@ -278,6 +281,7 @@ def is_protected(path, extra=None):
 
 
 _KEEP, _SKIP, _HOLD = 0, 1, 2  # scanning verdicts: kept, excluded, protected (reported)
+_IFMT = 0o170000  # the file type bits of st_mode (stat.S_IFMT as a mask)
 
 
 def _held(rules, rel, name, is_dir, held):
@@ -514,10 +518,12 @@ def scan(root, rules, cache=None, problems=None, start="", held=None, temps=None
     held = [] if held is None else held
     temps = [] if temps is None else temps
     seen = set()
+    kept = rules.seen or {}  # verdicts worked out before: a file kept before is kept
     stack = [start]
     while stack:
         rel_dir = stack.pop()
         full_dir = os.path.join(root, rel_dir) if rel_dir else root
+        prefix = rel_dir + "/" if rel_dir else ""
         try:
             entries = list(os.scandir(full_dir))
         except FileNotFoundError:
@@ -527,7 +533,7 @@ def scan(root, rules, cache=None, problems=None, start="", held=None, temps=None
             continue
         for de in entries:
             name = de.name
-            rel = rel_dir + "/" + name if rel_dir else name
+            rel = prefix + name
             if name.startswith(TEMP_PREFIX):
                 temps.append(de.path)
                 continue
@@ -538,22 +544,11 @@ def scan(root, rules, cache=None, problems=None, start="", held=None, temps=None
             except OSError as e:
                 problems.append((rel, e.strerror))
                 continue
-            mode = st.st_mode & 0o777
-            if stat.S_ISDIR(st.st_mode):
-                if _held(rules, rel, name, True, held):
+            kind = st.st_mode & _IFMT
+            if kind == stat.S_IFREG:  # the common case first
+                if kept.get(rel) != _KEEP and _held(rules, rel, name, False, held):
                     continue
-                out[rel] = Entry("d", 0, 0, mode)
-                stack.append(rel)
-            elif stat.S_ISLNK(st.st_mode):
-                if _held(rules, rel, name, False, held):
-                    continue
-                try:
-                    out[rel] = Entry("l", 0, 0, 0, None, os.readlink(de.path))
-                except OSError:
-                    continue
-            elif stat.S_ISREG(st.st_mode):
-                if _held(rules, rel, name, False, held):
-                    continue
+                mode = st.st_mode & 0o777
                 rec = cache.get(rel)
                 if rec is None or not rec.vouches(st):
                     rec = _hash(de.path, rel, st, mode, cache, problems)
@@ -563,6 +558,18 @@ def scan(root, rules, cache=None, problems=None, start="", held=None, temps=None
                     rec = cache[rel] = rec.with_mode(mode)
                 seen.add(rel)
                 out[rel] = rec
+            elif kind == stat.S_IFDIR:
+                if _held(rules, rel, name, True, held):
+                    continue
+                out[rel] = Entry("d", 0, 0, st.st_mode & 0o777)
+                stack.append(rel)
+            elif kind == stat.S_IFLNK:
+                if _held(rules, rel, name, False, held):
+                    continue
+                try:
+                    out[rel] = Entry("l", 0, 0, 0, None, os.readlink(de.path))
+                except OSError:
+                    continue
             # sockets, fifos and devices are not code: skipped silently
     if not start and len(seen) != len(cache):
         for gone in set(cache) - seen:
@@ -767,9 +774,10 @@ def manifest_delta(old, new):
 
 
 def _same_on_wire(a, b):
-    """Kind, digest form and mode (the first four bytes), digest and link target (the tail):
-    what ``to_wire`` sends of a record."""
-    return a[:4] == b[:4] and a[_HEAD.size:] == b[_HEAD.size:]
+    """Kind, digest form (not whether it is settled) and mode (the first four bytes), digest
+    and link target (the tail): what ``to_wire`` sends of a record."""
+    return (a[0] == b[0] and a[1] & ~_SETTLED == b[1] & ~_SETTLED and a[2:4] == b[2:4]
+            and a[_HEAD.size:] == b[_HEAD.size:])
 
 
 def batch_claims(base, batch):

@@ -37,6 +37,29 @@ def test_entry_keeps_every_field(kind, size, mtime, mode, digest, link, ctime, i
     assert Entry(kind, size, mtime, mode, digest, link, ctime, ino, hashed) == e
 
 
+small = st.integers(0, 5)  # a few values, so that stats often match the record
+
+
+@given(fields=st.tuples(small, small, small, small), seen=st.tuples(small, small, small, small),
+       digest=st.none() | hex40, racy=st.booleans(), mode=st.integers(0, 0o777))
+def test_a_record_vouches_exactly_when_its_stat_matches_and_it_was_not_racy(
+        fields, seen, digest, racy, mode):
+    """The settled flag is worked out once, at the record's making: the same answer as the
+    whole rule (a digest, the four stat fields equal, hashed RACY_NS after the last change)."""
+    size, mtime, ctime, ino = fields
+    hashed = max(mtime, ctime) + agent.RACY_NS - (1 if racy else 0)
+    e = Entry("f", size, mtime, mode, digest, None, ctime, ino, hashed)
+    stat_ = type("St", (), {"st_size": seen[0], "st_mtime_ns": seen[1], "st_ctime_ns": seen[2],
+                            "st_ino": seen[3]})()
+    expected = bool(digest) and not racy and seen == fields
+    assert bool(e.vouches(stat_)) is expected
+    assert bool(e.with_mode(0o600).vouches(stat_)) is expected
+    row = agent._cache_row(e)
+    again = Entry("f", row[0], row[1], mode, row[4], None, row[2], row[3], row[5]) if row else None
+    assert (row is not None) is (bool(digest) and not racy)
+    assert again is None or again == e
+
+
 def test_a_file_record_is_small():
     """What a 100,000-file watch holds per file and manifest: was a tuple, two ints and a
     40-char str (~320 bytes) plus a cache row of a list, five ints and the str again."""
