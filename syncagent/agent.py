@@ -167,8 +167,9 @@ class Entry(bytes):
 
 # kind, form (digest: 0 none, 1 20 raw bytes of a 40-hex digest, 2 text; | 4 if a link target
 # follows the digest; | 8 if the digest was taken RACY_NS or more after the file's last
-# change, so that it vouches for the file while its stat stays the same), mode + 1 (-1: not known yet), digest length, size, mtime_ns, ctime_ns,
-# inode, hashed_ns; then the digest, then a link's target
+# change, so that it vouches for the file while its stat stays the same), mode + 1 (-1: not
+# known yet), digest length, size, mtime_ns, ctime_ns, inode, hashed_ns; then the digest,
+# then a link's target
 _HEAD = struct.Struct("<BBHHqqqQq")
 _MODE, _DLEN, _I64, _U64 = (struct.Struct("<H"), struct.Struct("<H"), struct.Struct("<q"),
                             struct.Struct("<Q"))

@@ -6,7 +6,6 @@ project config, then the environment fallbacks of sync-to-remote.sh, then the de
 
 from __future__ import annotations
 
-import difflib
 import os
 import posixpath
 import re
@@ -19,7 +18,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from . import wire
 from .errors import ConfigError, SafetyError, TargetError
 
 __all__ = [
@@ -93,7 +91,9 @@ def user_config_dir() -> Path:
 
 
 def user_state_dir() -> Path:
-    return Path(wire.user_state_dir())
+    from .wire import user_state_dir as state_dir  # the holder's client reads it without us
+
+    return Path(state_dir())
 
 
 def find_root(start: str | os.PathLike | None = None, explicit: str | None = None) -> Path:
@@ -296,6 +296,8 @@ def unknown_name_hint(spec: str, project: Project) -> str | None:
         return None
     own = [n for n in names if n in project.project_targets]
     users = [n for n in names if n not in project.project_targets]
+    import difflib  # only for a name that is not known
+
     close = difflib.get_close_matches(spec, own + users, n=1)
     guess = f"did you mean '{close[0]}'? " if close else ""
     listed = [f"configured: {', '.join(own)}" if own else "",
