@@ -653,6 +653,29 @@ def _hash(path, rel, st, mode, cache, problems):
     return rec
 
 
+def _staging(temp):
+    """A temp file or directory that another agent, still running, is staging: a ``push``
+    beside a ``watch`` of the same root runs two agents there, and one's walk must not sweep
+    the other's batch away. Its name carries the agent's pid (``.~sa.<pid>.<n>``,
+    ``.~sa.<pid>.d<n>``, ``.~sa.link.<pid>``, ``.~sa.chmod.<pid>``)."""
+    fields = temp[len(TEMP_PREFIX):].split(".")
+    if fields[0] in ("link", "chmod"):
+        fields = fields[1:]
+    try:
+        pid = int(fields[0], 16)
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        pass
+    return True
+
+
 def scan_root(root, wire_rules, protect=(), memory=None):
     """The agent's manifest request: scan with the persistent digest cache.
 
@@ -674,6 +697,8 @@ def scan_root(root, wire_rules, protect=(), memory=None):
     else:
         _UNSAVED.add(root)  # saved once the answer is sent
     for path in temps:  # left by a batch that was killed (never visible in a manifest)
+        if _staging(os.path.basename(path)):
+            continue
         try:
             os.unlink(path)
         except IsADirectoryError:  # a new directory it was filling (see _Dirs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -124,14 +125,28 @@ def test_a_noop_manifest_does_not_rewrite_the_cache(tmp_path):
 
 
 def test_the_manifest_request_sweeps_temp_files_in_the_same_walk(tmp_path):
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "a.py").write_text("a")
-    (tmp_path / "d" / (agent.TEMP_PREFIX + "1.2")).write_text("half")
-    (tmp_path / (agent.TEMP_PREFIX + "link.3")).symlink_to("nowhere")
-    entries, _, _ = agent.scan_root(str(tmp_path), build_rules([]).to_wire())
-    assert set(entries) == {"d", "d/a.py"}
-    assert sorted(os.listdir(tmp_path / "d")) == ["a.py"]
-    assert not os.path.lexists(tmp_path / (agent.TEMP_PREFIX + "link.3"))
+    """... those of agents that are gone, and its own; another agent's, still running (a push
+    beside a watch of the same root), are its batch in flight."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "a.py").write_text("a")
+        for name in [f"{gone.pid:x}.2", f"{os.getpid():x}.3", f"link.{gone.pid:x}", "odd",
+                     f"{running.pid:x}.4", f"{running.pid:x}.d0", f"chmod.{running.pid:x}"]:
+            (tmp_path / "d" / (agent.TEMP_PREFIX + name)).write_text("half")
+        (tmp_path / (agent.TEMP_PREFIX + f"link.{gone.pid:x}")).symlink_to("nowhere")
+        entries, _, _ = agent.scan_root(str(tmp_path), build_rules([]).to_wire())
+        assert set(entries) == {"d", "d/a.py"}
+        assert sorted(os.listdir(tmp_path / "d")) == sorted(
+            ["a.py"] + [agent.TEMP_PREFIX + n for n in [f"{running.pid:x}.4",
+                                                       f"{running.pid:x}.d0",
+                                                       f"chmod.{running.pid:x}"]])
+        assert not os.path.lexists(tmp_path / (agent.TEMP_PREFIX + f"link.{gone.pid:x}"))
+    finally:
+        running.kill()
+        running.wait()
 
 
 # ------------------------------------------------------------------ the rules' quick reject
