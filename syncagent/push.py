@@ -96,6 +96,8 @@ class Warm:
         self._rules: tuple | None = None  # (config patterns, Rules, stamps, when found)
         self._plan: tuple | None = None  # (local, remote, keep, the plan for them)
         self._next: tuple | None = None  # (local, remote, keep) after the last batch
+        self._claims: dict[tuple[str, str], tuple] = {}  # key -> (batch, local, keep) owed
+        self._claims_lock = threading.Lock()
 
     @classmethod
     def for_command(cls, root: str) -> "Warm":
@@ -127,11 +129,13 @@ class Warm:
         return rules
 
     def known(self, target: Target) -> tuple[str, dict[str, Entry]] | None:
+        self._take_claims()
         return self.remote.get((target.name, target.remote_path or ""))
 
     def remember(self, target: Target, tree: RemoteTree) -> None:
         """Keep ``tree`` as the agent sent it (a copy: the command changes its own)."""
         key = (target.name, target.remote_path or "")
+        self._claims.pop(key, None)  # what it claimed is in the tree now, or not: it says
         if tree.token:
             self.remote[key] = (tree.token, dict(tree.entries))
         else:
@@ -139,21 +143,31 @@ class Warm:
 
     def claim(self, target: Target, batch: dict, local: dict[str, Entry],
               keep: list[str]) -> None:
-        """After a batch: the kept remote manifest as the batch says the tree now is
-        (``agent.batch_claims``; the agent did the same with its copy, so the next request
-        carries only what the batch did not do as it says). ``local``, ``keep``: what the
-        batch was planned from (see ``prepare``)."""
+        """After a batch: the kept remote manifest is to become what the batch says the tree
+        now is (``agent.batch_claims``; the agent did the same with its copy, so the next
+        request carries only what the batch did not do as it says). ``local``, ``keep``: what
+        the batch was planned from (see ``prepare``). Taken in when the manifest is next
+        asked for (``known``) or after the answer (``prepare``): off the command's clock
+        (20,000 claims of an initial push took 0.05 s)."""
         key = (target.name, target.remote_path or "")
-        kept = self.remote.get(key)
-        if kept is not None:
-            claimed = agent.batch_claims(kept[1], batch)
-            self.remote[key] = (kept[0], claimed)
-            self._next = (local, claimed, list(keep)) if self.keep else None
+        if key in self.remote:
+            self._claims[key] = (batch, local, list(keep))
+
+    def _take_claims(self) -> None:
+        with self._claims_lock:
+            while self._claims:
+                key, (batch, local, keep) = self._claims.popitem()
+                kept = self.remote.get(key)
+                if kept is not None:
+                    claimed = agent.batch_claims(kept[1], batch)
+                    self.remote[key] = (kept[0], claimed)
+                    self._next = (local, claimed, keep) if self.keep else None
 
     def prepare(self) -> None:
         """Off the clock (a holder, after its answer): plan for the trees as the last batch
         left them, so that the next command, when neither side changed since, finds that
         plan in the memo (its own call to ``plan`` compares the manifests)."""
+        self._take_claims()
         if self._next is not None:
             local, remote, keep = self._next
             self._next = None
@@ -534,13 +548,14 @@ class Syncer:
         owes = self.restart_decision(result, owed=False)
         t0 = time.perf_counter()
         self.sending = True
+        batch = p.to_wire(rev, len(self.local))
         out = self.session.apply(self.target.remote_path, self.root, p, rev, len(self.local),
                                  report, self.rules.protect_wire(),
-                                 restart=owes.why if owes.restart else None, local=self.local)
+                                 restart=owes.why if owes.restart else None, local=self.local,
+                                 batch=batch)
         self.sending, self.owes = False, owes.restart
         if self.warm is not None:  # as the agent did with the manifest it sent
-            self.warm.claim(self.target, p.to_wire(rev, len(self.local)), self.local,
-                            self._keep)
+            self.warm.claim(self.target, batch, self.local, self._keep)
         result.durations["transfer"] = time.perf_counter() - t0
         self.remote = apply_plan(self.remote, p, self.local)
         self.revision = rev

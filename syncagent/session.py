@@ -395,7 +395,8 @@ class Session:
 
     def apply(self, root: str, local_root: str, p: Plan, revision: str, files: int,
               progress: Progress | None = None, protect: list | None = None,
-              restart: str | None = None, local: dict[str, Entry] | None = None) -> dict:
+              restart: str | None = None, local: dict[str, Entry] | None = None,
+              batch: dict | None = None) -> dict:
         """Send one batch and its file data in one stream; one round trip whatever its size.
 
         Returns the agent's result plus ``changed``: paths whose content changed while being
@@ -404,9 +405,10 @@ class Session:
         ``restart``: why the batch restarts the worker, if it does: the agent keeps it on
         record with the commit until a restart runs (``agent.restart_owed``).
         ``local``: the local manifest the plan was made from; a file whose record there
-        vouches for it (see ``_stream_file``) is not hashed again by the agent.
+        vouches for it (see ``_stream_file``) is not hashed again by the agent. ``batch``:
+        ``p.to_wire(revision, files)``, when the caller has made it already.
         """
-        batch = p.to_wire(revision, files)
+        batch = dict(batch or p.to_wire(revision, files))
         if restart:
             batch["restart"] = restart
         self._send({"op": "apply", "root": root, "batch": batch, "protect": protect or []})
