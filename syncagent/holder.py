@@ -64,7 +64,6 @@ def runtime_dir() -> Path:
     return Path(wire.runtime_dir())
 
 
-
 def _code_stamp() -> list:
     """The installed command code: a holder started before it changed never serves."""
     here = Path(__file__).parent

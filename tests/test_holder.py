@@ -474,16 +474,22 @@ def staging(remote) -> bool:
     return any(p.name.startswith(agent.TEMP_PREFIX) for p in remote.iterdir())
 
 
+def sending_directly(capsys, root, remote) -> subprocess.Popen:
+    """A direct push of 256 MB more, in its own process, once it is staging files."""
+    assert push(capsys, root, "--no-holder")[0] == 0
+    for i in range(4):
+        (root / f"big{i}.bin").write_bytes(os.urandom(64 << 20))
+    c = client(root, "--no-holder")
+    wait_until(lambda: staging(remote), 60, "the push to be sending")
+    return c
+
+
 def test_a_command_beside_a_transfer_leaves_its_staged_files_alone(capsys, proj):
     """Two agents on one root (a `push` beside a `watch`, or beside another push): the walk of
     the second sweeps the temp files of agents that are gone, never those of the batch in
     flight, which then commits."""
     root, remote = proj
-    assert push(capsys, root, "--no-holder")[0] == 0
-    for i in range(4):
-        (root / f"big{i}.bin").write_bytes(os.urandom(64 << 20))
-    c = client(root, "--no-holder")
-    wait_until(lambda: staging(remote), 60, "the first push to be sending")
+    c = sending_directly(capsys, root, remote)
     code, out, err = push(capsys, root, "--no-holder", "--dry-run")  # a second agent walks
     assert code == 0, err
     assert staging(remote), "the transfer ended before the second walk: nothing was tested"
@@ -497,11 +503,7 @@ def test_ctrl_c_mid_transfer_says_nothing_was_committed(capsys, proj):
     """A direct push interrupted while sending: the connection is cut at once (the batch
     does not go on to commit behind an "aborted"), and the message says what stands."""
     root, remote = proj
-    assert push(capsys, root, "--no-holder")[0] == 0
-    for i in range(4):
-        (root / f"big{i}.bin").write_bytes(os.urandom(64 << 20))
-    c = client(root, "--no-holder")
-    wait_until(lambda: staging(remote), 60, "the push to be sending")
+    c = sending_directly(capsys, root, remote)
     c.send_signal(signal.SIGINT)
     _, err = c.communicate(timeout=60)
     assert c.returncode == 130, err
