@@ -382,6 +382,7 @@ def serve(root: str, targets: Targets, idle: float) -> None:
     finally:
         if path.exists() and os.stat(path).st_ino == inode:  # not a successor's
             path.unlink()
+            wire.forget_routes_to(str(path))
         sock.close()
         Session.provider = None
         Warm.held = None

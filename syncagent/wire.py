@@ -192,3 +192,21 @@ def forget_route(argv: list[str]) -> None:
         os.unlink(_route_file(argv))
     except (OSError, UnsafeDir):
         pass
+
+
+def forget_routes_to(path: str) -> None:
+    """Remove every route to the socket at ``path`` (its holder is exiting)."""
+    try:
+        d = runtime_dir()
+        names = [n for n in os.listdir(d) if n.startswith("route-")]
+    except (OSError, UnsafeDir):
+        return
+    for name in names:
+        route = os.path.join(d, name)
+        try:
+            fd = os.open(route, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                if f.read(4096).decode("utf-8", "surrogateescape") == path:
+                    os.unlink(route)
+        except OSError:
+            continue

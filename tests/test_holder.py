@@ -617,14 +617,21 @@ def test_socket_and_directory_are_private(capsys, proj):
 
 
 def test_idle_holder_exits(capsys, proj):
+    """... and takes the routes to it along (a route is written by the command it answers)."""
     root, _ = proj
-    text = (root / "syncagent.toml").read_text().replace("holder_idle = 60", "holder_idle = 1")
+    text = (root / "syncagent.toml").read_text().replace("holder_idle = 60", "holder_idle = 2")
     (root / "syncagent.toml").write_text(text)
     assert push(capsys, root)[0] == 0
     info = warm(root)
     sock = holder.socket_path(root, target_of(root))
+    assert push(capsys, root)[0] == 0 and served(root) == 1
+
+    def routes_to_it() -> int:
+        return sum(1 for r in holder.runtime_dir().glob("route-*") if r.read_text() == str(sock))
+
+    assert routes_to_it() == 1
     wait_until(lambda: not pid_running(info["pid"]), 30, "the idle holder to exit")
-    assert not sock.exists()
+    assert not sock.exists() and routes_to_it() == 0
 
 
 def test_off_by_flag_setting_or_environment(capsys, proj, monkeypatch):
