@@ -23,12 +23,10 @@ import stat
 import struct
 
 MAX_MESSAGE = 64 << 20
+OFF = ("0", "false", "no", "off")  # values of SYNCAGENT_HOLDER that turn holders off
 # The environment a target's resolution reads (config.resolve_target, user_config_dir...).
 ROUTE_ENV = ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "REMOTE_HOST", "REMOTE_USER",
              "REMOTE_PORT", "REMOTE_PATH")
-
-
-OFF = ("0", "false", "no", "off")
 
 
 class UnsafeDir(Exception):
