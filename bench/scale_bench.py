@@ -4,7 +4,8 @@ Measures, against a local sandbox (real sshd on 127.0.0.1):
   * push, initial and no-op: wall time and peak RSS of the syncagent process (the one-shot
     command: SYNCAGENT_HOLDER=0);
   * watch: time from start to the first "synced" event, RSS after it, idle CPU over 10 s
-    (utime+stime from /proc/<pid>/stat), and the inotify watches it holds.
+    (utime+stime from /proc/<pid>/stat), and the inotify watches it holds; then 5 saves of
+    one file, each timed from the write to its "synced" event, and the RSS after them.
 Targets (issue): watcher start <= 10 s, RSS <= 150 MB, idle CPU ~0.
 
 Usage: python bench/scale_bench.py [--files 100000] [--per-dir 100] [--dir /dev/shm]
@@ -211,7 +212,18 @@ def timed_push(argv: list[str], env: dict) -> dict:
             "files_sent": out["files_sent"], "durations": out["durations"]}
 
 
-def watch_figures(argv: list[str], env: dict, idle: float) -> dict:
+def next_synced(proc: subprocess.Popen) -> dict:
+    """The watch's next "synced" event (its JSON lines, read in order)."""
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"watch exited: rc {proc.wait()}")
+        event = json.loads(line)
+        if event["event"] == "synced":
+            return event
+
+
+def watch_figures(argv: list[str], env: dict, idle: float, edit: Path | None = None) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([SYNCAGENT, "watch", *argv, "--json", "--no-restart"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -233,11 +245,21 @@ def watch_figures(argv: list[str], env: dict, idle: float) -> dict:
         c0, w0 = cpu_s(proc.pid), time.perf_counter()
         time.sleep(idle)  # a measurement window, not synchronisation
         cpu = (cpu_s(proc.pid) - c0) / (time.perf_counter() - w0)
-        return {"first_synced_s": round(start, 2), "rss_mb": round(rss, 1),
-                "rss_after_idle_mb": round(rss_mb(proc.pid), 1),
-                "idle_cpu_percent": round(cpu * 100, 2), "inotify_watches": watches,
-                "events_s": events, "files_sent": event.get("files_sent"),
-                "dev_at_first_sync": dev, "initial_sync": event.get("durations")}
+        figures = {"first_synced_s": round(start, 2), "rss_mb": round(rss, 1),
+                   "rss_after_idle_mb": round(rss_mb(proc.pid), 1),
+                   "idle_cpu_percent": round(cpu * 100, 2), "inotify_watches": watches,
+                   "events_s": events, "files_sent": event.get("files_sent"),
+                   "dev_at_first_sync": dev, "initial_sync": event.get("durations")}
+        if edit is not None:  # a save: write to its "synced" event, the batch's own stages
+            saves, stages = [], []
+            for i in range(5):
+                t0 = time.perf_counter()
+                edit.write_text(f"VALUE = 'save {i}'\n")
+                stages.append(next_synced(proc).get("durations"))
+                saves.append(round(time.perf_counter() - t0, 3))
+            figures.update(save_to_synced_s=saves, save_stages=stages,
+                           rss_after_saves_mb=round(rss_mb(proc.pid), 1))
+        return figures
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -308,7 +330,7 @@ def main() -> int:
                 f.update(timed_push(argv, env))
             results["push_noop"] = f
             with phase("watch") as f:
-                f.update(watch_figures(argv, env, args.idle))
+                f.update(watch_figures(argv, env, args.idle, edit=root / "pkg0" / "mod0" / "f0.py"))
             results["watch"] = f
             if args.fresh_watch:
                 fresh = ["scale", "--path", str(root),

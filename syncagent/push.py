@@ -22,8 +22,8 @@ from .errors import (Interrupted, MassDeleteError, OperationalError, PathEscapeE
                      SyncAgentError, WorkerStartError)
 from .ignore import Rules, restart_matcher
 from .manifest import Entry, LocalScan, local_rules, scan_local, unchanged
-from .plan import (MASS_DELETE_MIN, Ledger, Plan, Revisions, Verdict, apply_plan,
-                   changed_paths, escaping_links, judge, plan, replan, revision)
+from .plan import (MASS_DELETE_MIN, Ledger, Plan, Revisions, TouchedRevision, Verdict,
+                   apply_plan, changed_paths, escaping_links, judge, plan, replan)
 from .session import RemoteTree, Session
 
 __all__ = ["PushOptions", "PushResult", "FleetResult", "Syncer", "Warm", "push", "push_many"]
@@ -231,6 +231,7 @@ class Syncer:
         self.remote: dict[str, Entry] = {}
         self.remote_root = target.remote_path or ""
         self.local: dict[str, Entry] = {}
+        self._revision = TouchedRevision()  # of self.local, for a watch (no Warm)
         # the local digest cache: one per process, shared by the targets of a fleet
         self.cache = agent.load_digest_cache(self.root) if cache is None else cache
         self.revision: str | None = None
@@ -380,7 +381,9 @@ class Syncer:
         return result
 
     def _local_revision(self) -> str:
-        return revision(self.local) if self.warm is None else self.warm.revision(self.local)
+        if self.warm is None:  # a watch's: its local manifest changes in place, batch by batch
+            return self._revision.of(self.local)
+        return self.warm.revision(self.local)
 
     def scan_all(self) -> LocalScan:
         """The whole local tree (re-hashing only what the digest cache cannot vouch for)."""
@@ -437,10 +440,12 @@ class Syncer:
 
         unreadable = [p for p, _ in problems]
         p = plan(fresh, covered(self.remote), keep=unreadable)
-        for path in covered(self.local):
-            if path not in unreadable:
-                self.local.pop(path, None)
+        gone = [path for path in covered(self.local) if path not in unreadable]
+        for path in gone:
+            self.local.pop(path)
         self.local.update(fresh)
+        self._revision.touched(gone)
+        self._revision.touched(fresh)
         return p
 
     # ---------------------------------------------------------------- applying

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncagent.agent import Entry
-from syncagent.plan import (Chmod, Delete, Ledger, Link, Mkdir, Revisions, Upload, apply_plan,
-                            changed_paths, content_view, escaping_links, judge, plan, replan,
-                            revision)
+from syncagent.plan import (Chmod, Delete, Ledger, Link, Mkdir, Revisions, TouchedRevision,
+                            Upload, apply_plan, changed_paths, content_view, escaping_links,
+                            judge, plan, replan, revision)
 
 
 def F(digest, mode=0o644, size=1, mtime=1):
@@ -146,6 +146,28 @@ def test_an_incremental_revision_is_the_revision_of_each_manifest(sequence):
 @given(manifests(), manifests())
 def test_the_revision_tells_trees_apart_as_the_full_hash_did(a, b):
     assert (revision(a) == revision(b)) == (_old_revision(a) == _old_revision(b))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(manifests(), min_size=1, max_size=5), st.booleans())
+def test_a_revision_of_a_manifest_changed_in_place_is_its_revision(sequence, replace):
+    """A watch's local manifest: one dict, changed path by path, each change said (or, as a
+    full reconcile does, a new dict put in its place)."""
+    kept = TouchedRevision()
+    m = dict(sequence[0])
+    assert kept.of(m) == revision(m)
+    for target in sequence[1:]:
+        if replace:
+            m = dict(target)
+        else:
+            changed = changed_paths(m, target)
+            for path in changed:
+                if path in target:
+                    m[path] = target[path]
+                else:
+                    del m[path]
+            kept.touched(changed)
+        assert kept.of(m) == revision(m) == revision(target)
 
 
 def test_a_revision_changes_when_a_file_moves_to_another_directory():
