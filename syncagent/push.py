@@ -386,9 +386,11 @@ class Syncer:
         return self.warm.revision(self.local)
 
     def scan_all(self) -> LocalScan:
-        """The whole local tree (re-hashing only what the digest cache cannot vouch for)."""
+        """The whole local tree (re-hashing only what the digest cache cannot vouch for). The
+        digest cache is written at once by a one-shot command; a holder writes it after its
+        answer, a watch once the tree has been quiet for a while (``watch``)."""
         return scan_local(self.root, self.rules, self.cache,
-                          save=self.warm is None or not self.warm.keep)
+                          save=self.warm is not None and not self.warm.keep)
 
     # ---------------------------------------------------------------- partial sync
 
@@ -416,8 +418,12 @@ class Syncer:
         result.durations["total"] = time.perf_counter() - t_start
         if result.unsettled and _pass < MAX_PASSES:
             result = _merge(result, self.sync_paths(paths, None, None, _pass + 1, confirmed))
-        agent.save_digest_cache(self.root, self.cache)
         return result
+
+    def save_cache(self) -> None:
+        """Write the digest cache, if it changed since it was read or written (a watch: when
+        its tree has been quiet for a while, not before each batch's answer)."""
+        agent.save_digest_cache(self.root, self.cache)
 
     def note_paths(self, paths: set[str], fresh: dict | None, problems: list) -> Plan:
         """Take what the filesystem holds at ``paths`` into the local manifest; return the
