@@ -183,7 +183,8 @@ class Watcher:
             self._cond.notify_all()
 
     def _seal(self) -> None:
-        """Cut the pending paths into a batch of their own, now (the lock is held)."""
+        """Cut the pending paths into a batch of their own, now (at an edge of git's lock:
+        taken, or let go); ``next_batch`` returns it before anything that came after."""
         if self._pending and self._full_reason is None:
             self._sealed.append(Batch(frozenset(self._pending), False, self._first,
                                       self._git_taken and not self._outside_git))
