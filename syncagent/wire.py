@@ -143,10 +143,20 @@ def run(path: str, argv: list[str], routed: bool = False) -> Answer | None:
 
 # ------------------------------------------------------------------ routes
 
-def _route_file(argv: list[str]) -> str:
+def _route_file(argv: list[str], rundir: str | None = None) -> str:
     key = json.dumps([os.getcwd(), list(argv), [os.environ.get(k) for k in ROUTE_ENV]])
     name = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
-    return os.path.join(runtime_dir(), f"route-{name}")
+    return os.path.join(rundir or runtime_dir(), f"route-{name}")
+
+
+def _read_route(route: str) -> str | None:
+    """The socket path a route file holds (read through no link), or None."""
+    try:
+        fd = os.open(route, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(4096).decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
 
 
 def run_routed(argv: list[str]) -> Answer | None:
@@ -162,14 +172,13 @@ def run_routed(argv: list[str]) -> Answer | None:
 
 
 def routed_socket(argv: list[str]) -> str | None:
-    """The socket a route remembers for ``argv`` here, or None."""
+    """The socket a route remembers for ``argv`` here (in the runtime directory), or None."""
     try:
-        fd = os.open(_route_file(argv), os.O_RDONLY | os.O_NOFOLLOW)
+        rundir = runtime_dir()
     except (OSError, UnsafeDir):
         return None
-    with os.fdopen(fd, "rb") as f:
-        path = f.read(4096).decode("utf-8", "surrogateescape")
-    return path if os.path.dirname(path) == runtime_dir() else None
+    path = _read_route(_route_file(argv, rundir))
+    return path if path is not None and os.path.dirname(path) == rundir else None
 
 
 def remember_route(argv: list[str], path: str) -> None:
@@ -201,10 +210,8 @@ def forget_routes_to(path: str) -> None:
         return
     for name in names:
         route = os.path.join(d, name)
-        try:
-            fd = os.open(route, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                if f.read(4096).decode("utf-8", "surrogateescape") == path:
-                    os.unlink(route)
-        except OSError:
-            continue
+        if _read_route(route) == path:
+            try:
+                os.unlink(route)
+            except OSError:
+                pass
