@@ -112,8 +112,9 @@ def forward(root: str | os.PathLike, targets: Targets, argv: list[str]) -> Answe
 
 
 def ping(root: str | os.PathLike, targets: Targets, timeout: float = 2.0) -> dict | None:
-    """{"pid", "served", "connected"} of the holder of ``targets``, or None when none answers
-    ("connected": it holds a session for each of them)."""
+    """{"pid", "served", "connected", "warm"} of the holder of ``targets``, or None when none
+    answers ("connected": it holds a session for each of them; "warm": and the manifest each
+    one's agent last sent)."""
     try:
         return wire.ask(str(socket_path(root, targets)), {"op": "ping"}, timeout)
     except (OSError, ValueError, UnsafeDir, struct.error):
@@ -347,6 +348,7 @@ def serve(root: str, targets: Targets, idle: float) -> None:
     served = 0
     try:
         held.connect_all()
+        _warm_up(root, held.targets)
         last = time.monotonic()
         while True:
             left = idle - (time.monotonic() - last)
@@ -366,7 +368,8 @@ def serve(root: str, targets: Targets, idle: float) -> None:
                     request = recv(conn)
                     if request.get("op") == "ping":
                         send(conn, {"pid": os.getpid(), "served": served,
-                                     "connected": held.connected})
+                                     "connected": held.connected,
+                                     "warm": all(map(warm.knows, held.targets))})
                     elif request.get("op") == "run":
                         answer = _run(request, held, warm, path)
                         served += not answer.get("decline")
@@ -388,6 +391,26 @@ def serve(root: str, targets: Targets, idle: float) -> None:
         Warm.held = None
         warm.save()
         held.drop()
+
+
+def _warm_up(root: str, targets: list[Target]) -> None:
+    """Before the first command, what it would otherwise find cold: the command code
+    imported, the digest cache read, the tree's rules found, both trees walked and each
+    remote manifest kept. A dry-run push does it all and changes nothing on either side, so
+    the first command a holder answers costs what every later one does. A client that comes
+    meanwhile waits for it, as it would have waited for the same work in its own command."""
+    try:
+        from .cli import main  # noqa: F401  (what ``_run`` imports)
+        from .config import load_project
+        from .push import PushOptions, push_many
+
+        fleet = push_many(load_project(Path(root)), targets,
+                          PushOptions(dry_run=True, restart=False))
+        failed = [f"{name}: {e}" for name, e in fleet.errors.items()]
+    except Exception as e:  # a command says what is wrong on its own
+        failed = [f"{type(e).__name__}: {e}"]
+    for why in failed:
+        print(f"holder: warm-up: {why}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ a watch serves the socket

@@ -128,6 +128,9 @@ class Warm:
             compiled.seen = {}
         return rules
 
+    def knows(self, target: Target) -> bool:
+        return (target.name, target.remote_path or "") in self.remote
+
     def known(self, target: Target) -> tuple[str, dict[str, Entry]] | None:
         self._take_claims()
         return self.remote.get((target.name, target.remote_path or ""))

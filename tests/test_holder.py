@@ -131,6 +131,33 @@ def test_later_commands_go_through_the_holder_and_answer_as_a_direct_run(capsys,
     assert holder.ping(root, target_of(root))["pid"] == first["pid"]  # the same holder
 
 
+def test_a_new_holder_warms_up_with_a_dry_run_that_changes_nothing(capsys, proj):
+    """The holder walks both trees and keeps the remote manifest before its first command
+    (so that command costs what later ones do), and its warm-up sends nothing, deletes
+    nothing and leaves no record: the trees differ in every way until a push is asked for."""
+    root, remote = proj
+    assert push(capsys, root, "--no-holder")[0] == 0
+    (remote / "m01.py").write_text("edited on the remote\n")
+    (remote / "stray.py").write_text("only on the remote\n")
+    for i in range(2, 27):  # more than the mass-delete guard lets a push delete unasked
+        (root / f"m{i:02}.py").unlink()
+    (root / "new.py").write_text("only here\n")
+    before = view(remote)
+    project = load_project(root)
+    assert holder.spawn(project, [target_of(root)]) is None
+    ping = wait_until(lambda: (holder.ping(root, target_of(root)) or {}).get("warm")
+                      and holder.ping(root, target_of(root)), 30, "the holder's warm-up")
+    assert ping["served"] == 0
+    assert view(remote) == before
+    log = holder.socket_path(root, target_of(root)).with_suffix(".log")
+    assert "warm-up" in log.read_text()  # it met the guard, said so, and sent nothing
+    assert push(capsys, root)[0] == 3  # the command meets the guard itself
+    assert view(remote) == before and served(root) == 1
+    code, out, err = push(capsys, root, "--json", "--allow-mass-delete")
+    assert code == 0, err
+    assert json.loads(out)["deleted"] == 26 and view(remote) == view(root)
+
+
 def test_stale_holder_after_the_remote_changed_under_it(capsys, proj):
     root, remote = proj
     assert push(capsys, root)[0] == 0
