@@ -142,6 +142,8 @@ class Entry(bytes):
         start = _HEAD.size + _DLEN.unpack_from(self, 4)[0]
         return bytes(self[start:]).decode("utf-8", "surrogateescape")
 
+    settled = property(lambda self: bool(self[1] & _SETTLED))
+
     def vouches(self, st):
         """True if this record's digest holds for a file with stat ``st``: the quick check
         (size, mtime, ctime, inode) passes, and the digest was not taken racily close to the
@@ -149,6 +151,11 @@ class Entry(bytes):
         record knows that from its making: _SETTLED)."""
         return self[1] & _SETTLED and self[6:38] == _STAT.pack(st.st_size, st.st_mtime_ns,
                                                                st.st_ctime_ns, st.st_ino)
+
+    def sent(self):
+        """(mode, mtime_ns, size, digest) of a file in one decode: what an upload of it says."""
+        _, _, mode, _, size, mtime_ns, _, _, _ = _HEAD.unpack_from(self)
+        return mode - 1, mtime_ns, size, self.digest
 
     def with_mode(self, mode):
         """The same record with another mode."""

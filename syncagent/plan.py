@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from .agent import Entry, escaping, under_any
 
@@ -27,8 +27,7 @@ MASS_DELETE_MIN = 20  # a refusal needs more than this many files lost ...
 MASS_DELETE_RATIO = 0.5  # ... and more than this share of the remote's files
 
 
-@dataclass(frozen=True)
-class Upload:
+class Upload(NamedTuple):  # a tuple: an initial push plans one per file (20,000: 6 ms, not 17)
     path: str
     mode: int
     mtime_ns: int
@@ -139,9 +138,10 @@ def plan(local: Manifest, remote: Manifest, keep: Iterable[str] = ()) -> Plan:
             elif theirs.mode != mine.mode:
                 chmods.append(Chmod(path, mine.mode, theirs.mode))
         elif mine.kind == "f":
-            if theirs is None or theirs.digest is None or theirs.digest != mine.digest:
-                uploads.append(Upload(path, mine.mode, mine.mtime_ns, mine.size, mine.digest,
-                                      theirs.digest if theirs else None))
+            if theirs is None:
+                uploads.append(Upload(path, *mine.sent()))
+            elif theirs.digest is None or theirs.digest != mine.digest:
+                uploads.append(Upload(path, *mine.sent(), theirs.digest))
             elif theirs.mode != mine.mode:
                 chmods.append(Chmod(path, mine.mode, theirs.mode))
         elif mine.kind == "l":

@@ -28,8 +28,6 @@ __all__ = ["Session", "RemoteTree", "agent_source", "agent_hash"]
 
 SEND_BUFFER = 256 * 1024
 _LENGTH = struct.Struct(">I")
-_END = _LENGTH.pack(0)
-_VOUCHED = _LENGTH.pack(agent.VOUCHED)
 NEED_UPLOAD = b"syncagent-need-upload"
 NO_PYTHON = b"syncagent-no-python"
 UNSAFE_CACHE = b"syncagent-unsafe-cache"
@@ -118,13 +116,18 @@ def _gc_paused():
 
 
 class _Channel:
-    """Exact reads and buffered frame writes over a paramiko channel."""
+    """Exact reads and buffered frame writes over a paramiko channel.
+
+    Frames are written into one fixed buffer and sent from it in slices of one memoryview
+    (paramiko's ``sendall`` copies the rest of its argument after every 32 KB packet); file
+    data is read from the file straight into it (``frame_from``): no copy of its own."""
 
     def __init__(self, chan: paramiko.Channel, what: str):
         self.chan = chan
         self.what = what
         self.inbuf = bytearray()
-        self.outbuf = bytearray()
+        self.out = bytearray(SEND_BUFFER + agent.CHUNK + _LENGTH.size)
+        self.used = 0  # bytes of ``out`` waiting to be sent
 
     def read(self, n: int) -> bytes:
         while len(self.inbuf) < n:
@@ -147,22 +150,49 @@ class _Channel:
         return f" ({tail[0]})" if tail else ""
 
     def frame(self, payload: bytes) -> None:
-        self.outbuf += _LENGTH.pack(len(payload))
-        self.outbuf += payload
-        if len(self.outbuf) >= SEND_BUFFER:
+        n = len(payload)
+        if self.used + _LENGTH.size + n > len(self.out):
             self.flush()
+            if _LENGTH.size + n > len(self.out):  # a large request: sent as it is
+                self._send(memoryview(_LENGTH.pack(n) + payload))
+                return
+        _LENGTH.pack_into(self.out, self.used, n)
+        self.out[self.used + _LENGTH.size:self.used + _LENGTH.size + n] = payload
+        self._wrote(_LENGTH.size + n)
+
+    def frame_from(self, fd: int, n: int) -> int:
+        """One data frame of up to ``n`` (<= agent.CHUNK) bytes read from ``fd``; returns
+        how many it read (0: the end of the file, and no frame)."""
+        if self.used + _LENGTH.size + n > len(self.out):
+            self.flush()
+        start = self.used + _LENGTH.size
+        with memoryview(self.out) as view:
+            got = os.readv(fd, [view[start:start + n]])
+        if got:
+            _LENGTH.pack_into(self.out, self.used, got)
+            self._wrote(_LENGTH.size + got)
+        return got
 
     def end_upload(self, vouched: bool) -> None:
         """The end frame of one upload's data (agent.VOUCHED: see the agent's module doc)."""
-        self.outbuf += _VOUCHED if vouched else _END
+        if self.used + _LENGTH.size > len(self.out):
+            self.flush()
+        _LENGTH.pack_into(self.out, self.used, agent.VOUCHED if vouched else 0)
+        self._wrote(_LENGTH.size)
+
+    def _wrote(self, n: int) -> None:
+        self.used += n
+        if self.used >= SEND_BUFFER:
+            self.flush()
 
     def flush(self) -> None:
-        """Send what is buffered. Sent in slices of one memoryview: paramiko's ``sendall``
-        copies the rest of its argument after every packet it sends (32 KB of 256 KB)."""
-        if not self.outbuf:
-            return
-        data = memoryview(bytes(self.outbuf))
-        self.outbuf.clear()
+        """Send what is buffered."""
+        if self.used:
+            with memoryview(self.out) as view:
+                self._send(view[:self.used])
+            self.used = 0
+
+    def _send(self, data: memoryview) -> None:
         try:
             while data:
                 n = self.chan.send(data)
@@ -438,13 +468,17 @@ class Session:
 
         ``intact`` is False when the file is not what the plan saw (size, mtime) or changed
         while being read. The end frame vouches for the bytes (the agent then records the
-        plan's digest instead of hashing them) only when ``record``, the local record the
-        digest came from, vouches for the file's stat both before and after the read: same
-        size, mtime, ctime and inode as when it was hashed, and hashed long enough after its
-        last change (``Entry.vouches``); any write since would have moved its ctime.
+        plan's digest instead of hashing them) when ``record``, the local record the digest
+        came from, was hashed long enough after the file's last change and still vouches
+        for the file's stat after the read (same size, mtime, ctime and inode: any write
+        since the hash, before or during the read, would have moved its ctime;
+        ``Entry.vouches``). A file it cannot vouch for has its ctime compared before and
+        after the read instead.
 
-        The file is read in as many reads as its size asks for (no read to find the end: a
-        file that grew shows in the stat after the read, and is not intact)."""
+        The file is read in as many reads as the plan's size asks for (no read to find the
+        end: a file that grew shows in the stat after the read, and is not intact)."""
+        if record is not None and not (record.settled and record.digest == up.digest):
+            record = None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -452,21 +486,22 @@ class Session:
             return 0, False
         size = 0
         try:
-            before = os.fstat(fd)
-            want = before.st_size
-            while size < want:
-                block = os.read(fd, min(agent.CHUNK, want - size))
-                if not block:
+            before = os.fstat(fd) if record is None else None
+            while size < up.size:
+                got = self.channel.frame_from(fd, min(agent.CHUNK, up.size - size))
+                if not got:
                     break
-                size += len(block)
-                self.channel.frame(block)
+                size += got
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        intact = (size == up.size == after.st_size and after.st_mtime_ns == up.mtime_ns
-                  and after.st_ctime_ns == before.st_ctime_ns)
-        vouched = (intact and record is not None and record.digest == up.digest
-                   and record.vouches(before) and record.vouches(after))
+        if record is not None:
+            intact = vouched = (size == up.size and after.st_mtime_ns == up.mtime_ns
+                                and bool(record.vouches(after)))
+        else:
+            intact = (size == up.size == after.st_size and after.st_mtime_ns == up.mtime_ns
+                      and after.st_ctime_ns == before.st_ctime_ns)
+            vouched = False
         self.channel.end_upload(vouched)
         return size, intact
 

@@ -2,7 +2,7 @@
 stages and records, over a real OpenSSH sshd (the sandbox).
 
 The sender vouches for a file's bytes (the VOUCHED end frame) only when the local record its
-digest came from still vouches for the file's stat before and after the read; the agent then
+digest came from was settled and still vouches for the file's stat after the read; the agent then
 records that digest without hashing. Everything else is hashed by the agent as received, so
 its digest cache only ever holds the digest of what the remote file holds.
 """
@@ -85,12 +85,15 @@ def send(target: Target, root: Path, remote: Path, on_frame=None):
     p = plan(local, {})
     with Session.open_new(target) as s:
         if on_frame is not None:
-            real = s.channel.frame
+            real = s.channel.frame_from
 
-            def frame(payload):
-                real(payload)
-                on_frame(s, payload)
-            s.channel.frame = frame
+            def frame_from(fd, n):  # on_frame sees each data frame once it is queued
+                at = os.lseek(fd, 0, os.SEEK_CUR)
+                got = real(fd, n)
+                if got:
+                    on_frame(s, os.pread(fd, got, at))
+                return got
+            s.channel.frame_from = frame_from
         out = s.apply(str(remote), str(root), p, revision(local), len(local), local=local)
         tree = s.manifest(str(remote), RULES_WIRE)
     return p, out, tree.entries
