@@ -348,7 +348,7 @@ def serve(root: str, targets: Targets, idle: float) -> None:
     served = 0
     try:
         held.connect_all()
-        _warm_up(root, held.targets)
+        _warm_up(root, [t for t in held.targets if t in held.sessions])
         last = time.monotonic()
         while True:
             left = idle - (time.monotonic() - last)
@@ -398,7 +398,11 @@ def _warm_up(root: str, targets: list[Target]) -> None:
     imported, the digest cache read, the tree's rules found, both trees walked and each
     remote manifest kept. A dry-run push does it all and changes nothing on either side, so
     the first command a holder answers costs what every later one does. A client that comes
-    meanwhile waits for it, as it would have waited for the same work in its own command."""
+    meanwhile waits for it, as it would have waited for the same work in its own command.
+    Only the ``targets`` it could connect to: another try would only wait for the same
+    timeout again."""
+    if not targets:
+        return
     try:
         from .cli import main  # noqa: F401  (what ``_run`` imports)
         from .config import load_project
