@@ -142,8 +142,6 @@ class Entry(bytes):
         start = _HEAD.size + _DLEN.unpack_from(self, 4)[0]
         return bytes(self[start:]).decode("utf-8", "surrogateescape")
 
-    settled = property(lambda self: bool(self[1] & _SETTLED))
-
     def vouches(self, st):
         """True if this record's digest holds for a file with stat ``st``: the quick check
         (size, mtime, ctime, inode) passes, and the digest was not taken racily close to the

@@ -165,14 +165,15 @@ def _via_holder(project: Project, resolved: list[Target], no_holder: bool,
 
 
 def _leave_holder(project: Project, resolved: list[Target], no_holder: bool,
-                  fleet: bool = False) -> None:
+                  fleet: bool = False, warm_up: bool = False) -> None:
     """After a direct run for one target (``fleet``: for its targets, however many): start
-    their holder for the commands that follow."""
+    their holder for the commands that follow (``warm_up``: after a push, it walks both
+    trees before it serves, for the next push)."""
     from . import holder
 
     if ((len(resolved) == 1 or fleet) and holder.enabled(project, no_holder)
             and (click.get_current_context().obj or {}).get("argv") is not None):
-        why = holder.spawn(project, resolved)
+        why = holder.spawn(project, resolved, warm_up)
         if why:
             _warn(f"no holder for the next commands: {why}")
 
@@ -340,7 +341,7 @@ def push_cmd(targets, path, remote_path, identity, all_, trust_new_host, dry_run
             click.echo(f"{ok}/{len(resolved)} targets on revision "
                        f"{next(iter(revisions))[:7] if len(revisions) == 1 else '(mixed)'}")
     if not fleet.exit_code:
-        _leave_holder(project, resolved, no_holder, fleet=True)
+        _leave_holder(project, resolved, no_holder, fleet=True, warm_up=True)
     sys.exit(fleet.exit_code)
 
 

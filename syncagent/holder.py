@@ -121,9 +121,10 @@ def ping(root: str | os.PathLike, targets: Targets, timeout: float = 2.0) -> dic
         return None
 
 
-def spawn(project: Project, targets: Targets) -> str | None:
+def spawn(project: Project, targets: Targets, warm_up: bool = False) -> str | None:
     """Start the holder of ``targets`` in the background (it detaches, then connects on its
-    own).
+    own; ``warm_up``: then walks both trees for the push that will likely follow, see
+    ``_warm_up``).
 
     Returns:
         None once started; else why not (the runtime directory is not this user's alone...).
@@ -140,7 +141,7 @@ def spawn(project: Project, targets: Targets) -> str | None:
         subprocess.run(  # returns once the holder has forked itself away from us
             [sys.executable, "-m", "syncagent.holder", str(project.root),
              json.dumps([dataclasses.asdict(t) for t in _as_list(targets)]),
-             str(project.holder_idle)],
+             str(project.holder_idle), *(["warm-up"] if warm_up else [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             close_fds=True, timeout=30,
             # not the caller's directory: ``-m`` puts it first on sys.path, and a checkout
@@ -331,7 +332,7 @@ def _listen(path: Path) -> tuple[socket.socket, int, int]:
     return sock, lock, os.stat(path).st_ino
 
 
-def serve(root: str, targets: Targets, idle: float) -> None:
+def serve(root: str, targets: Targets, idle: float, warm_up: bool = False) -> None:
     """The holder's loop: connect, then run one client command at a time (concurrent clients
     wait their turn) until ``idle`` seconds pass without one, or until every connection it
     held has gone (looked at every ``LOOK_EVERY`` seconds while idle)."""
@@ -348,7 +349,8 @@ def serve(root: str, targets: Targets, idle: float) -> None:
     served = 0
     try:
         held.connect_all()
-        _warm_up(root, [t for t in held.targets if t in held.sessions])
+        if warm_up:
+            _warm_up(root, held, warm)
         last = time.monotonic()
         while True:
             left = idle - (time.monotonic() - last)
@@ -393,16 +395,20 @@ def serve(root: str, targets: Targets, idle: float) -> None:
         held.drop()
 
 
-def _warm_up(root: str, targets: list[Target]) -> None:
-    """Before the first command, what it would otherwise find cold: the command code
+def _warm_up(root: str, held: _Held, warm) -> None:
+    """Before the first command, what a push would otherwise find cold: the command code
     imported, the digest cache read, the tree's rules found, both trees walked and each
-    remote manifest kept. A dry-run push does it all and changes nothing on either side, so
-    the first command a holder answers costs what every later one does. A client that comes
-    meanwhile waits for it, as it would have waited for the same work in its own command.
-    Only the ``targets`` it could connect to: another try would only wait for the same
-    timeout again."""
+    remote manifest kept. A dry-run push does it all and changes neither tree, so the first
+    push a holder answers costs what every later one does. A client that comes meanwhile
+    waits for it, as it would have waited for the same work in its own command. Only the
+    targets it could connect to (another try would wait for the same timeout again); a
+    target that fails otherwise than by a safety refusal is dropped and nothing is kept,
+    as after a failed command (``_run``)."""
+    targets = [t for t in held.targets if t in held.sessions]
     if not targets:
         return
+    from .errors import SafetyError
+
     try:
         from .cli import main  # noqa: F401  (what ``_run`` imports)
         from .config import load_project
@@ -410,11 +416,17 @@ def _warm_up(root: str, targets: list[Target]) -> None:
 
         fleet = push_many(load_project(Path(root)), targets,
                           PushOptions(dry_run=True, restart=False))
-        failed = [f"{name}: {e}" for name, e in fleet.errors.items()]
-    except Exception as e:  # a command says what is wrong on its own
-        failed = [f"{type(e).__name__}: {e}"]
-    for why in failed:
-        print(f"holder: warm-up: {why}", file=sys.stderr, flush=True)
+        failed = dict(fleet.errors)
+    except Exception as e:
+        failed = {"": e}
+    for name, e in failed.items():
+        print(f"holder: warm-up: {name + ': ' if name else ''}{type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+    if any(not isinstance(e, SafetyError) for e in failed.values()):
+        held.drop()
+        warm.forget()
+    else:
+        warm.save()
 
 
 # ------------------------------------------------------------------ a watch serves the socket
@@ -496,13 +508,13 @@ def _flush_answer(request: dict, flush, options) -> dict:
 def main(argv: list[str]) -> int:
     import signal
 
-    root, targets_json, idle = argv
+    root, targets_json, idle, *flags = argv
     targets = [Target(**t) for t in json.loads(targets_json)]
     if os.fork():  # the command that started us waits for this exit only, and reaps it
         os._exit(0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # tidy up the socket on the way
     try:
-        serve(root, targets, float(idle))
+        serve(root, targets, float(idle), warm_up="warm-up" in flags)
     except Taken:  # another holder was quicker, or a watch serves the target
         pass
     return 0

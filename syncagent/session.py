@@ -120,7 +120,12 @@ class _Channel:
 
     Frames are written into one fixed buffer and sent from it in slices of one memoryview
     (paramiko's ``sendall`` copies the rest of its argument after every 32 KB packet); file
-    data is read from the file straight into it (``frame_from``): no copy of its own."""
+    data is read from the file straight into it (``frame_from``): no copy of its own.
+
+    A read or a send that fails (a timeout, the link gone) leaves the stream out of step:
+    part of a frame sent or read. The channel is closed then, so nothing more is ever sent
+    or read on it (``Session.close`` sends no "bye" on a closed channel; a holder drops a
+    session whose channel is closed)."""
 
     def __init__(self, chan: paramiko.Channel, what: str):
         self.chan = chan
@@ -134,9 +139,12 @@ class _Channel:
             try:
                 block = self.chan.recv(max(n - len(self.inbuf), 65536))
             except socket.timeout as e:
+                self.chan.close()
                 raise ConnectError(f"{self.what}: no answer from the agent") from e
             if not block:
-                raise ConnectError(f"{self.what}: connection to the agent lost{self._stderr()}")
+                why = self._stderr()
+                self.chan.close()
+                raise ConnectError(f"{self.what}: connection to the agent lost{why}")
             self.inbuf += block
         out = bytes(self.inbuf[:n])
         del self.inbuf[:n]
@@ -188,9 +196,11 @@ class _Channel:
     def flush(self) -> None:
         """Send what is buffered."""
         if self.used:
-            with memoryview(self.out) as view:
-                self._send(view[:self.used])
-            self.used = 0
+            try:
+                with memoryview(self.out) as view:
+                    self._send(view[:self.used])
+            finally:
+                self.used = 0
 
     def _send(self, data: memoryview) -> None:
         try:
@@ -200,6 +210,7 @@ class _Channel:
                     raise EOFError("the channel is closed")
                 data = data[n:]
         except (OSError, EOFError, paramiko.SSHException) as e:
+            self.chan.close()
             raise ConnectError(f"{self.what}: connection lost while sending") from e
 
     def read_frame(self) -> bytes:
@@ -467,18 +478,15 @@ class Session:
         """Stream one file as data frames and an end frame; returns (bytes sent, intact).
 
         ``intact`` is False when the file is not what the plan saw (size, mtime) or changed
-        while being read. The end frame vouches for the bytes (the agent then records the
-        plan's digest instead of hashing them) when ``record``, the local record the digest
-        came from, was hashed long enough after the file's last change and still vouches
-        for the file's stat after the read (same size, mtime, ctime and inode: any write
-        since the hash, before or during the read, would have moved its ctime;
-        ``Entry.vouches``). A file it cannot vouch for has its ctime compared before and
-        after the read instead.
+        while being read (its ctime moved). The end frame vouches for the bytes (the agent
+        then records the plan's digest instead of hashing them) only when the file is intact
+        and ``record``, the local record the digest came from, vouches for the file's stat
+        after the read: same size, mtime, ctime and inode as when it was hashed, and hashed
+        long enough after its last change (``Entry.vouches``); any write since the hash,
+        before or during the read, would have moved its ctime.
 
-        The file is read in as many reads as the plan's size asks for (no read to find the
-        end: a file that grew shows in the stat after the read, and is not intact)."""
-        if record is not None and not (record.settled and record.digest == up.digest):
-            record = None
+        The file is read in as many reads as its size asks for (no read to find the end: a
+        file that grew shows in the stat after the read, and is not intact)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -486,22 +494,20 @@ class Session:
             return 0, False
         size = 0
         try:
-            before = os.fstat(fd) if record is None else None
-            while size < up.size:
-                got = self.channel.frame_from(fd, min(agent.CHUNK, up.size - size))
+            before = os.fstat(fd)
+            want = before.st_size
+            while size < want:
+                got = self.channel.frame_from(fd, min(agent.CHUNK, want - size))
                 if not got:
                     break
                 size += got
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if record is not None:
-            intact = vouched = (size == up.size and after.st_mtime_ns == up.mtime_ns
-                                and bool(record.vouches(after)))
-        else:
-            intact = (size == up.size == after.st_size and after.st_mtime_ns == up.mtime_ns
-                      and after.st_ctime_ns == before.st_ctime_ns)
-            vouched = False
+        intact = (size == up.size == after.st_size and after.st_mtime_ns == up.mtime_ns
+                  and after.st_ctime_ns == before.st_ctime_ns)
+        vouched = (intact and record is not None and record.digest == up.digest
+                   and bool(record.vouches(after)))
         self.channel.end_upload(vouched)
         return size, intact
 

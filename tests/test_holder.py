@@ -144,7 +144,7 @@ def test_a_new_holder_warms_up_with_a_dry_run_that_changes_nothing(capsys, proj)
     (root / "new.py").write_text("only here\n")
     before = view(remote)
     project = load_project(root)
-    assert holder.spawn(project, [target_of(root)]) is None
+    assert holder.spawn(project, [target_of(root)], warm_up=True) is None
     ping = wait_until(lambda: (holder.ping(root, target_of(root)) or {}).get("warm")
                       and holder.ping(root, target_of(root)), 30, "the holder's warm-up")
     assert ping["served"] == 0
@@ -156,6 +156,21 @@ def test_a_new_holder_warms_up_with_a_dry_run_that_changes_nothing(capsys, proj)
     code, out, err = push(capsys, root, "--json", "--allow-mass-delete")
     assert code == 0, err
     assert json.loads(out)["deleted"] == 26 and view(remote) == view(root)
+
+
+def test_only_a_push_leaves_a_holder_that_warms_up(capsys, proj):
+    """A holder left by `status` (or `logs`, `restart`) does not walk both trees: the next
+    command may well be another `status`, which would wait for the walk."""
+    root, remote = proj
+    assert push(capsys, root)[0] == 0
+    assert wait_until(lambda: (holder.ping(root, target_of(root)) or {}).get("warm"), 30,
+                      "the push's holder to warm up")
+    os.kill(holder.ping(root, target_of(root))["pid"], signal.SIGTERM)
+    wait_until(lambda: holder.ping(root, target_of(root)) is None, 30, "the holder to exit")
+    assert run(capsys, "status", "t", "--path", str(root))[0] == 0
+    ping = warm(root)
+    assert ping["served"] == 0 and not ping["warm"]
+    assert push(capsys, root)[0] == 0 and served(root) == 1
 
 
 def test_stale_holder_after_the_remote_changed_under_it(capsys, proj):

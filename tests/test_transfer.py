@@ -209,6 +209,39 @@ def test_an_interrupted_transfer_leaves_nothing(target, proj, after):  # noqa: F
     assert not (remote / agent.REVISION_FILE).exists()
 
 
+def test_a_send_that_stalls_midway_closes_the_channel_and_sends_nothing_more(target, proj):  # noqa: F811
+    """A send that fails after part of a frame (a stalled link: paramiko's timeout) leaves the
+    stream out of step. Before, closing the session then sent the "bye" after the whole send
+    buffer again, from its first byte: file bytes the agent read as frame lengths, where four
+    bytes of 0x80 00 00 00 read as VOUCHED. Now the channel is closed at the failure, the close
+    sends nothing, and the agent commits nothing."""
+    root, remote = proj
+    write_tree(root, contents())
+    local = agent.scan(str(root), RULES)
+    p = plan(local, {})
+    sent: list[int] = []
+    with Session.open_new(target) as s:
+        chan = s.channel.chan
+        real = chan.send
+
+        def stalling(data):
+            if len(sent) == 40:  # ~1.3 MB in: mid-file, mid-buffer
+                raise socket.timeout("stalled")
+            sent.append(len(data))
+            return real(data)
+        chan.send = stalling
+        pid = s.banner["pid"]
+        with pytest.raises(ConnectError, match="connection lost while sending"):
+            s.apply(str(remote), str(root), p, revision(local), len(local), local=local)
+        assert chan.closed
+        count = len(sent)
+    assert len(sent) == count  # the close sent nothing
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 20, "the agent to exit")
+    assert not (remote / agent.REVISION_FILE).exists()
+    assert [q for q in remote.rglob("*") if agent.STATE_DIR not in q.relative_to(remote).parts
+            ] == []
+
+
 # ---------------------------------------------------------------- the wire, at the agent
 
 
