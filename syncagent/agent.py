@@ -599,8 +599,12 @@ def scan_paths(root, rules, paths, cache, problems=None, held=None):
         ok = True
         for i in range(1, len(parts)):
             anc = "/".join(parts[:i])
-            if anc in out:
-                continue
+            known = out.get(anc)
+            if known is not None:  # met already: a directory, or what stands there now
+                if known.kind == "d":
+                    continue
+                ok = False
+                break
             if is_excluded(rules, anc, True):
                 ok = False
                 break
@@ -618,7 +622,7 @@ def scan_paths(root, rules, paths, cache, problems=None, held=None):
         full = os.path.join(root, rel)
         try:
             st = os.lstat(full)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # gone, or its parent is no directory
             continue
         except OSError as e:
             problems.append((rel, e.strerror))
@@ -1006,9 +1010,10 @@ def apply_batch(root, batch, chunks_for, protect=()):
         protect: the config's extra protected patterns (regexes), on top of the built-in ones.
 
     Returns:
-        {"written", "bytes", "deleted", "kept", "refused"}: counts, directories kept because
-        they hold protected files, and the items refused because their path is protected
-        ([{"op", "path"}]: not applied; the rest of the batch is).
+        {"written", "bytes", "deleted", "kept", "blocked", "refused"}: counts, directories
+        kept because they hold protected files, the files and links not put in place
+        because such a directory stands at their path, and the items refused because their
+        path is protected ([{"op", "path"}]: not applied; the rest of the batch is).
 
     Raises:
         AgentFailure: nothing of the batch is visible (staged files are removed). A path or
@@ -1331,10 +1336,16 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place
         os.replace(made, name, src_dir_fd=parent, dst_dir_fd=parent)
     stats = dict(in_place or ())
     sources = {}
+    blocked = []  # a file or link that a remote directory still stands in the way of
+    written = len(staged)
     for dfd, tmp, name, up in staged:
         if up["path"] in stats:
             continue
-        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        if not _replace(tmp, name, dfd):
+            blocked.append(up["path"])
+            cache_updates.pop(up["path"], None)
+            written -= 1
+            continue
         stats[up["path"]] = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         if name.endswith(".py"):
             sources.setdefault(dfd, []).append(name[:-3])
@@ -1345,7 +1356,8 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place
         tmp = "%slink.%x" % (TEMP_PREFIX, os.getpid())
         _unlink_quiet(tmp, dfd)
         os.symlink(link["target"], tmp, dir_fd=dfd)
-        os.replace(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+        if not _replace(tmp, parts[-1], dfd):
+            blocked.append(link["path"])
     for ch in batch.get("chmods", []):
         _chmod(dirs, ch["path"], int(ch["mode"]) & 0o777)
     deleted += _apply_deletes(dirs, [d for d in deletes if not under_any(d["path"], replacing)],
@@ -1357,7 +1369,21 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place
     _owe(root, batch)  # before the marker: a commit never loses the restart it needs
     os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
     _update_cache(root, batch, cache_updates, stats)
-    return {"written": len(staged), "bytes": received, "deleted": deleted, "kept": kept}
+    return {"written": written, "bytes": received, "deleted": deleted, "kept": kept,
+            "blocked": blocked}
+
+
+def _replace(tmp, name, dfd):
+    """Put the staged file or link ``tmp`` in place as ``name``; False, and ``tmp`` removed,
+    where a directory stands there still: one the batch could not delete because it holds
+    what is not synced (excluded or protected files: ``kept``), or one the sender did not
+    know of. The rest of the batch lands; a commit never stops halfway on it."""
+    try:
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return True
+    except IsADirectoryError:
+        _unlink_quiet(tmp, dfd)
+        return False
 
 
 def _chmod(dirs, path, mode):

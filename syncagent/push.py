@@ -581,6 +581,11 @@ class Syncer:
                             "synced (excluded or protected)" for k in out.get("kept", [])]
         result.warnings += [f"kept {r['path']} (protected on the remote: {r['op']} refused)"
                             for r in out.get("refused", [])]
+        result.warnings += [f"not sent: {b} (a remote directory {b}/ stands there, holding "
+                            "files that are not synced: move them, then push again)"
+                            for b in out.get("blocked", [])]
+        for path in out.get("blocked", []):  # what the remote holds there: a directory
+            self.remote[path] = Entry("d", mode=0)
         result.unsettled = len(out["changed"])
         if "imports" in out:  # an agent that knows: what the serving worker imports now
             self.imports = out["imports"]

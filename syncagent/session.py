@@ -139,11 +139,11 @@ class _Channel:
             try:
                 block = self.chan.recv(max(n - len(self.inbuf), 65536))
             except socket.timeout as e:
-                self.chan.close()
+                self._cut()
                 raise ConnectError(f"{self.what}: no answer from the agent") from e
             if not block:
                 why = self._stderr()
-                self.chan.close()
+                self._cut()
                 raise ConnectError(f"{self.what}: connection to the agent lost{why}")
             self.inbuf += block
         out = bytes(self.inbuf[:n])
@@ -210,8 +210,15 @@ class _Channel:
                     raise EOFError("the channel is closed")
                 data = data[n:]
         except (OSError, EOFError, paramiko.SSHException) as e:
-            self.chan.close()
+            self._cut()
             raise ConnectError(f"{self.what}: connection lost while sending") from e
+
+    def _cut(self) -> None:
+        """Close the channel: its stream is out of step (see the class doc)."""
+        try:
+            self.chan.close()
+        except Exception:  # the transport is gone already: closed all the same
+            pass
 
     def read_frame(self) -> bytes:
         (n,) = struct.unpack(">I", self.read(4))

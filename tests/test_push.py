@@ -150,6 +150,43 @@ def test_protected_remote_files_survive(capsys, proj):
     assert "kept remote directory old/" in err
 
 
+@pytest.mark.parametrize("becomes", ["file", "link"])
+def test_a_directory_that_holds_protected_files_blocks_only_what_replaces_it(
+        capsys, proj, becomes):
+    """The local tree turns a directory into a file (or a link) where the remote one holds a
+    protected file, which is never deleted. Before, the commit stopped halfway ("Is a
+    directory (errno 21)", exit 1): part of the batch in place, a temp file and no revision
+    left, and every later push failed the same way. Now the rest of the batch lands, the
+    blocked path is named, and it lands once the directory is moved away."""
+    root, remote = proj
+    (root / "old").mkdir()
+    (root / "old" / "a.py").write_text("a")
+    (root / "keep.py").write_text("k")
+    assert push(capsys, root, remote)[0] == 0
+    (remote / "old" / ".env").write_text("SECRET=1\n")
+    shutil.rmtree(root / "old")
+    if becomes == "file":
+        (root / "old").write_text("now a file")
+    else:
+        (root / "old").symlink_to("keep.py")
+    (root / "keep.py").write_text("k2")
+    (root / "new.py").write_text("n")
+    for _ in range(2):  # and the same again: nothing else to do, no failure
+        code, out, err = push(capsys, root, remote, "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        assert any(w.startswith("not sent: old (a remote directory old/ stands there")
+                   for w in result["warnings"]), result["warnings"]
+        assert (remote / "old" / ".env").read_text() == "SECRET=1\n"
+        assert not (remote / "old" / "a.py").exists()
+        assert (remote / "keep.py").read_text() == "k2" and (remote / "new.py").exists()
+        assert [p.name for p in remote.rglob(agent.TEMP_PREFIX + "*")] == []
+        assert agent.read_revision(str(remote))["revision"] == result["revision"]
+    (remote / "old" / ".env").rename(remote / "moved.env")
+    assert push(capsys, root, remote)[0] == 0
+    assert view(remote) == view(root)
+
+
 def test_gitignore_in_the_tree_is_honoured(capsys, proj):
     root, remote = proj
     (root / ".gitignore").write_text("*.mp4\n/build/\n")

@@ -452,6 +452,38 @@ def test_renaming_the_only_package_passes_live_and_one_shot(live, capsys):
         assert not w.of("halted") and not w.of("error")
 
 
+@pytest.mark.parametrize("protected", [False, True])
+def test_a_directory_made_a_file_live_lands_and_only_a_protected_one_blocks_it(
+        live, protected):
+    """A live batch turns a directory into a file. Before, the batch's own scan called the
+    files that were in it unreadable ("Not a directory"), so their remote copies were kept,
+    the directory could not be deleted and the commit stopped halfway. Now the directory
+    goes and the file lands; where the remote directory holds a protected file (never
+    deleted), the rest of the batch lands and the watch says what it could not send."""
+    root, remote = live
+    packages(root, app=3)
+    project, target = sbx(root, remote)
+    with Watching(project, target, PushOptions(restart=False)) as w:
+        if protected:
+            (remote / "app" / ".env").write_text("SECRET=1\n")  # the remote's own
+        shutil.rmtree(root / "app")
+        (root / "app").write_text("now a file")
+        (root / "README.txt").write_text("changed\n")
+        if protected:
+            wait_until(lambda: any(e["message"].startswith("not sent: app (a remote directory")
+                                   for e in w.of("warning")), 15, "the blocked path's warning")
+            assert (remote / "README.txt").read_text() == "changed\n"
+            assert (remote / "app" / ".env").read_text() == "SECRET=1\n"
+            assert not (remote / "app" / "m0.py").exists()
+        else:
+            wait_until(lambda: remote_equals(remote, root), 15, "the directory made a file")
+        (root / "README.txt").write_text("and the next batch lands too\n")
+        wait_until(lambda: (remote / "README.txt").read_text().startswith("and the next"), 15,
+                   "the next live batch")
+        assert not w.of("error") and not w.of("halted"), w.of("error")
+        assert not [e for e in w.of("warning") if "skipped" in e["message"]], w.of("warning")
+
+
 def test_rm_rf_during_watch_halts_the_target_until_the_files_are_back(live, tmp_path, box):
     root, remote = live
     packages(root, src=40)

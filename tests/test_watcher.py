@@ -37,6 +37,28 @@ def changes(root: Path, before: dict, batch) -> list[str]:
                   | {c.path for c in p.chmods} | {ln.path for ln in p.links})
 
 
+@pytest.mark.parametrize("becomes", ["file", "link"])
+def test_paths_below_a_directory_that_became_a_file_are_gone_not_unreadable(tree, becomes):
+    """A batch names a directory that is now a file (or a link) and the files that were in it:
+    those are gone (their deletes are planned), not problems "Not a directory" whose remote
+    copies would be kept."""
+    (tree / "app").mkdir()
+    (tree / "app" / "m.py").write_text("m\n")
+    before = agent.scan(str(tree), RULES.compiled())
+    shutil.rmtree(tree / "app")
+    if becomes == "file":
+        (tree / "app").write_text("now a file\n")
+    else:
+        (tree / "app").symlink_to("a.py")
+    problems: list = []
+    fresh = agent.scan_paths(str(tree), RULES.compiled(), ["app", "app/m.py", "app/n/o.py"],
+                             {}, problems)
+    assert problems == []
+    assert set(fresh) == {"app"} and fresh["app"].kind == becomes[0]
+    p = plan(fresh, {k: v for k, v in before.items() if k.startswith("app")})
+    assert sorted(d.path for d in p.deletes) == ["app", "app/m.py"]
+
+
 def one_batch(watcher: Watcher, action) -> object:
     action()
     batch = watcher.next_batch(timeout=5)
