@@ -1010,10 +1010,10 @@ def apply_batch(root, batch, chunks_for, protect=()):
         protect: the config's extra protected patterns (regexes), on top of the built-in ones.
 
     Returns:
-        {"written", "bytes", "deleted", "kept", "blocked", "refused"}: counts, directories
-        kept because they hold protected files, the files and links not put in place
-        because such a directory stands at their path, and the items refused because their
-        path is protected ([{"op", "path"}]: not applied; the rest of the batch is).
+        {"written", "bytes", "deleted", "kept", "undone", "refused"}: counts, directories
+        kept because they hold protected files, the paths the remote left as they were
+        ([{"op", "path", "code", "why"}]: see ``_commit``), and the items refused because
+        their path is protected ([{"op", "path"}]: not applied; the rest of the batch is).
 
     Raises:
         AgentFailure: nothing of the batch is visible (staged files are removed). A path or
@@ -1055,7 +1055,7 @@ def apply_batch(root, batch, chunks_for, protect=()):
             try:
                 received += _stage(dirs, n, up, chunks, staged, cache_updates, in_place)
             except (AgentFailure, OSError) as e:
-                failure = e if isinstance(e, AgentFailure) else _os_failure(e)
+                failure = e if isinstance(e, AgentFailure) else _os_failure(e, up["path"])
                 for _ in chunks:  # the rest of this file's frames
                     pass
         if failure is None:
@@ -1295,12 +1295,14 @@ def _validate(batch):
         check_link(link["path"], link["target"])
 
 
-def _os_failure(e):
+def _os_failure(e, path=None):
+    """The batch's failure for ``e`` (met at ``path``, when one was)."""
+    at = " at %s" % path if path else ""
     if e.errno == errno.ENOSPC:
         return AgentFailure("DiskFull", "remote disk full; batch aborted, remote unchanged")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return AgentFailure("NotWritable", "remote not writable: %s" % e.strerror)
-    return AgentFailure("RemoteOSError", "%s (errno %s)" % (e.strerror or e, e.errno))
+        return AgentFailure("NotWritable", "remote not writable%s: %s" % (at, e.strerror))
+    return AgentFailure("RemoteOSError", "%s%s (errno %s)" % (e.strerror or e, at, e.errno))
 
 
 def _unlink_quiet(name, dfd):
@@ -1325,24 +1327,27 @@ def _stage_marker(dirs, batch):
 
 
 def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place=None):
+    """Put the staged batch in place, then the revision marker. A path the remote will not
+    let change (``_LEFT_ALONE``: a directory holding unsynced files stands where a file or
+    link goes, a file made immutable, a directory this user may not write) is left as it is
+    and said in ``undone``; the rest of the batch lands, so a commit never stops halfway on
+    one path, and never fails every later push the same way."""
     deletes = batch.get("deletes", [])
     # A path that changes kind (file <-> dir <-> link) is removed before its new entry lands.
     replacing = {u["path"] for u in batch.get("uploads", [])} | {
         l["path"] for l in batch.get("links", [])}
-    kept = []
+    kept, undone = [], []
     early = [d for d in deletes if under_any(d["path"], replacing)]
-    deleted = _apply_deletes(dirs, early, kept)
+    deleted = _apply_deletes(dirs, early, kept, undone)
     for parent, made, name in dirs.staged:  # each new tree, with what was written in it
         os.replace(made, name, src_dir_fd=parent, dst_dir_fd=parent)
     stats = dict(in_place or ())
     sources = {}
-    blocked = []  # a file or link that a remote directory still stands in the way of
     written = len(staged)
     for dfd, tmp, name, up in staged:
         if up["path"] in stats:
             continue
-        if not _replace(tmp, name, dfd):
-            blocked.append(up["path"])
+        if not _replace(tmp, name, dfd, "write", up["path"], undone):
             cache_updates.pop(up["path"], None)
             written -= 1
             continue
@@ -1356,12 +1361,14 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place
         tmp = "%slink.%x" % (TEMP_PREFIX, os.getpid())
         _unlink_quiet(tmp, dfd)
         os.symlink(link["target"], tmp, dir_fd=dfd)
-        if not _replace(tmp, parts[-1], dfd):
-            blocked.append(link["path"])
+        _replace(tmp, parts[-1], dfd, "link", link["path"], undone)
     for ch in batch.get("chmods", []):
-        _chmod(dirs, ch["path"], int(ch["mode"]) & 0o777)
+        try:
+            _chmod(dirs, ch["path"], int(ch["mode"]) & 0o777)
+        except OSError as e:
+            _left_alone(e, "chmod", ch["path"], undone)
     deleted += _apply_deletes(dirs, [d for d in deletes if not under_any(d["path"], replacing)],
-                              kept)
+                              kept, undone)
     for d in batch.get("dirs", []):
         fd = dirs.open(d["path"].split("/"), create=True)
         os.fchmod(fd, int(d["mode"]) & 0o777)
@@ -1370,19 +1377,32 @@ def _commit(root, dirs, batch, staged, marker, cache_updates, received, in_place
     os.replace(tmp, "revision", src_dir_fd=sfd, dst_dir_fd=sfd)
     _update_cache(root, batch, cache_updates, stats)
     return {"written": written, "bytes": received, "deleted": deleted, "kept": kept,
-            "blocked": blocked}
+            "undone": undone}
 
 
-def _replace(tmp, name, dfd):
-    """Put the staged file or link ``tmp`` in place as ``name``; False, and ``tmp`` removed,
-    where a directory stands there still: one the batch could not delete because it holds
-    what is not synced (excluded or protected files: ``kept``), or one the sender did not
-    know of. The rest of the batch lands; a commit never stops halfway on it."""
+# What one path of a commit may meet that leaves that path as it is, not the batch: a
+# directory standing where a file or link goes (EISDIR), a file or directory the remote will
+# not let this user change (immutable, another user's: EPERM, EACCES), a mount point (EBUSY).
+_LEFT_ALONE = (errno.EISDIR, errno.EPERM, errno.EACCES, errno.EBUSY)
+
+
+def _left_alone(e, op, path, undone):
+    """Record ``path`` in ``undone`` if ``e`` leaves it alone (else re-raise ``e``)."""
+    if e.errno not in _LEFT_ALONE:
+        raise e
+    undone.append({"op": op, "path": path, "code": errno.errorcode[e.errno],
+                   "why": e.strerror})
+
+
+def _replace(tmp, name, dfd, op, path, undone):
+    """Put the staged file or link ``tmp`` in place as ``name``; False, ``tmp`` removed and
+    ``path`` in ``undone``, where the remote leaves that path alone (``_LEFT_ALONE``)."""
     try:
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         return True
-    except IsADirectoryError:
+    except OSError as e:
         _unlink_quiet(tmp, dfd)
+        _left_alone(e, op, path, undone)
         return False
 
 
@@ -1472,9 +1492,10 @@ def under_any(path, roots):
         path = path.rsplit("/", 1)[0]
 
 
-def _apply_deletes(dirs, deletes, kept):
+def _apply_deletes(dirs, deletes, kept, undone):
     """Files and links first, then directories deepest first; a directory that still holds
-    what is not synced (excluded or protected files) is kept, bytecode caches aside."""
+    what is not synced (excluded or protected files) is kept, bytecode caches aside, and a
+    path the remote will not let go (``_LEFT_ALONE``) goes into ``undone``."""
     n = 0
     ordered = sorted(deletes, key=lambda d: (d["kind"] == "d", -d["path"].count("/")))
     for d in ordered:
@@ -1496,8 +1517,8 @@ def _apply_deletes(dirs, deletes, kept):
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 kept.append(d["path"])
-                continue
-            raise
+            else:
+                _left_alone(e, "delete", d["path"], undone)
     return n
 
 

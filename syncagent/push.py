@@ -581,11 +581,12 @@ class Syncer:
                             "synced (excluded or protected)" for k in out.get("kept", [])]
         result.warnings += [f"kept {r['path']} (protected on the remote: {r['op']} refused)"
                             for r in out.get("refused", [])]
-        result.warnings += [f"not sent: {b} (a remote directory {b}/ stands there, holding "
-                            "files that are not synced: move them, then push again)"
-                            for b in out.get("blocked", [])]
-        for path in out.get("blocked", []):  # what the remote holds there: a directory
-            self.remote[path] = Entry("d", mode=0)
+        result.warnings += [_undone_warning(u) for u in out.get("undone", [])]
+        for u in out.get("undone", []):  # what the remote holds there now: not what we sent
+            if u["code"] == "EISDIR":
+                self.remote[u["path"]] = Entry("d", mode=0)
+            elif u["op"] != "delete":
+                self.remote.pop(u["path"], None)
         result.unsettled = len(out["changed"])
         if "imports" in out:  # an agent that knows: what the serving worker imports now
             self.imports = out["imports"]
@@ -595,6 +596,17 @@ class Syncer:
                 if e is not None:
                     self.remote[path] = Entry(e.kind, e.size, e.mtime_ns, e.mode, None, e.link)
         return result
+
+
+def _undone_warning(u: dict) -> str:
+    """What a commit left as it was on the remote (``agent._commit``), as the user reads it."""
+    path = u["path"]
+    if u["code"] == "EISDIR":
+        return (f"not sent: {path} (a remote directory {path}/ stands there, holding files "
+                "that are not synced: move them, then push again)")
+    what = {"write": "not sent", "link": "not linked", "chmod": "mode not changed",
+            "delete": "not deleted"}.get(u["op"], u["op"])
+    return f"{what}: {path} (on the remote: {u['why']})"
 
 
 def _share_equal(remote: dict[str, Entry], local: dict[str, Entry]) -> dict[str, Entry]:

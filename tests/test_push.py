@@ -187,6 +187,37 @@ def test_a_directory_that_holds_protected_files_blocks_only_what_replaces_it(
     assert view(remote) == view(root)
 
 
+def test_paths_the_remote_will_not_change_are_left_alone_and_the_rest_lands(capsys, proj):
+    """Files made immutable on the remote (`chattr +i`: even root may not replace or delete
+    them; a file of another user in a directory this user cannot write fails the same way).
+    Before, the commit stopped at the first ("Operation not permitted (errno 1)", exit 1),
+    with part of the batch in place and no revision, and so did every later push."""
+    root, remote = proj
+    for name in ("a.py", "b.py", "c.py"):
+        (root / name).write_text(name)
+    assert push(capsys, root, remote)[0] == 0
+    stuck = [remote / "a.py", remote / "b.py"]
+    subprocess.run(["chattr", "+i", *map(str, stuck)], check=True)
+    try:
+        (root / "a.py").write_text("edited")
+        (root / "b.py").unlink()
+        (root / "c.py").write_text("edited too")
+        (root / "d.py").write_text("new")
+        code, out, err = push(capsys, root, remote, "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        assert "not sent: a.py (on the remote: Operation not permitted)" in result["warnings"]
+        assert "not deleted: b.py (on the remote: Operation not permitted)" in result["warnings"]
+        assert [p.read_text() for p in stuck] == ["a.py", "b.py"]
+        assert (remote / "c.py").read_text() == "edited too" and (remote / "d.py").exists()
+        assert [p.name for p in remote.rglob(agent.TEMP_PREFIX + "*")] == []
+        assert agent.read_revision(str(remote))["revision"] == result["revision"]
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, stuck)], check=True)
+    assert push(capsys, root, remote)[0] == 0
+    assert view(remote) == view(root)
+
+
 def test_gitignore_in_the_tree_is_honoured(capsys, proj):
     root, remote = proj
     (root / ".gitignore").write_text("*.mp4\n/build/\n")

@@ -25,11 +25,19 @@ from syncagent.push import PushOptions, push
 from tests.helpers.faultproxy import FaultProxy
 from tests.helpers.procs import wait_until
 from tests.helpers.watching import Watching
-from tests.test_faults import settled_equal, via, view
+from tests.test_faults import settled_equal, temp_files, via, view
 
 OPS = int(os.environ.get("SOAK_OPS", "400"))
 SEED = int(os.environ.get("SOAK_SEED", "20240601"))
 CHECK_EVERY = int(os.environ.get("SOAK_CHECK_EVERY", "50"))
+
+
+def differences(remote: Path, root: Path, limit: int = 10) -> str:
+    """Where the two trees differ (up to ``limit`` paths), and any temp file left."""
+    a, b = view(remote), view(root)
+    paths = sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+    shown = [f"{p}: remote {a.get(p)} local {b.get(p)}" for p in paths[:limit]]
+    return "; ".join(shown + [f"temp files {temp_files(remote)}"])
 
 
 class Workload:
@@ -198,8 +206,11 @@ def test_soak(box, tmp_path):
                     if rng.random() < 0.02:
                         drops += proxy.drop() > 0
                     if i % CHECK_EVERY == 0 or i == OPS:
-                        wait_until(lambda: settled_equal(remote, root) or halted(), 60,
-                                   f"remote == local after {i} operations (seed {SEED})")
+                        try:
+                            wait_until(lambda: settled_equal(remote, root) or halted(), 60,
+                                       f"remote == local after {i} operations (seed {SEED})")
+                        except AssertionError as e:  # say where they differ
+                            raise AssertionError(f"{e}: {differences(remote, root)}") from None
                         if halted() and not content_lost(remote, root):
                             # a move seen in two batches: the watch lifts the halt itself
                             wait_until(lambda: settled_equal(remote, root) and not halted(),
