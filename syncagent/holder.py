@@ -208,6 +208,15 @@ class _Held:
         sessions = list(self.sessions.values())
         return bool(sessions) and not any(_alive(s) for s in sessions)
 
+    def drop_lost(self) -> None:
+        """Close the sessions whose connection or agent channel has gone: a failed command
+        cuts the channel whose stream it left out of step (``session._Channel``). The others
+        are revalidated before their next use (``_usable``), as every held session is: a
+        fleet's target that failed does not cost the others their connections."""
+        for t, session in list(self.sessions.items()):
+            if not _alive(session):
+                self.drop(t)
+
     def drop(self, target: Target | None = None) -> None:
         """Close ``target``'s held session (None: every one)."""
         for t in [target] if target is not None else list(self.sessions):
@@ -288,8 +297,8 @@ def _run(request: dict, held: _Held, warm, path: Path) -> dict:
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
-    if code != 0:  # after a failure, start the next command on a new connection
-        held.drop()
+    if code != 0:  # after a failure: a connection it cut goes, the remotes are read afresh
+        held.drop_lost()
         warm.forget()
     return {"code": code, "out": out.getvalue(), "err": err.getvalue(), "routable": True}
 
@@ -401,9 +410,9 @@ def _warm_up(root: str, held: _Held, warm) -> None:
     remote manifest kept. A dry-run push does it all and changes neither tree, so the first
     push a holder answers costs what every later one does. A client that comes meanwhile
     waits for it, as it would have waited for the same work in its own command. Only the
-    targets it could connect to (another try would wait for the same timeout again); a
-    target that fails otherwise than by a safety refusal is dropped and nothing is kept,
-    as after a failed command (``_run``)."""
+    targets it could connect to (another try would wait for the same timeout again); after
+    a failure other than a safety refusal, a lost connection is dropped and no manifest is
+    kept, as after a failed command (``_run``)."""
     targets = [t for t in held.targets if t in held.sessions]
     if not targets:
         return
@@ -423,7 +432,7 @@ def _warm_up(root: str, held: _Held, warm) -> None:
         print(f"holder: warm-up: {name + ': ' if name else ''}{type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
     if any(not isinstance(e, SafetyError) for e in failed.values()):
-        held.drop()
+        held.drop_lost()
         warm.forget()
     else:
         warm.save()

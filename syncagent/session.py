@@ -223,6 +223,7 @@ class _Channel:
     def read_frame(self) -> bytes:
         (n,) = struct.unpack(">I", self.read(4))
         if n > agent.MAX_FRAME:
+            self._cut()
             raise AgentError(f"{self.what}: bad frame from the agent ({n} bytes)")
         return self.read(n)
 
@@ -464,16 +465,20 @@ class Session:
         sent = 0
         last = time.monotonic()
         local = local or {}
-        with _gc_paused():
-            for n, up in enumerate(p.uploads, 1):
-                size, intact = self._stream_file(os.path.join(local_root, up.path), up,
-                                                 local.get(up.path))
-                if not intact:
-                    changed.append(up.path)
-                sent += size
-                if progress and time.monotonic() - last > 0.1:
-                    progress(sent, n)
-                    last = time.monotonic()
+        try:
+            with _gc_paused():
+                for n, up in enumerate(p.uploads, 1):
+                    size, intact = self._stream_file(os.path.join(local_root, up.path), up,
+                                                     local.get(up.path))
+                    if not intact:
+                        changed.append(up.path)
+                    sent += size
+                    if progress and time.monotonic() - last > 0.1:
+                        progress(sent, n)
+                        last = time.monotonic()
+        except BaseException:  # mid-batch (a read error, Ctrl-C): the stream is out of step,
+            self.channel._cut()  # and the agent keeps nothing of a batch that ends here
+            raise
         result = self._response()
         if progress:
             progress(sent, len(p.uploads))

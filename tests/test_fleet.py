@@ -378,6 +378,51 @@ def test_fleet_holder_refuses_a_changed_host_key_on_one_target(capsys, fleet, he
     known.write_text(Path(fleet[1].known_hosts).read_text())
 
 
+def agents_of(box) -> set[int]:
+    """The agent processes running under ``box``'s sshd (one per open session)."""
+    def ancestors(pid: int):
+        while pid > 1:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+            yield pid
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"agent-" in cmd and box.sshd_pid in ancestors(int(proc.name)):
+                found.add(int(proc.name))
+    return found
+
+
+def test_a_target_that_fails_costs_the_others_nothing_in_the_fleet_holder(
+        capsys, fleet, held, tmp_path):
+    """One target refused (a changed host key): the holder keeps the other targets' sessions
+    (their agents are the same processes after it); before, any failure dropped all three
+    and the next push connected to every target again."""
+    root = held
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 0
+    warm(root)
+    before = {box.name: agents_of(box) for box in fleet}
+    assert all(before.values()), before
+    known = tmp_path / "known_hosts_g2"
+    replace_host_key(known, tmp_path)
+    set_version(root, "g2-refused")
+    assert push_json(capsys, root, "gpus", "--no-restart")[0] == 3
+    known.write_text(Path(fleet[1].known_hosts).read_text())
+    set_version(root, "all-three")
+    code, payload, err = push_json(capsys, root, "gpus", "--no-restart")
+    assert code == 0 and sent(payload) == {n: 1 for n in NAMES}, err
+    assert held_ping(root)["served"] == 2
+    assert agents_of(fleet[0]) == before["g1"] and agents_of(fleet[2]) == before["g3"]
+    assert agents_of(fleet[1]) != before["g2"]  # g2's own was dropped, and opened again
+
+
 def test_fleet_holder_keeps_the_rolling_order_of_the_command_line(capsys, fleet, held):
     """The holder for {g1, g2, g3} serves ``push g3 g1 g2`` in that order: drain-mode restarts
     one at a time (two of three live throughout), g3 first, then g1, then g2."""
