@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from watchdog import events as _events
 from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
                              FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
                              FileModifiedEvent, FileMovedEvent, FileSystemEvent,
@@ -36,8 +37,13 @@ WATCH_LIMIT_HINT = (
 # What a batch is made of: every event but opens and closes without a write (watchdog asks the
 # kernel for these alone, so it queues no event for a read: a first sync reads every file it
 # sends, which was two events per file for the event threads to decode and drop).
+# A chmod is an attrib event: its own class since watchdog 5 (a modified event before), and
+# one the filter left out would be dropped after the kernel reported it (a mode change then
+# reached the remote only with the next edit of that file, or the next full reconcile).
 RECORDED = (FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent,
-            FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent)
+            FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent,
+            *(getattr(_events, name) for name in ("FileAttribEvent", "DirAttribEvent")
+              if hasattr(_events, name)))
 SETTLING_EVENTS = {"closed", "moved", "deleted"}
 GIT_LOCK = os.path.join(".git", "index.lock")
 SETTLED_QUIET = 0.005  # when every pending file has been closed, renamed or deleted

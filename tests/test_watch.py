@@ -452,6 +452,21 @@ def test_renaming_the_only_package_passes_live_and_one_shot(live, capsys):
         assert not w.of("halted") and not w.of("error")
 
 
+def test_a_live_chmod_reaches_the_remote(live):
+    """A mode change alone, no write: `chmod +x` on a script, a directory made private."""
+    root, remote = live
+    packages(root, app=2)
+    project, target = sbx(root, remote)
+    with Watching(project, target, PushOptions(restart=False)) as w:
+        (root / "app" / "m0.py").chmod(0o755)
+        wait_until(lambda: (remote / "app" / "m0.py").stat().st_mode & 0o777 == 0o755, 15,
+                   "the file's chmod")
+        (root / "app").chmod(0o700)
+        wait_until(lambda: (remote / "app").stat().st_mode & 0o777 == 0o700, 15,
+                   "the directory's chmod")
+        assert not w.of("error")
+
+
 @pytest.mark.parametrize("protected", [False, True])
 def test_a_directory_made_a_file_live_lands_and_only_a_protected_one_blocks_it(
         live, protected):

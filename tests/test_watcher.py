@@ -105,6 +105,19 @@ def test_editor_saves_are_exactly_one_change(tree, save):
         assert changes(tree, before, batch) == ["a.py"]
 
 
+def test_a_mode_change_is_a_batch(tree):
+    """A chmod alone (no write): before, the watcher's event filter dropped watchdog's attrib
+    events, so a live chmod reached the remote only with that file's next edit or the next
+    full reconcile (the soak caught it: a file left 0644 on the remote, 0600 here)."""
+    (tree / "sub").mkdir()
+    before = agent.scan(str(tree), RULES.compiled())
+    with Watcher(str(tree), RULES) as w:
+        batch = one_batch(w, lambda: (tree / "a.py").chmod(0o600))
+        assert changes(tree, before, batch) == ["a.py"]
+        batch = one_batch(w, lambda: (tree / "sub").chmod(0o700))
+        assert "sub" in batch.paths
+
+
 def test_excluded_paths_make_no_batch(tree):
     with Watcher(str(tree), RULES) as w:
         (tree / "venv" / "lib").mkdir(parents=True)
