@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -2743,7 +2744,40 @@ def serve(inp, out):
         except Exception as e:  # never a traceback over the wire
             body = {"error": {"type": "Internal", "message": type(e).__name__}}
         _send(out, body)
+        _save_when_quiet(inp)
+
+
+SAVE_QUIET_S = 0.25  # no request for this long after an answer: the kept caches are written
+
+
+def _save_when_quiet(inp):
+    """``save_kept()``, unless a request is waiting or comes within ``SAVE_QUIET_S``: the
+    next request of a busy client (a watch's next batch, a push right after a push) is then
+    not kept waiting behind the cache write (0.3-0.5 s at 100,000 files); it is written after
+    the next answer that no request follows, or at the end."""
+    if not _UNSAVED:
+        return
+    try:
+        fd = inp.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (tests feed a BytesIO)
         save_kept()
+        return
+    if _buffered(inp, fd) or select.select([fd], [], [], SAVE_QUIET_S)[0]:
+        return
+    save_kept()
+
+
+def _buffered(inp, fd):
+    """True if a request has begun to arrive: bytes in ``inp``'s buffer or in the pipe
+    (looked at without blocking: ``peek`` on an empty buffer would wait for them)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        return bool(inp.peek(1))
+    except BlockingIOError:
+        return False
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 STDIN_BUFFER = 256 * 1024
