@@ -139,11 +139,11 @@ class _Channel:
             try:
                 block = self.chan.recv(max(n - len(self.inbuf), 65536))
             except socket.timeout as e:
-                self._cut()
+                self.cut()
                 raise ConnectError(f"{self.what}: no answer from the agent") from e
             if not block:
                 why = self._stderr()
-                self._cut()
+                self.cut()
                 raise ConnectError(f"{self.what}: connection to the agent lost{why}")
             self.inbuf += block
         out = bytes(self.inbuf[:n])
@@ -210,10 +210,10 @@ class _Channel:
                     raise EOFError("the channel is closed")
                 data = data[n:]
         except (OSError, EOFError, paramiko.SSHException) as e:
-            self._cut()
+            self.cut()
             raise ConnectError(f"{self.what}: connection lost while sending") from e
 
-    def _cut(self) -> None:
+    def cut(self) -> None:
         """Close the channel: its stream is out of step (see the class doc)."""
         try:
             self.chan.close()
@@ -223,7 +223,7 @@ class _Channel:
     def read_frame(self) -> bytes:
         (n,) = struct.unpack(">I", self.read(4))
         if n > agent.MAX_FRAME:
-            self._cut()
+            self.cut()
             raise AgentError(f"{self.what}: bad frame from the agent ({n} bytes)")
         return self.read(n)
 
@@ -477,7 +477,7 @@ class Session:
                         progress(sent, n)
                         last = time.monotonic()
         except BaseException:  # mid-batch (a read error, Ctrl-C): the stream is out of step,
-            self.channel._cut()  # and the agent keeps nothing of a batch that ends here
+            self.channel.cut()  # and the agent keeps nothing of a batch that ends here
             raise
         result = self._response()
         if progress:
