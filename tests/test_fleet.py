@@ -209,6 +209,33 @@ def test_a_mass_delete_halts_only_its_own_target(fleet, project):
         shutil.rmtree(junk, ignore_errors=True)
 
 
+def test_a_path_one_target_blocks_is_left_alone_there_alone(fleet, project):
+    """A directory the local tree turns into a file, where g2's remote copy holds a protected
+    file: g1 and g3 take the file, g2 takes the rest of the batch and says what it left."""
+    proj = load_project(project)
+    targets = [resolve_target(n, proj) for n in NAMES]
+    (project / "extras").mkdir()
+    (project / "extras" / "a.txt").write_text("a\n")
+    assert not push_many(proj, targets, PushOptions(restart=False)).errors
+    (remote(fleet[1]) / "extras" / ".env").write_text("ONLY_ON_G2=1\n")
+    try:
+        shutil.rmtree(project / "extras")
+        (project / "extras").write_text("now a file\n")
+        set_version(project, "blocked-on-g2")
+        result = push_many(proj, targets, PushOptions(restart=False))
+        assert not result.errors
+        assert same_tree(fleet[0], project) and same_tree(fleet[2], project)
+        assert [w for w in result.results["g2"].warnings if w.startswith("not sent: extras")]
+        assert not [w for n in ("g1", "g3") for w in result.results[n].warnings]
+        assert "blocked-on-g2" in (remote(fleet[1]) / "app" / "version.py").read_text()
+        assert (remote(fleet[1]) / "extras" / ".env").read_text() == "ONLY_ON_G2=1\n"
+    finally:
+        shutil.rmtree(remote(fleet[1]) / "extras", ignore_errors=True)
+        (project / "extras").unlink(missing_ok=True)
+    assert not push_many(proj, targets, PushOptions(restart=False)).errors
+    assert all(same_tree(box, project) for box in fleet)
+
+
 def test_restart_command_follows_the_fleet_policy(fleet, project, capsys):
     """`syncagent restart` orders a fleet as push and watch do (syncagent/restart.py): with
     restart_policy = "parallel", drain-mode restarts overlap, so at some moment no target is
